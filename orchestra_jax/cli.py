@@ -1,0 +1,145 @@
+"""The `orchestra-jax` console script: tyro subcommands over library functions.
+
+Each subcommand is a function taking its argv; `COMMANDS` lists them. Commands built on `TrainConfig`
+accept `--preset NAME` and any field as a flag (`--optimizer.lr 1e-5`). Parse errors and configuration
+errors print one line naming the flag or field, and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+import sys
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+import tyro
+
+from orchestra_jax import config as config_lib
+
+T = TypeVar("T")
+
+
+class UsageError(Exception):
+    """A bad command line or configuration; main() prints it as one line."""
+
+
+def parse(cls: type[T], argv: Sequence[str], prog: str, default: T | None = None) -> T:
+    """tyro.cli, with its boxed error messages condensed into a one-line UsageError."""
+    if any(a in ("-h", "--help") for a in argv):
+        return tyro.cli(cls, args=list(argv), prog=prog, default=default)
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured), contextlib.redirect_stdout(captured):
+            return tyro.cli(cls, args=list(argv), prog=prog, default=default)
+    except SystemExit as e:
+        if e.code in (0, None):
+            raise
+        raise UsageError(_one_line(captured.getvalue())) from None
+
+
+def _one_line(boxed: str) -> str:
+    """The message paragraph of tyro's error box (between the title and the first rule), on one line."""
+    paragraphs: list[list[str]] = [[]]
+    for raw in boxed.splitlines():
+        row = raw.strip().strip("│╭╮╰╯|").strip()
+        if row.startswith("─"):  # the title row, "─ Invalid choice ───"
+            continue
+        if not row.strip("─- "):  # a rule or an empty row ends a paragraph
+            paragraphs.append([])
+            continue
+        paragraphs[-1].append(row)
+    paragraphs = [p for p in paragraphs if p and not p[0].startswith(("For full helptext", "Argument helptext"))]
+    # Without a terminal tyro prints its title ("Invalid choice") as a paragraph of its own.
+    if len(paragraphs) > 1 and len(paragraphs[0]) == 1 and re.fullmatch(r"[A-Z][a-z ]+", paragraphs[0][0]):
+        paragraphs = paragraphs[1:]
+    text = " ".join(paragraphs[0]) if paragraphs else boxed.strip()
+    return re.sub(r"\s+", " ", text)
+
+
+def pop_preset(argv: Sequence[str]) -> tuple[str | None, list[str]]:
+    """Take `--preset NAME` (or `--preset=NAME`) out of argv."""
+    rest: list[str] = []
+    name = None
+    it = iter(argv)
+    for arg in it:
+        if arg == "--preset":
+            name = next(it, None)
+            if name is None:
+                raise UsageError("--preset needs a name: " + ", ".join(config_lib.PRESETS))
+        elif arg.startswith("--preset="):
+            name = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    return name, rest
+
+
+def parse_train_config(argv: Sequence[str], prog: str) -> config_lib.TrainConfig:
+    """`--preset NAME` picks the defaults; every other flag overrides one field; then validate."""
+    name, rest = pop_preset(argv)
+    try:
+        default = config_lib.preset(name or "cpu-demo")
+    except config_lib.ConfigError as e:
+        raise UsageError(str(e)) from None
+    if any(a in ("-h", "--help") for a in rest):
+        print(f"{prog}: --preset NAME selects the defaults ({', '.join(config_lib.PRESETS)}; default cpu-demo).")
+    config = parse(config_lib.TrainConfig, rest, prog, default=default)
+    try:
+        return config_lib.validate(config)
+    except config_lib.ConfigError as e:
+        raise UsageError(str(e)) from None
+
+
+def cmd_config(argv: Sequence[str]) -> int:
+    """Print the resolved configuration (a preset plus overrides) as JSON, validated against this host's devices."""
+    import jax
+
+    config = parse_train_config(argv, "orchestra-jax config")
+    try:
+        config_lib.validate(config, num_devices=jax.device_count())
+    except config_lib.ConfigError as e:
+        raise UsageError(str(e)) from None
+    print(json.dumps(config_lib.to_dict(config), indent=2, sort_keys=True))
+    return 0
+
+
+# name -> (one-line help, handler). A subcommand is added here by the change that makes it work.
+COMMANDS: dict[str, tuple[str, Callable[[Sequence[str]], int]]] = {
+    "config": ("print the resolved run configuration (preset + overrides) as JSON", cmd_config),
+}
+
+
+def _usage() -> str:
+    width = max(len(n) for n in COMMANDS)
+    lines = [
+        "usage: orchestra-jax {" + ",".join(COMMANDS) + "} ...",
+        "",
+        "Train small LLM orchestrators of tools and expert models with multi-objective GRPO (JAX).",
+        "",
+        "subcommands:",
+    ]
+    lines += [f"  {name.ljust(width)}  {help_}" for name, (help_, _) in COMMANDS.items()]
+    lines += ["", "Run `orchestra-jax SUBCOMMAND --help` for its flags."]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"orchestra-jax: error: unknown subcommand {name!r} (choose from {', '.join(COMMANDS)})", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[name][1](rest)
+    except (UsageError, config_lib.ConfigError) as e:
+        print(f"orchestra-jax {name}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

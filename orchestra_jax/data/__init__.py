@@ -1,0 +1,1 @@
+"""Tasks: the task schema, loaders and the synthetic-environment pipeline."""

@@ -1,0 +1,1 @@
+"""Evaluation harnesses that report accuracy, dollars and seconds."""

@@ -1,0 +1,122 @@
+"""Run directories and TensorBoard logging with tensorboard's own event writer (no TensorFlow needed).
+
+A run directory holds `config.json`, `tb/` (event files), `ckpt/` (orbax) and `trajectories/`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tb"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "ckpt"
+
+    @property
+    def trajectories(self) -> Path:
+        return self.root / "trajectories"
+
+
+def create_run_dir(root: str | os.PathLike) -> RunDir:
+    run = RunDir(Path(root))
+    for path in (run.root, run.tensorboard, run.checkpoints, run.trajectories):
+        path.mkdir(parents=True, exist_ok=True)
+    return run
+
+
+def write_jsonl_atomic(path: str | os.PathLike, rows: list[Mapping[str, Any]]) -> None:
+    """Write JSON lines to a temp file beside `path`, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    with os.fdopen(fd, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+class TensorBoardLogger:
+    """Scalars, histograms and text as TensorBoard events, readable by `tensorboard --logdir`."""
+
+    def __init__(self, logdir: str | os.PathLike):
+        self._writer = EventFileWriter(str(logdir))
+
+    def _write(self, step: int, value: summary_pb2.Summary.Value) -> None:
+        event = event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=[value]))
+        self._writer.add_event(event)
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        self._write(step, summary_pb2.Summary.Value(tag=tag, simple_value=float(value)))
+
+    def scalars(self, values: Mapping[str, float], step: int) -> None:
+        for tag, value in values.items():
+            self.scalar(tag, value, step)
+
+    def histogram(self, tag: str, values: Any, step: int, bins: int = 30) -> None:
+        values = np.asarray(values, dtype=np.float64).ravel()
+        if values.size == 0:
+            return
+        counts, edges = np.histogram(values, bins=bins)
+        proto = summary_pb2.HistogramProto(
+            min=float(values.min()),
+            max=float(values.max()),
+            num=float(values.size),
+            sum=float(values.sum()),
+            sum_squares=float(np.square(values).sum()),
+            bucket_limit=[float(e) for e in edges[1:]],
+            bucket=[float(c) for c in counts],
+        )
+        self._write(step, summary_pb2.Summary.Value(tag=tag, histo=proto))
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        tensor = tensor_pb2.TensorProto(
+            dtype=types_pb2.DT_STRING,
+            string_val=[text.encode("utf-8")],
+            tensor_shape=tensor_shape_pb2.TensorShapeProto(),
+        )
+        metadata = summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="text"))
+        self._write(step, summary_pb2.Summary.Value(tag=tag, metadata=metadata, tensor=tensor))
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+    def __enter__(self) -> TensorBoardLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_scalars(logdir: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
+    """All scalar series in a TensorBoard log directory, as {tag: [(step, value), ...]}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
+    accumulator.Reload()
+    return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
