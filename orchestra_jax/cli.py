@@ -105,10 +105,30 @@ def cmd_config(argv: Sequence[str]) -> int:
     return 0
 
 
+Handler = Callable[[Sequence[str]], int]
+
+# `orchestra-jax bench NAME`: name -> (one-line help, handler). Benchmarks print ratios measured in one run.
+BENCHMARKS: dict[str, tuple[str, Handler]] = {}
+
+
+def cmd_bench(argv: Sequence[str]) -> int:
+    """Run one named benchmark."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: orchestra-jax bench {" + ",".join(BENCHMARKS) + "} [FLAGS]\n")
+        for name, (help_, _) in BENCHMARKS.items():
+            print(f"  {name:<10}  {help_}")
+        return 0 if argv else 2
+    if argv[0] not in BENCHMARKS:
+        raise UsageError(f"unknown benchmark {argv[0]!r} (choose from {', '.join(BENCHMARKS)})")
+    return BENCHMARKS[argv[0]][1](argv[1:])
+
+
 # name -> (one-line help, handler). A subcommand is added here by the change that makes it work.
-COMMANDS: dict[str, tuple[str, Callable[[Sequence[str]], int]]] = {
+COMMANDS: dict[str, tuple[str, Handler]] = {
     "config": ("print the resolved run configuration (preset + overrides) as JSON", cmd_config),
 }
+if BENCHMARKS:
+    COMMANDS["bench"] = ("benchmarks: " + ", ".join(BENCHMARKS), cmd_bench)
 
 
 def _usage() -> str:
