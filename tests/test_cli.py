@@ -1,0 +1,39 @@
+"""The console script: every listed subcommand has working --help; errors are one line."""
+
+import subprocess
+import sys
+
+import pytest
+
+from orchestra_jax import cli
+
+
+def test_top_level_help_lists_every_subcommand(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in cli.COMMANDS:
+        assert f"  {name}" in out
+
+
+@pytest.mark.parametrize("name", sorted(cli.COMMANDS))
+def test_each_subcommand_help(name, capsys):
+    with pytest.raises(SystemExit) as info:
+        status = cli.main([name, "--help"])
+        raise SystemExit(status)
+    assert info.value.code in (0, None)
+    assert "usage" in capsys.readouterr().out.lower()
+
+
+def test_unknown_subcommand_is_one_line(capsys):
+    assert cli.main(["frobnicate"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown subcommand 'frobnicate'" in err and err.count("\n") == 1
+
+
+def test_console_script_reports_bad_flag_in_one_line():
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestra_jax", "config", "--optimizer.lr", "abc"], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0
+    assert "--optimizer.lr" in proc.stderr and "Traceback" not in proc.stderr

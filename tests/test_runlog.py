@@ -1,0 +1,40 @@
+"""TensorBoard events written with tensorboard's own writer read back through its EventAccumulator."""
+
+import numpy as np
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from orchestra_jax.runlog import TensorBoardLogger, create_run_dir, read_scalars, write_jsonl_atomic
+
+
+def test_scalars_histograms_and_text_read_back(tmp_path):
+    rng = np.random.default_rng()
+    run = create_run_dir(tmp_path / "run")
+    values = rng.normal(size=5)
+    samples = rng.normal(size=200)
+    with TensorBoardLogger(run.tensorboard) as tb:
+        for step, v in enumerate(values):
+            tb.scalars({"reward/mean": v, "train/lr": 1e-6}, step)
+        tb.histogram("reward/hist", samples, step=3)
+        tb.text("trajectories/sample", "<tool_call>{}</tool_call> ünïcode", step=3)
+
+    scalars = read_scalars(run.tensorboard)
+    assert [s for s, _ in scalars["reward/mean"]] == list(range(5))
+    np.testing.assert_allclose([v for _, v in scalars["reward/mean"]], values, rtol=1e-6)
+
+    acc = EventAccumulator(str(run.tensorboard), size_guidance={"histograms": 0, "tensors": 0})
+    acc.Reload()
+    histo = acc.Histograms("reward/hist")[0].histogram_value
+    assert histo.num == 200 and np.isclose(histo.sum, samples.sum())
+    assert sum(histo.bucket) == 200
+    text = acc.Tensors("trajectories/sample")[0].tensor_proto.string_val[0].decode()
+    assert text == "<tool_call>{}</tool_call> ünïcode"
+
+
+def test_run_dir_layout_and_atomic_jsonl(tmp_path):
+    run = create_run_dir(tmp_path / "r")
+    for sub in ("tb", "ckpt", "trajectories"):
+        assert (run.root / sub).is_dir()
+    write_jsonl_atomic(run.trajectories / "step_1.jsonl", [{"a": 1}, {"b": "ü"}])
+    lines = (run.trajectories / "step_1.jsonl").read_text().splitlines()
+    assert lines == ['{"a": 1}', '{"b": "ü"}']
+    assert len(list(run.trajectories.iterdir())) == 1
