@@ -1,0 +1,81 @@
+"""Next-token sampling maths: temperature, top-k, top-p, min-p, with one PRNG key per (request seed, position).
+
+Every row carries its own settings, so one jitted call serves a batch of requests with mixed parameters. A
+token's key is `fold_in(key(seed), position)`: the same seed gives the same tokens whichever other requests
+share the batch and whichever slot the request lands in.
+
+The returned log-probability is that of the sampled token under softmax(logits / temperature) over the whole
+vocabulary (temperature 0 counts as 1), i.e. before truncation. This is what a trainer recomputes with the
+same temperature; SGLang reports the same quantity at temperature 1 (its "unprocessed" log-probs).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SEED_WORDS = 2  # a seed in [0, 2**63) travels as two uint32 words (threefry key data)
+
+
+def seed_words(seed: int) -> np.ndarray:
+    """The uint32[2] key data of a 63-bit seed."""
+    return np.array([(seed >> 32) & 0xFFFFFFFF, seed & 0xFFFFFFFF], dtype=np.uint32)
+
+
+def token_keys(seed_words_B2: jax.Array, positions_B: jax.Array) -> jax.Array:
+    """One PRNG key per row: the request's seed folded with the position of the token being sampled."""
+
+    def one(words_2, position):
+        return jax.random.fold_in(jax.random.wrap_key_data(words_2, impl="threefry2x32"), position)
+
+    return jax.vmap(one)(seed_words_B2, positions_B)
+
+
+def truncation_mask(
+    scaled_BV: jax.Array, top_p_B: jax.Array, top_k_B: jax.Array, min_p_B: jax.Array
+) -> jax.Array:
+    """Tokens that survive top-k (k <= 0: off), top-p and min-p. The most likely token always survives.
+
+    Each rule keeps a prefix of the tokens sorted by probability, so their intersection is a prefix too; a
+    token is kept when its logit reaches the logit at the end of that prefix (ties at the edge are kept).
+    """
+    sorted_BV = -jnp.sort(-scaled_BV, axis=-1)
+    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+    rank_V = jnp.arange(scaled_BV.shape[-1])
+    cumulative_BV = jnp.cumsum(probs_BV, axis=-1)
+    keep_BV = (top_k_B[:, None] <= 0) | (rank_V[None, :] < top_k_B[:, None])
+    keep_BV &= (cumulative_BV - probs_BV) < top_p_B[:, None]
+    keep_BV &= probs_BV >= min_p_B[:, None] * probs_BV[:, :1]
+    keep_BV = keep_BV.at[:, 0].set(True)
+    last_kept_B = jnp.sum(keep_BV, axis=-1) - 1
+    threshold_B = jnp.take_along_axis(sorted_BV, last_kept_B[:, None], axis=-1)
+    return scaled_BV >= threshold_B
+
+
+def sample_next(
+    logits_BV: jax.Array,
+    keys_B: jax.Array,
+    temperature_B: jax.Array,
+    top_p_B: jax.Array,
+    top_k_B: jax.Array,
+    min_p_B: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """Sample one token per row -> (token_ids_B int32, logprobs_B fp32). temperature 0 is greedy."""
+    logits_BV = logits_BV.astype(jnp.float32)
+    greedy_B = temperature_B <= 0
+    scaled_BV = logits_BV / jnp.where(greedy_B, 1.0, temperature_B)[:, None]
+    logprobs_BV = jax.nn.log_softmax(scaled_BV, axis=-1)
+
+    needs_truncation = jnp.any(((top_k_B > 0) | (top_p_B < 1) | (min_p_B > 0)) & ~greedy_B)
+    mask_BV = jax.lax.cond(
+        needs_truncation,
+        lambda: truncation_mask(scaled_BV, top_p_B, top_k_B, min_p_B),
+        lambda: jnp.ones(scaled_BV.shape, bool),
+    )
+    vocab = logits_BV.shape[-1]
+    gumbel_BV = jax.vmap(lambda key: jax.random.gumbel(key, (vocab,), jnp.float32))(keys_B)
+    sampled_B = jnp.argmax(jnp.where(mask_BV, scaled_BV + gumbel_BV, -jnp.inf), axis=-1)
+    tokens_B = jnp.where(greedy_B, jnp.argmax(logits_BV, axis=-1), sampled_B).astype(jnp.int32)
+    logprob_B = jnp.take_along_axis(logprobs_BV, tokens_B[:, None], axis=-1)[:, 0]
+    return tokens_B, logprob_B

@@ -1,0 +1,113 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from orchestra_jax.rollout import sampling
+from orchestra_jax.rollout.engine import RequestError, SamplingParams
+
+sample_jit = jax.jit(sampling.sample_next)
+
+
+def _rows(n, temperature=1.0, top_p=1.0, top_k=-1, min_p=0.0):
+    return (
+        jnp.full((n,), temperature, jnp.float32),
+        jnp.full((n,), top_p, jnp.float32),
+        jnp.full((n,), top_k, jnp.int32),
+        jnp.full((n,), min_p, jnp.float32),
+    )
+
+
+def _keys(seeds, positions):
+    words = np.stack([sampling.seed_words(s) for s in seeds])
+    return sampling.token_keys(jnp.asarray(words), jnp.asarray(positions, jnp.int32))
+
+
+def _empirical(logits_V, n, **kw):
+    rng = np.random.default_rng()
+    seeds = rng.integers(0, 2**62, size=n)
+    logits_BV = jnp.broadcast_to(logits_V, (n, logits_V.shape[0]))
+    tokens, logprobs = sample_jit(logits_BV, _keys(seeds, np.zeros(n)), *_rows(n, **kw))
+    return np.bincount(np.asarray(tokens), minlength=logits_V.shape[0]) / n, tokens, logprobs
+
+
+def test_logprob_is_full_softmax_of_scaled_logits():
+    rng = np.random.default_rng()
+    logits = jnp.asarray(rng.normal(size=(6, 50)) * 3, jnp.float32)
+    for temperature in (1.0, 0.7):
+        seeds = rng.integers(0, 2**62, size=6)
+        tokens, logprobs = sample_jit(logits, _keys(seeds, np.arange(6)), *_rows(6, temperature, top_p=0.9))
+        expected = jax.nn.log_softmax(logits / temperature)[np.arange(6), tokens]
+        np.testing.assert_allclose(logprobs, expected, atol=1e-6)
+
+
+def test_greedy_and_top_k_1_pick_argmax():
+    rng = np.random.default_rng()
+    logits = jnp.asarray(rng.normal(size=(8, 300)), jnp.float32)
+    keys = _keys(rng.integers(0, 2**62, size=8), np.arange(8))
+    greedy, greedy_lp = sample_jit(logits, keys, *_rows(8, temperature=0.0))
+    top1, _ = sample_jit(logits, keys, *_rows(8, temperature=1.3, top_k=1))
+    np.testing.assert_array_equal(greedy, np.argmax(logits, -1))
+    np.testing.assert_array_equal(top1, np.argmax(logits, -1))
+    np.testing.assert_allclose(greedy_lp, np.max(jax.nn.log_softmax(logits), -1), atol=1e-6)
+
+
+def test_sampling_frequencies_match_truncated_softmax():
+    rng = np.random.default_rng()
+    logits_V = jnp.asarray(rng.normal(size=12), jnp.float32)
+    probs = np.asarray(jax.nn.softmax(logits_V / 0.8))
+    order = np.argsort(-probs)
+    n = 20000
+    freq, _, _ = _empirical(logits_V, n, temperature=0.8)
+    np.testing.assert_allclose(freq, probs, atol=0.02)
+
+    freq, tokens, _ = _empirical(logits_V, n, temperature=0.8, top_k=3)
+    kept = probs.copy()
+    kept[order[3:]] = 0
+    np.testing.assert_allclose(freq, kept / kept.sum(), atol=0.02)
+
+    top_p = 0.6
+    cum = np.cumsum(probs[order])
+    nucleus = order[: int(np.searchsorted(cum, top_p) + 1)]
+    freq, _, _ = _empirical(logits_V, n, temperature=0.8, top_p=top_p)
+    assert set(np.flatnonzero(freq)) <= set(nucleus)
+    kept = np.zeros_like(probs)
+    kept[nucleus] = probs[nucleus]
+    np.testing.assert_allclose(freq, kept / kept.sum(), atol=0.02)
+
+    min_p = 0.5
+    freq, _, _ = _empirical(logits_V, n, temperature=0.8, min_p=min_p)
+    allowed = set(np.flatnonzero(probs >= min_p * probs.max()))
+    assert set(np.flatnonzero(freq)) <= allowed
+
+
+def test_same_seed_and_position_give_same_token_in_any_row():
+    rng = np.random.default_rng()
+    logits_V = jnp.asarray(rng.normal(size=64), jnp.float32)
+    seeds = rng.integers(0, 2**62, size=8)
+    positions = rng.integers(0, 1000, size=8)
+    tokens, _ = sample_jit(jnp.broadcast_to(logits_V, (8, 64)), _keys(seeds, positions), *_rows(8))
+    perm = rng.permutation(8)
+    shuffled, _ = sample_jit(jnp.broadcast_to(logits_V, (8, 64)), _keys(seeds[perm], positions[perm]), *_rows(8))
+    np.testing.assert_array_equal(np.asarray(tokens)[perm], shuffled)
+    # Different positions of one seed draw independently: 8 draws over a flat vocab are rarely all equal.
+    flat, _ = sample_jit(jnp.zeros((8, 64)), _keys([seeds[0]] * 8, np.arange(8)), *_rows(8))
+    assert len(set(np.asarray(flat).tolist())) > 1
+
+
+def test_sampling_params_from_sglang_validates():
+    params = SamplingParams.from_sglang(
+        {"max_new_tokens": 5, "temperature": 1, "stop": "x", "sampling_seed": 3, "skip_special_tokens": True}
+    )
+    assert params == SamplingParams(max_new_tokens=5, temperature=1.0, stop=("x",), seed=3)
+    assert SamplingParams.from_sglang(params.to_sglang()) == params
+    for bad, word in [
+        ({"temprature": 1.0}, "temprature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"n": 2}, "n"),
+        ({"top_k": 0}, "top_k"),
+        ({"stop_token_ids": 5}, "stop_token_ids"),
+    ]:
+        with pytest.raises(RequestError, match=word):
+            SamplingParams.from_sglang(bad)
