@@ -13,9 +13,10 @@ import os
 import tempfile
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 
 class ConfigError(ValueError):
