@@ -1,0 +1,141 @@
+"""Pack variable-length trajectories into fixed-shape batches of rows with segment ids (no padding waste).
+
+Each sample's tokens are laid into a row at some offset; next-token targets, loss weights, advantages and
+behaviour log-probs are aligned to the *input* position that predicts them (position i predicts token i+1),
+so the last token of every segment predicts nothing (weight 0). Segment ids start at 1 per row; 0 is padding.
+Shapes are bucketed (row length to a power of two, micro-batch count to a small set) so jit compiles a few
+programs, not one per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from orchestra_jax.rl.losses import Aggregation, aggregation_weights
+
+FIELDS = (
+    "tokens", "targets", "positions", "segment_ids", "weights", "advantages", "behaviour_logprobs", "rewards"
+)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One training sequence: token ids, which tokens the policy produced (loss mask), its advantage.
+
+    behaviour_logprobs (same length as token_ids; anything where the mask is 0) are the engine's log-probs of
+    the sampled tokens; reward is the scalar outcome placed on the last policy token (used by PPO's GAE).
+    """
+
+    token_ids: np.ndarray
+    loss_mask: np.ndarray
+    advantage: float
+    behaviour_logprobs: np.ndarray | None = None
+    reward: float = 0.0
+
+
+@dataclass(frozen=True)
+class PackedBatch:
+    """Arrays of shape [micro_batches, rows, row_len] (a dict of numpy arrays in `arrays`) and bookkeeping."""
+
+    arrays: dict[str, np.ndarray]
+    num_samples: int
+    num_loss_tokens: int
+    num_tokens: int
+    truncated: int
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.arrays["tokens"].shape  # type: ignore[return-value]
+
+
+def bucket_length(n: int, minimum: int = 32) -> int:
+    """The next power of two >= n (at least `minimum`)."""
+    return max(minimum, 1 << max(n - 1, 0).bit_length())
+
+
+def _bucket_count(n: int) -> int:
+    """Round a micro-batch count up to the next of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (at most 1.5x waste)."""
+    power = 1
+    while True:
+        for size in (power, 3 * power // 2):
+            if size >= n:
+                return size
+        power *= 2
+
+
+def pack(
+    samples: Sequence[Sample],
+    *,
+    micro_batch_size: int,
+    max_row_len: int,
+    aggregation: Aggregation = "token-mean",
+    one_per_row: bool = False,
+    min_row_len: int = 32,
+) -> PackedBatch:
+    """First-fit-decreasing packing of samples into rows; rows grouped into micro-batches of `micro_batch_size`.
+
+    A sample longer than `max_row_len` keeps its first `max_row_len` tokens (counted in `truncated`).
+    `one_per_row` puts each sample alone in its row (PPO's GAE runs along rows).
+    """
+    if micro_batch_size <= 0:
+        raise ValueError(f"micro_batch_size must be positive, got {micro_batch_size}")
+    lengths = [min(len(s.token_ids), max_row_len) for s in samples]
+    truncated = sum(len(s.token_ids) > max_row_len for s in samples)
+    row_len = min(bucket_length(max(lengths, default=1), min_row_len), max_row_len)
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(samples)), key=lambda i: -lengths[i]):
+        target = next((r for r, free in enumerate(room) if free >= lengths[i]), None) if not one_per_row else None
+        if target is None:
+            rows.append([])
+            room.append(row_len)
+            target = len(rows) - 1
+        rows[target].append(i)
+        room[target] -= lengths[i]
+    num_micro = _bucket_count(max(1, -(-len(rows) // micro_batch_size)))
+    total_rows = num_micro * micro_batch_size
+
+    out = {
+        "tokens": np.zeros((total_rows, row_len), np.int32),
+        "targets": np.zeros((total_rows, row_len), np.int32),
+        "positions": np.zeros((total_rows, row_len), np.int32),
+        "segment_ids": np.zeros((total_rows, row_len), np.int32),
+        "mask": np.zeros((total_rows, row_len), np.float32),
+        "sequence": np.full((total_rows, row_len), -1, np.int64),
+        "advantages": np.zeros((total_rows, row_len), np.float32),
+        "behaviour_logprobs": np.zeros((total_rows, row_len), np.float32),
+        "rewards": np.zeros((total_rows, row_len), np.float32),
+    }
+    for r, members in enumerate(rows):
+        offset = 0
+        for segment, i in enumerate(members, start=1):
+            s, n = samples[i], lengths[i]
+            span = slice(offset, offset + n)
+            ids = np.asarray(s.token_ids[:n], np.int32)
+            out["tokens"][r, span] = ids
+            out["targets"][r, offset : offset + n - 1] = ids[1:]
+            out["positions"][r, span] = np.arange(n)
+            out["segment_ids"][r, span] = segment
+            out["sequence"][r, span] = i
+            mask = np.asarray(s.loss_mask[:n], np.float32)[1:]
+            out["mask"][r, offset : offset + n - 1] = mask
+            out["advantages"][r, offset : offset + n - 1] = s.advantage * (mask > 0)
+            if s.behaviour_logprobs is not None:
+                out["behaviour_logprobs"][r, offset : offset + n - 1] = np.asarray(s.behaviour_logprobs[:n])[1:]
+            policy = np.nonzero(mask > 0)[0]
+            if policy.size:
+                out["rewards"][r, offset + policy[-1]] = s.reward
+            offset += n
+    num_loss_tokens = int(out["mask"].sum())
+    out["weights"] = aggregation_weights(out["mask"], out["sequence"], aggregation)
+    arrays = {k: out[k].reshape(num_micro, micro_batch_size, row_len) for k in (*FIELDS, "mask")}
+    return PackedBatch(
+        arrays=arrays,
+        num_samples=len(samples),
+        num_loss_tokens=num_loss_tokens,
+        num_tokens=int(sum(lengths)),
+        truncated=int(truncated),
+    )
