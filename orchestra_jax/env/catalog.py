@@ -77,7 +77,11 @@ class Tool:
     def schema(self) -> dict[str, Any]:
         return {
             "type": "function",
-            "function": {"name": self.name, "description": self.description, "parameters": dict(self.parameters)},
+            "function": {
+                "name": self.name,
+                "description": self.description,
+                "parameters": dict(self.parameters),
+            },
         }
 
 
@@ -101,11 +105,14 @@ def _check_value(value: Any, schema: Mapping[str, Any], where: str) -> None:
     if types is not None:
         names = [types] if isinstance(types, str) else list(types)
         ok = any(
-            isinstance(value, _JSON_TYPES.get(t, object)) and not (isinstance(value, bool) and t in ("integer", "number"))
+            isinstance(value, _JSON_TYPES.get(t, object))
+            and not (isinstance(value, bool) and t in ("integer", "number"))
             for t in names
         )
         if not ok:
-            raise ToolCallError(f"argument {where} must be {'|'.join(names)}, got {type(value).__name__} {value!r:.60}")
+            raise ToolCallError(
+                f"argument {where} must be {'|'.join(names)}, got {type(value).__name__} {value!r:.60}"
+            )
     if "enum" in schema and value not in schema["enum"]:
         raise ToolCallError(f"argument {where}={value!r:.60} is not one of {list(schema['enum'])}")
     if isinstance(value, (list, tuple)) and "items" in schema:
@@ -189,7 +196,7 @@ class ToolCatalog:
             result = await (asyncio.wait_for(call, tool.timeout_s) if tool.timeout_s else call)
         except ToolCallError as e:
             result = error_result(f"{tool.name}: {e}")
-        except (asyncio.TimeoutError, TimeoutError):
+        except TimeoutError:
             result = error_result(f"{tool.name}: timed out after {tool.timeout_s:g}s")
         except asyncio.CancelledError:
             raise

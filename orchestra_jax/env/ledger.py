@@ -12,10 +12,23 @@ import dataclasses
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from orchestra_jax.env.prices import ModelPrice, PriceError, PriceTable, Usage, default_price_table, load_price_table
+from orchestra_jax.env.prices import (
+    ModelPrice,
+    PriceError,
+    PriceTable,
+    Usage,
+    default_price_table,
+    load_price_table,
+)
 
 __all__ = [
-    "Ledger", "ModelPrice", "PriceError", "PriceTable", "Usage", "default_price_table", "load_price_table",
+    "Ledger",
+    "ModelPrice",
+    "PriceError",
+    "PriceTable",
+    "Usage",
+    "default_price_table",
+    "load_price_table",
 ]
 
 
@@ -80,8 +93,15 @@ class Ledger:
         """Price the usage with `prices` and add it (e.g. the orchestrator's own turn: usage + policy time)."""
         usage = [Usage(*u) for u in usage]
         cost = prices.cost(usage, sandbox_s=sandbox_s, search_queries=search_queries, search_kind=search_kind)
-        return self.add(cost_usd=cost, usage=usage, tool=tool, tool_latency_s=tool_latency_s,
-                        policy_latency_s=policy_latency_s, sandbox_s=sandbox_s, search_queries=search_queries)
+        return self.add(
+            cost_usd=cost,
+            usage=usage,
+            tool=tool,
+            tool_latency_s=tool_latency_s,
+            policy_latency_s=policy_latency_s,
+            sandbox_s=sandbox_s,
+            search_queries=search_queries,
+        )
 
     def add_tool_result(self, tool: str, result: Any) -> Ledger:
         """Book a `catalog.ToolResult` (already priced by its tool) as one call of `tool`."""
@@ -99,9 +119,15 @@ class Ledger:
         """Sum of two ledgers (e.g. concurrent tool calls of one turn)."""
         usage = [Usage(m, n, 0) for m, n in other.prompt_tokens.items()]
         usage += [Usage(m, 0, n) for m, n in other.completion_tokens.items()]
-        out = self.add(cost_usd=other.cost_usd, usage=usage, tool_latency_s=other.tool_latency_s,
-                       policy_latency_s=other.policy_latency_s, sandbox_s=other.sandbox_s,
-                       search_queries=other.search_queries, judge_cost_usd=other.judge_cost_usd)
+        out = self.add(
+            cost_usd=other.cost_usd,
+            usage=usage,
+            tool_latency_s=other.tool_latency_s,
+            policy_latency_s=other.policy_latency_s,
+            sandbox_s=other.sandbox_s,
+            search_queries=other.search_queries,
+            judge_cost_usd=other.judge_cost_usd,
+        )
         return dataclasses.replace(out, tool_calls=_merge(out.tool_calls, other.tool_calls.items()))
 
     @property

@@ -67,10 +67,18 @@ class PriceTable:
 
     def call_cost(self, usage: Usage) -> float:
         p = self.price(usage.model)
-        return (p.input_per_million * usage.prompt_tokens + p.output_per_million * usage.completion_tokens) / 1e6
+        return (
+            p.input_per_million * usage.prompt_tokens + p.output_per_million * usage.completion_tokens
+        ) / 1e6
 
-    def cost(self, usage: Iterable[Usage] = (), *, sandbox_s: float = 0.0, search_queries: int = 0,
-             search_kind: str = "local") -> float:
+    def cost(
+        self,
+        usage: Iterable[Usage] = (),
+        *,
+        sandbox_s: float = 0.0,
+        search_queries: int = 0,
+        search_kind: str = "local",
+    ) -> float:
         """Σ price_in·prompt + price_out·completion over calls, + sandbox seconds × $/s, + search fees."""
         total = sum(self.call_cost(u) for u in usage)
         total += sandbox_s * self.sandbox_usd_per_second
@@ -96,7 +104,12 @@ def default_price_table() -> PriceTable:
 
 
 def _number(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+    ):
         raise PriceError(f"{where}: expected a non-negative number, got {value!r}")
     return float(value)
 
@@ -116,9 +129,13 @@ def price_table_from_json(data: Any, *, base: PriceTable | None = None, source: 
     for name, entry in raw_models.items():
         where = f"{source}: models[{name!r}]"
         if not isinstance(entry, dict) or set(entry) != {"input_per_million", "output_per_million"}:
-            raise PriceError(f"{where}: expected {{'input_per_million', 'output_per_million'}}, got {entry!r}")
-        models[name] = ModelPrice(_number(entry["input_per_million"], f"{where}.input_per_million"),
-                                  _number(entry["output_per_million"], f"{where}.output_per_million"))
+            raise PriceError(
+                f"{where}: expected {{'input_per_million', 'output_per_million'}}, got {entry!r}"
+            )
+        models[name] = ModelPrice(
+            _number(entry["input_per_million"], f"{where}.input_per_million"),
+            _number(entry["output_per_million"], f"{where}.output_per_million"),
+        )
     sandbox = base.sandbox_usd_per_second
     if "sandbox_usd_per_second" in data:
         sandbox = _number(data["sandbox_usd_per_second"], f"{source}: sandbox_usd_per_second")

@@ -18,8 +18,9 @@ ALIASES = ("echo-1", "echo-2")
 async def _echo(arguments, context):
     backend = resolve_alias(arguments["model"], context, ALIASES)
     times = arguments.get("times", 1)
-    return ToolResult(observation=f"{backend}:{arguments['text'] * times}", usage=(Usage(backend, 3, 4),),
-                      backend=backend)
+    return ToolResult(
+        observation=f"{backend}:{arguments['text'] * times}", usage=(Usage(backend, 3, 4),), backend=backend
+    )
 
 
 async def _boom(arguments, context):
@@ -61,7 +62,10 @@ def run(coro):
 def test_schemas_are_openai_function_format():
     schemas = _catalog().schemas()
     assert [s["function"]["name"] for s in schemas] == ["echo", "boom", "slow"]
-    assert schemas[0]["type"] == "function" and schemas[0]["function"]["parameters"]["required"] == ["model", "text"]
+    assert schemas[0]["type"] == "function" and schemas[0]["function"]["parameters"]["required"] == [
+        "model",
+        "text",
+    ]
 
 
 def test_good_call_resolves_alias_and_measures_latency():
@@ -75,7 +79,9 @@ def test_good_call_resolves_alias_and_measures_latency():
 
 def test_per_task_alias_map_overrides_catalog_map():
     catalog = _catalog()
-    result = run(catalog.execute("echo", {"model": "echo-1", "text": "x"}, ToolContext(alias_map={"echo-1": "z"})))
+    result = run(
+        catalog.execute("echo", {"model": "echo-1", "text": "x"}, ToolContext(alias_map={"echo-1": "z"}))
+    )
     assert result.observation == "z:x"
     swapped = catalog.with_aliases({"echo-1": "backend-b", "echo-2": "backend-a"})
     assert run(swapped.execute("echo", {"model": "echo-1", "text": "x"})).observation == "backend-b:x"
@@ -106,7 +112,9 @@ def test_bad_calls_become_error_observations(name, arguments, fragment):
 
 
 def test_alias_missing_from_task_map():
-    result = run(_catalog().execute("echo", {"model": "echo-1", "text": "x"}, ToolContext(alias_map={"echo-2": "q"})))
+    result = run(
+        _catalog().execute("echo", {"model": "echo-1", "text": "x"}, ToolContext(alias_map={"echo-2": "q"}))
+    )
     assert "no backend" in result.error
 
 

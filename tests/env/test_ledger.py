@@ -3,7 +3,14 @@ import random
 
 import pytest
 
-from orchestra_jax.env.ledger import Ledger, PriceError, PriceTable, Usage, default_price_table, load_price_table
+from orchestra_jax.env.ledger import (
+    Ledger,
+    PriceError,
+    PriceTable,
+    Usage,
+    default_price_table,
+    load_price_table,
+)
 from orchestra_jax.env.prices import ModelPrice
 
 
@@ -35,11 +42,19 @@ def test_ledger_accumulates_immutably():
     n1, n2 = random.randint(100, 5000), random.randint(1, 500)
     start = Ledger()
     after_policy = start.charge(table, usage=[Usage("Qwen/Qwen3-8B", n1, n2)], policy_latency_s=1.5)
-    after_tool = after_policy.charge(table, usage=[Usage("gpt-5-mini", 1000, 200)], tool="search",
-                                     tool_latency_s=2.0, search_queries=1, search_kind="web")
+    after_tool = after_policy.charge(
+        table,
+        usage=[Usage("gpt-5-mini", 1000, 200)],
+        tool="search",
+        tool_latency_s=2.0,
+        search_queries=1,
+        search_kind="web",
+    )
     assert start == Ledger()
     assert after_policy.cost_usd == pytest.approx(0.2 * (n1 + n2) / 1e6)
-    assert after_tool.cost_usd == pytest.approx(0.2 * (n1 + n2) / 1e6 + (0.25 * 1000 + 2.0 * 200) / 1e6 + 0.01)
+    assert after_tool.cost_usd == pytest.approx(
+        0.2 * (n1 + n2) / 1e6 + (0.25 * 1000 + 2.0 * 200) / 1e6 + 0.01
+    )
     assert after_tool.tool_latency_s == 2.0 and after_tool.policy_latency_s == 1.5
     assert after_tool.prompt_tokens == {"Qwen/Qwen3-8B": n1, "gpt-5-mini": 1000}
     assert after_tool.completion_tokens == {"Qwen/Qwen3-8B": n2, "gpt-5-mini": 200}
@@ -53,8 +68,9 @@ def test_ledger_accumulates_immutably():
 def test_merge_is_sum():
     table = default_price_table()
     a = Ledger().charge(table, usage=[Usage("gpt-5", 10, 20)], tool="answer", tool_latency_s=1.0)
-    b = Ledger().charge(table, usage=[Usage("gpt-5", 1, 2), Usage("Qwen/Qwen3-32B", 5, 5)], tool="answer",
-                        sandbox_s=3.0)
+    b = Ledger().charge(
+        table, usage=[Usage("gpt-5", 1, 2), Usage("Qwen/Qwen3-32B", 5, 5)], tool="answer", sandbox_s=3.0
+    )
     m = a.merge(b)
     assert m.cost_usd == pytest.approx(a.cost_usd + b.cost_usd)
     assert m.tool_calls == {"answer": 2}
@@ -69,15 +85,25 @@ def test_unknown_model_is_a_one_line_error():
 
 def test_user_override_file(tmp_path):
     path = tmp_path / "prices.json"
-    path.write_text(json.dumps({"models": {"gpt-5": {"input_per_million": 2.0, "output_per_million": 3.0},
-                                           "local/tiny": {"input_per_million": 0.01, "output_per_million": 0.02}},
-                                "sandbox_usd_per_second": 0.001, "search_usd_per_query": {"local": 0.0005}}))
+    path.write_text(
+        json.dumps(
+            {
+                "models": {
+                    "gpt-5": {"input_per_million": 2.0, "output_per_million": 3.0},
+                    "local/tiny": {"input_per_million": 0.01, "output_per_million": 0.02},
+                },
+                "sandbox_usd_per_second": 0.001,
+                "search_usd_per_query": {"local": 0.0005},
+            }
+        )
+    )
     table = load_price_table(path)
     assert isinstance(table, PriceTable)
     assert table.price("gpt-5") == ModelPrice(2.0, 3.0)
     assert table.price("gpt-5-mini") == ModelPrice(0.25, 2.0)  # untouched default
-    assert table.cost([Usage("local/tiny", 1_000_000, 1_000_000)], sandbox_s=2, search_queries=2) == pytest.approx(
-        0.01 + 0.02 + 0.002 + 0.001)
+    assert table.cost(
+        [Usage("local/tiny", 1_000_000, 1_000_000)], sandbox_s=2, search_queries=2
+    ) == pytest.approx(0.01 + 0.02 + 0.002 + 0.001)
     assert load_price_table(path, base=table).to_json() == table.to_json() | {}
 
 
