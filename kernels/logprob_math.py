@@ -1,0 +1,93 @@
+"""The tile maths shared by every log-prob path (plain-JAX scan, Pallas kernel, vocab-sharded combine).
+
+A row of scaled logits z = h·W / τ is summarised by four running numbers, so no path ever holds a whole
+[T, V] block:
+  m  = max_j z_j                    (running max)
+  s  = Σ_j exp(z_j − m)             (sum-exp relative to m)
+  u  = Σ_j exp(z_j − m)·(z_j − m)   (first moment relative to m; entropy without cancellation)
+  tz = z_target                     (0 where the target lies outside the columns seen)
+Then lse = m + log s, log p(target) = tz − lse, entropy = log s − u / s, and the mean logit under p is
+E = m + u / s. Merging two summaries rescales each to the larger max (flash-attention style).
+
+Gradients (per row, with upstream cotangents g for log-prob and g_H for entropy):
+  ∂ log p(target) / ∂z_j = 1[j = target] − p_j
+  ∂ entropy / ∂z_j       = −p_j (z_j − E)
+and ∂z/∂h, ∂z/∂W carry the factor 1/τ.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+
+def empty_stats(rows: int) -> tuple[jnp.ndarray, ...]:
+    """The summary of no columns at all (m = −inf, everything else 0)."""
+    return (
+        jnp.full((rows,), -jnp.inf, jnp.float32),
+        jnp.zeros((rows,), jnp.float32),
+        jnp.zeros((rows,), jnp.float32),
+        jnp.zeros((rows,), jnp.float32),
+    )
+
+
+def merge_stats(a: tuple[jnp.ndarray, ...], b: tuple[jnp.ndarray, ...]) -> tuple[jnp.ndarray, ...]:
+    """Combine the summaries of two disjoint column sets; either may be empty (m = −inf, s = 0)."""
+    m_a, s_a, u_a, tz_a = a
+    m_b, s_b, u_b, tz_b = b
+    m = jnp.maximum(m_a, m_b)
+    s_a, u_a = rescale(m, m_a, s_a, u_a)
+    s_b, u_b = rescale(m, m_b, s_b, u_b)
+    return m, s_a + s_b, u_a + u_b, tz_a + tz_b
+
+
+def rescale(m_new: jnp.ndarray, m: jnp.ndarray, s: jnp.ndarray, u: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(s, u) re-expressed relative to a larger max m_new."""
+    # An empty part has m = −inf and s = 0: its shift (m − m_new)·s would be nan, so guard it.
+    alpha = jnp.where(s > 0, jnp.exp(m - m_new), 0.0)
+    shift = jnp.where(s > 0, (m - m_new) * s, 0.0)
+    return alpha * s, alpha * (u + shift)
+
+
+def tile_stats(
+    z_RC: jnp.ndarray, cols_C: jnp.ndarray, targets_R: jnp.ndarray, num_cols: int
+) -> tuple[jnp.ndarray, ...]:
+    """Summary of one fp32 tile of scaled logits; columns with index >= num_cols are padding and ignored."""
+    valid_RC = jnp.broadcast_to(cols_C[None, :] < num_cols, z_RC.shape)
+    m_R = jnp.max(jnp.where(valid_RC, z_RC, -jnp.inf), axis=1)
+    d_RC = jnp.where(valid_RC, z_RC - m_R[:, None], 0.0)
+    e_RC = jnp.where(valid_RC, jnp.exp(d_RC), 0.0)
+    s_R = jnp.sum(e_RC, axis=1)
+    u_R = jnp.sum(e_RC * d_RC, axis=1)
+    hit_RC = valid_RC & (cols_C[None, :] == targets_R[:, None])
+    tz_R = jnp.sum(jnp.where(hit_RC, z_RC, 0.0), axis=1)
+    return m_R, s_R, u_R, tz_R
+
+
+def finish_stats(stats: tuple[jnp.ndarray, ...]) -> tuple[jnp.ndarray, ...]:
+    """(logprob, entropy, lse, mean_z) from a complete summary. log-prob is clamped to <= 0."""
+    m, s, u, tz = stats
+    log_s = jnp.log(s)
+    lse = m + log_s
+    mean_shift = u / s
+    # tz <= m <= lse mathematically; rounding may leave +1 ulp, and a positive log-prob is never right.
+    logprob = jnp.minimum(tz - lse, 0.0)
+    entropy = jnp.maximum(log_s - mean_shift, 0.0)
+    return logprob, entropy, lse, m + mean_shift
+
+
+def tile_logit_grad(
+    z_RC: jnp.ndarray,
+    cols_C: jnp.ndarray,
+    targets_R: jnp.ndarray,
+    num_cols: int,
+    lse_R: jnp.ndarray,
+    mean_z_R: jnp.ndarray,
+    g_logprob_R: jnp.ndarray,
+    g_entropy_R: jnp.ndarray,
+) -> jnp.ndarray:
+    """∂L/∂z for one tile (fp32, zero in padding columns); multiply by 1/τ for ∂L/∂(h·W)."""
+    valid_RC = cols_C[None, :] < num_cols
+    p_RC = jnp.where(valid_RC, jnp.exp(z_RC - lse_R[:, None]), 0.0)
+    onehot_RC = (valid_RC & (cols_C[None, :] == targets_R[:, None])).astype(jnp.float32)
+    centred_RC = jnp.where(valid_RC, z_RC - mean_z_R[:, None], 0.0)
+    return g_logprob_R[:, None] * (onehot_RC - p_RC) - g_entropy_R[:, None] * p_RC * centred_RC
