@@ -1,1 +1,23 @@
 """The policy: a pure-functional Qwen3/Llama/Qwen2 transformer, its HF and GGUF checkpoint mappings, tokenizer and chat template."""
+
+from orchestra_jax.models.transformer import (
+    forward,
+    hidden_states,
+    init_kv_cache,
+    init_params,
+    lm_head_weight,
+    param_logical_axes,
+)
+from orchestra_jax.models.transformer_config import TransformerConfig, from_hf_config, get_preset
+
+__all__ = [
+    "TransformerConfig",
+    "forward",
+    "from_hf_config",
+    "get_preset",
+    "hidden_states",
+    "init_kv_cache",
+    "init_params",
+    "lm_head_weight",
+    "param_logical_axes",
+]

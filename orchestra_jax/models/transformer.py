@@ -1,0 +1,258 @@
+"""The decoder as pure functions over a params pytree (Qwen3, Llama and Qwen2 are switches of one model).
+
+Params are a nested dict of arrays; the per-layer weights are stacked on a leading `layers` axis and run
+with `jax.lax.scan`, so compile time does not grow with depth. Weight layouts keep heads as their own axis
+(`q`: [L, D, N, H]) so that logical axis names map one-to-one onto dimensions for sharding.
+
+Masking: without a KV cache a query attends to earlier tokens of its own row and segment (segment id 0 is
+padding). With a KV cache each new token's K/V is written at cache slot == its position (pads are not
+written), and a query at position p attends to slots s <= p of its own row.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from orchestra_jax.models.transformer_config import TransformerConfig
+from orchestra_jax.parallel.mesh import with_logical_constraint
+
+Params = dict[str, Any]
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+def _layer_shapes(config: TransformerConfig) -> dict[str, tuple[tuple[int, ...], tuple[str | None, ...]]]:
+    """Per-layer weight name -> (shape without the layers axis, logical axes without `layers`)."""
+    d, f, h = config.hidden_size, config.intermediate_size, config.head_dim
+    n, k = config.num_heads, config.num_kv_heads
+    shapes = {
+        "attn_norm": ((d,), ("embed",)),
+        "q": ((d, n, h), ("embed", "heads", "head_dim")),
+        "k": ((d, k, h), ("embed", "kv_heads", "head_dim")),
+        "v": ((d, k, h), ("embed", "kv_heads", "head_dim")),
+        "o": ((n, h, d), ("heads", "head_dim", "embed")),
+        "mlp_norm": ((d,), ("embed",)),
+        "gate": ((d, f), ("embed", "mlp")),
+        "up": ((d, f), ("embed", "mlp")),
+        "down": ((f, d), ("mlp", "embed")),
+    }
+    if config.qkv_bias:
+        shapes["q_bias"] = ((n, h), ("heads", "head_dim"))
+        shapes["k_bias"] = ((k, h), ("kv_heads", "head_dim"))
+        shapes["v_bias"] = ((k, h), ("kv_heads", "head_dim"))
+    if config.qk_norm:
+        shapes["q_norm"] = ((h,), ("head_dim",))
+        shapes["k_norm"] = ((h,), ("head_dim",))
+    return shapes
+
+
+def param_shapes(config: TransformerConfig) -> dict[str, Any]:
+    """The params tree with shape tuples at the leaves (what init_params and the checkpoint loaders build)."""
+    out: dict[str, Any] = {
+        "embed": (config.vocab_size, config.hidden_size),
+        "layers": {name: (config.num_layers, *shape) for name, (shape, _) in _layer_shapes(config).items()},
+        "final_norm": (config.hidden_size,),
+    }
+    if not config.tie_word_embeddings:
+        out["lm_head"] = (config.hidden_size, config.vocab_size)
+    return out
+
+
+def param_logical_axes(config: TransformerConfig) -> dict[str, Any]:
+    """The params tree with a tuple of logical axis names per array (for parallel.mesh.tree_shardings)."""
+    out: dict[str, Any] = {
+        "embed": ("vocab", "embed"),
+        "layers": {name: ("layers", *axes) for name, (_, axes) in _layer_shapes(config).items()},
+        "final_norm": ("embed",),
+    }
+    if not config.tie_word_embeddings:
+        out["lm_head"] = ("embed", "vocab")
+    return out
+
+
+def init_params(config: TransformerConfig, key: jax.Array, dtype: Any = "float32") -> Params:
+    """Random weights (normal, std 0.02), unit norms, zero biases."""
+    shapes = param_shapes(config)
+    leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+        shapes, is_leaf=lambda x: isinstance(x, tuple))[0]]  # fmt: skip
+    keys = jax.random.split(key, len(leaves))
+    arrays = []
+    for path, shape, k in zip(paths, leaves, keys):
+        if "norm" in path:
+            arrays.append(jnp.ones(shape, dtype))
+        elif "bias" in path:
+            arrays.append(jnp.zeros(shape, dtype))
+        else:
+            arrays.append((0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
+    return jax.tree.unflatten(treedef, arrays)
+
+
+def init_kv_cache(config: TransformerConfig, batch: int, max_len: int, dtype: Any = "float32") -> dict[str, jax.Array]:
+    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def kv_cache_logical_axes() -> dict[str, tuple[str, ...]]:
+    axes = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
+    return {"k": axes, "v": axes}
+
+
+def lm_head_weight(config: TransformerConfig, params: Params) -> jax.Array:
+    """w_DV: the untied head, or the tied embedding transposed."""
+    return params["embed"].T if config.tie_word_embeddings else params["lm_head"]
+
+
+def rope_inv_freq(config: TransformerConfig) -> np.ndarray:
+    """Rotary inverse frequencies [H/2] in float32, with linear or Llama-3 scaling applied as HF does."""
+    h = config.head_dim
+    inv_freq = (1.0 / (config.rope_theta ** (np.arange(0, h, 2, dtype=np.float32) / np.float32(h)))).astype(
+        np.float32
+    )
+    scaling = config.rope_scaling_dict
+    rope_type = scaling.get("rope_type", "default")
+    if rope_type == "linear":
+        return (inv_freq / np.float32(scaling["factor"])).astype(np.float32)
+    if rope_type == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_context = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv_freq
+
+
+def _rope(x_BTNH: jax.Array, cos_BTH: jax.Array, sin_BTH: jax.Array) -> jax.Array:
+    """HF's rotate-half convention: the first and second halves of head_dim form the rotated pairs."""
+    half = x_BTNH.shape[-1] // 2
+    rotated = jnp.concatenate([-x_BTNH[..., half:], x_BTNH[..., :half]], axis=-1)
+    cos, sin = cos_BTH[:, :, None, :], sin_BTH[:, :, None, :]
+    return (x_BTNH.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x_BTNH.dtype)
+
+
+def _rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """Normalise in float32, cast back, then scale (HF's order, which matters in bf16)."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def _attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: jax.Array) -> jax.Array:
+    b, t, n, h = q_BTNH.shape
+    kv = k_BSKH.shape[2]
+    q_BTKGH = q_BTNH.reshape(b, t, kv, n // kv, h)
+    scores_BKGTS = jnp.einsum(
+        "btkgh,bskh->bkgts", q_BTKGH, k_BSKH.astype(q_BTNH.dtype), preferred_element_type=jnp.float32
+    ) / np.float32(math.sqrt(h))
+    scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, jnp.finfo(jnp.float32).min)
+    probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(q_BTNH.dtype)
+    out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH.astype(q_BTNH.dtype))
+    return out_BTKGH.reshape(b, t, n, h)
+
+
+def _layer(config: TransformerConfig, x_BTD, p, cos_BTH, sin_BTH, mask_BTS, cache_kv, write_BT):
+    """One decoder block; returns the new residual stream and the layer's (updated) K/V cache or None."""
+    dtype = x_BTD.dtype
+    eps = config.rms_norm_eps
+    h_BTD = _rms_norm(x_BTD, p["attn_norm"], eps)
+    q_BTNH = jnp.einsum("btd,dnh->btnh", h_BTD, p["q"].astype(dtype))
+    k_BTKH = jnp.einsum("btd,dkh->btkh", h_BTD, p["k"].astype(dtype))
+    v_BTKH = jnp.einsum("btd,dkh->btkh", h_BTD, p["v"].astype(dtype))
+    if config.qkv_bias:
+        q_BTNH = q_BTNH + p["q_bias"].astype(dtype)
+        k_BTKH = k_BTKH + p["k_bias"].astype(dtype)
+        v_BTKH = v_BTKH + p["v_bias"].astype(dtype)
+    if config.qk_norm:
+        q_BTNH = _rms_norm(q_BTNH, p["q_norm"], eps)
+        k_BTKH = _rms_norm(k_BTKH, p["k_norm"], eps)
+    q_BTNH = with_logical_constraint(_rope(q_BTNH, cos_BTH, sin_BTH), ("batch", "seq", "heads", "head_dim"))
+    k_BTKH = _rope(k_BTKH, cos_BTH, sin_BTH)
+    if cache_kv is None:
+        keys_BSKH, values_BSKH, new_cache = k_BTKH, v_BTKH, None
+    else:
+        k_cache_BSKH, v_cache_BSKH = cache_kv
+        rows_BT = jnp.broadcast_to(jnp.arange(x_BTD.shape[0])[:, None], write_BT.shape)
+        keys_BSKH = k_cache_BSKH.at[rows_BT, write_BT].set(k_BTKH.astype(k_cache_BSKH.dtype), mode="drop")
+        values_BSKH = v_cache_BSKH.at[rows_BT, write_BT].set(v_BTKH.astype(v_cache_BSKH.dtype), mode="drop")
+        new_cache = (keys_BSKH, values_BSKH)
+    attn_BTNH = _attention(q_BTNH, keys_BSKH, values_BSKH, mask_BTS)
+    x_BTD = x_BTD + jnp.einsum("btnh,nhd->btd", attn_BTNH, p["o"].astype(dtype))
+    x_BTD = with_logical_constraint(x_BTD, ("batch", "seq", "embed"))
+    h_BTD = _rms_norm(x_BTD, p["mlp_norm"], eps)
+    gate_BTF = jnp.einsum("btd,df->btf", h_BTD, p["gate"].astype(dtype))
+    up_BTF = jnp.einsum("btd,df->btf", h_BTD, p["up"].astype(dtype))
+    act_BTF = with_logical_constraint(jax.nn.silu(gate_BTF) * up_BTF, ("batch", "seq", "mlp"))
+    x_BTD = x_BTD + jnp.einsum("btf,fd->btd", act_BTF, p["down"].astype(dtype))
+    return with_logical_constraint(x_BTD, ("batch", "seq", "embed")), new_cache
+
+
+def _attention_mask(positions_BT, segment_ids_BT, cache_len: int | None) -> jax.Array:
+    if cache_len is not None:
+        return jnp.arange(cache_len)[None, None, :] <= positions_BT[:, :, None]
+    t = positions_BT.shape[1]
+    mask_BTS = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool))[None], (positions_BT.shape[0], t, t))
+    if segment_ids_BT is not None:
+        mask_BTS = mask_BTS & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
+    return mask_BTS
+
+
+def hidden_states(
+    config: TransformerConfig,
+    params: Params,
+    token_ids_BT: jax.Array,
+    *,
+    positions_BT: jax.Array | None = None,
+    segment_ids_BT: jax.Array | None = None,
+    kv_cache: dict[str, jax.Array] | None = None,
+    compute_dtype: Any = None,
+    remat: str = "none",
+) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+    """Final-normed hidden states [B, T, D] (so the log-prob kernel can fuse the LM head) and the new cache."""
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat {remat!r} is not one of {REMAT_POLICIES}")
+    token_ids_BT = jnp.asarray(token_ids_BT)
+    b, t = token_ids_BT.shape
+    dtype = jnp.dtype(compute_dtype) if compute_dtype is not None else params["embed"].dtype
+    if positions_BT is None:
+        positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
+    positions_BT = jnp.asarray(positions_BT, jnp.int32)
+    x_BTD = with_logical_constraint(
+        jnp.take(params["embed"], token_ids_BT, axis=0).astype(dtype), ("batch", "seq", "embed")
+    )
+    angles_BTH = positions_BT[:, :, None].astype(jnp.float32) * jnp.asarray(rope_inv_freq(config))
+    angles_BTH = jnp.concatenate([angles_BTH, angles_BTH], axis=-1)
+    cos_BTH, sin_BTH = jnp.cos(angles_BTH), jnp.sin(angles_BTH)
+    cache_len = None if kv_cache is None else kv_cache["k"].shape[2]
+    mask_BTS = _attention_mask(positions_BT, segment_ids_BT, cache_len)
+    write_BT = positions_BT
+    if kv_cache is not None and segment_ids_BT is not None:
+        write_BT = jnp.where(jnp.asarray(segment_ids_BT) == 0, cache_len, positions_BT)  # pads: dropped write
+
+    def body(x_BTD, xs):
+        layer_params, cache_kv = xs
+        return _layer(config, x_BTD, layer_params, cos_BTH, sin_BTH, mask_BTS, cache_kv, write_BT)
+
+    if remat == "full":
+        body = jax.checkpoint(body, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)
+    elif remat == "dots":
+        body = jax.checkpoint(body, prevent_cse=False, policy=jax.checkpoint_policies.checkpoint_dots)
+    cache_xs = None if kv_cache is None else (kv_cache["k"], kv_cache["v"])
+    x_BTD, new_cache = jax.lax.scan(body, x_BTD, (params["layers"], cache_xs))
+    x_BTD = _rms_norm(x_BTD, params["final_norm"], config.rms_norm_eps)
+    return x_BTD, (None if new_cache is None else {"k": new_cache[0], "v": new_cache[1]})
+
+
+def forward(config: TransformerConfig, params: Params, token_ids_BT: jax.Array, **kwargs: Any):
+    """float32 logits [B, T, V]; with `kv_cache=` given, (logits_BTV, updated kv_cache)."""
+    hidden_BTD, new_cache = hidden_states(config, params, token_ids_BT, **kwargs)
+    w_DV = lm_head_weight(config, params)
+    logits_BTV = jnp.einsum("btd,dv->btv", hidden_BTD, w_DV.astype(hidden_BTD.dtype), preferred_element_type=jnp.float32)
+    logits_BTV = with_logical_constraint(logits_BTV, ("batch", "seq", "vocab"))
+    return logits_BTV if kwargs.get("kv_cache") is None else (logits_BTV, new_cache)

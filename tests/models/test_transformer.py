@@ -1,0 +1,131 @@
+"""The decoder's own invariants: KV-cache decoding, packing, padding, remat and dtypes agree with the plain forward."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from orchestra_jax.models import transformer as T
+from orchestra_jax.models.transformer_config import ConfigFieldError, TransformerConfig, get_preset
+
+FAMILIES = ["qwen3-tiny", "llama-tiny", "qwen2-tiny"]
+
+
+def _model(name, seed, vocab=97):
+    config = get_preset(name, vocab_size=vocab)
+    params = T.init_params(config, jax.random.key(seed))
+    if config.qkv_bias:  # zero-initialised biases would not exercise the bias path
+        for b in ("q_bias", "k_bias", "v_bias"):
+            params["layers"][b] = 0.1 * jax.random.normal(jax.random.key(seed + 1), params["layers"][b].shape)
+    return config, params
+
+
+def _rel_err(a, b):
+    return float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-12))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_cache_prefill_then_decode_matches_full_forward(name):
+    seed = np.random.randint(1 << 30)
+    config, params = _model(name, seed)
+    ids = jax.random.randint(jax.random.key(seed + 2), (3, 12), 0, config.vocab_size)
+    full = T.forward(config, params, ids)
+    cache = T.init_kv_cache(config, batch=3, max_len=16)
+    logits, cache = T.forward(config, params, ids[:, :7], kv_cache=cache)
+    steps = [logits]
+    for t in range(7, 12):
+        step, cache = T.forward(config, params, ids[:, t : t + 1], kv_cache=cache, positions_BT=jnp.full((3, 1), t))
+        steps.append(step)
+    assert _rel_err(jnp.concatenate(steps, axis=1), full) < 1e-5
+
+
+def test_packed_segments_equal_separate_sequences():
+    seed = np.random.randint(1 << 30)
+    config, params = _model("qwen3-tiny", seed)
+    a = jax.random.randint(jax.random.key(seed + 3), (1, 5), 0, config.vocab_size)
+    b = jax.random.randint(jax.random.key(seed + 4), (1, 6), 0, config.vocab_size)
+    packed = jnp.concatenate([a, b, jnp.zeros((1, 3), jnp.int32)], axis=1)
+    segments = jnp.array([[1] * 5 + [2] * 6 + [0] * 3])
+    positions = jnp.array([list(range(5)) + list(range(6)) + [0, 0, 0]])
+    out = T.forward(config, params, packed, positions_BT=positions, segment_ids_BT=segments)
+    assert _rel_err(out[:, :5], T.forward(config, params, a)) < 1e-5
+    assert _rel_err(out[:, 5:11], T.forward(config, params, b)) < 1e-5
+    assert bool(jnp.all(jnp.isfinite(out)))
+
+
+def test_right_padded_batch_rows_do_not_interact():
+    seed = np.random.randint(1 << 30)
+    config, params = _model("llama-tiny", seed)
+    ids = jax.random.randint(jax.random.key(seed), (2, 9), 0, config.vocab_size)
+    lengths = [9, 4]
+    segments = jnp.array([[1 if t < n else 0 for t in range(9)] for n in lengths])
+    out = T.forward(config, params, ids, segment_ids_BT=segments)
+    alone = T.forward(config, params, ids[1:, :4])
+    assert _rel_err(out[1:, :4], alone) < 1e-5
+
+
+def test_padded_prefill_skips_pad_cache_writes():
+    seed = np.random.randint(1 << 30)
+    config, params = _model("qwen2-tiny", seed)
+    ids = jax.random.randint(jax.random.key(seed), (2, 6), 0, config.vocab_size)
+    segments = jnp.array([[1] * 6, [1, 1, 1, 0, 0, 0]])
+    cache = T.init_kv_cache(config, batch=2, max_len=8)
+    _, cache = T.forward(config, params, ids, segment_ids_BT=segments, kv_cache=cache)
+    assert float(jnp.abs(cache["k"][:, 1, 3:]).max()) == 0.0
+    assert float(jnp.abs(cache["k"][:, 1, :3]).min(axis=(-1, -2)).max()) > 0.0
+    nxt, _ = T.forward(config, params, ids[1:, 3:4], kv_cache=jax.tree.map(lambda c: c[:, 1:], cache),
+                       positions_BT=jnp.array([[3]]))  # fmt: skip
+    assert _rel_err(nxt[0, 0], T.forward(config, params, ids[1:, :4])[0, 3]) < 1e-5
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_keeps_gradients(remat):
+    seed = np.random.randint(1 << 30)
+    config, params = _model("qwen3-tiny", seed)
+    ids = jax.random.randint(jax.random.key(seed), (2, 8), 0, config.vocab_size)
+
+    def loss(p, mode):
+        return jnp.mean(jax.nn.log_softmax(T.forward(config, p, ids, remat=mode))[..., 0])
+
+    g0 = jax.jit(jax.grad(loss), static_argnums=1)(params, "none")
+    g1 = jax.jit(jax.grad(loss), static_argnums=1)(params, remat)
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_bfloat16_compute_with_float32_params_is_close():
+    seed = np.random.randint(1 << 30)
+    config, params = _model("qwen3-tiny", seed)
+    ids = jax.random.randint(jax.random.key(seed), (2, 8), 0, config.vocab_size)
+    ref = T.forward(config, params, ids)
+    out = T.forward(config, params, ids, compute_dtype=jnp.bfloat16)
+    hidden, _ = T.hidden_states(config, params, ids, compute_dtype="bfloat16")
+    assert out.dtype == jnp.float32 and hidden.dtype == jnp.bfloat16
+    assert _rel_err(out, ref) < 0.05
+    bf16_params = T.init_params(config, jax.random.key(seed), dtype="bfloat16")
+    assert T.forward(config, bf16_params, ids).dtype == jnp.float32
+
+
+def test_logical_axes_match_param_shapes():
+    for name in FAMILIES + ["qwen3-8b"]:
+        config = get_preset(name)
+        axes = T.param_logical_axes(config)
+        shapes = T.param_shapes(config)
+        flat_axes = jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple))
+        flat_shapes = jax.tree.leaves(shapes, is_leaf=lambda x: isinstance(x, tuple))
+        assert [len(a) for a in flat_axes] == [len(s) for s in flat_shapes]
+        assert sum(int(np.prod(s)) for s in flat_shapes) == config.num_params()
+
+
+def test_presets_and_config_errors():
+    assert 7.5e9 < get_preset("qwen3-8b").num_params() < 8.5e9
+    assert 0.55e9 < get_preset("qwen3-0.6b").num_params() < 0.65e9
+    assert 130e6 < get_preset("smollm2-135m").num_params() < 140e6
+    tiny = get_preset("qwen3-tiny", vocab_size=300)
+    assert tiny.vocab_size == 300 and dataclasses.replace(tiny, vocab_size=40).vocab_size == 40
+    with pytest.raises(ConfigFieldError, match="nope"):
+        get_preset("nope")
+    with pytest.raises(ConfigFieldError, match="num_kv_heads"):
+        TransformerConfig("llama", 10, 8, 8, 1, num_heads=3, num_kv_heads=2, head_dim=4)
