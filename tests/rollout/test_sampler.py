@@ -1,0 +1,217 @@
+"""The embedded sampler against the model itself: log-probs, batching invariance, stops, prefix reuse, weights."""
+
+import asyncio
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from orchestra_jax.models import transformer
+from orchestra_jax.models.transformer_config import get_preset
+from orchestra_jax.rollout.engine import GenerateRequest, RequestError, RolloutEngine, SamplingParams
+from orchestra_jax.rollout.sampler import EmbeddedEngine
+
+SLOTS, CONTEXT = 4, 64
+
+
+@pytest.fixture(scope="module")
+def model():
+    config = dataclasses.replace(get_preset("qwen3-tiny", 256), eos_token_ids=(7,))
+    params = transformer.init_params(config, jax.random.key(np.random.randint(2**31)))
+    # Bigger logits than the 0.02 init gives make sampling decisive enough to exercise top-k/top-p.
+    params = dict(params, embed=params["embed"] * 8)
+    return config, params
+
+
+def _engine(model, **kw):
+    config, params = model
+    return EmbeddedEngine(config, params, max_slots=SLOTS, max_context=CONTEXT, **kw)
+
+
+def _prompts(n, rng, vocab=256):
+    return [tuple(int(t) for t in rng.integers(8, vocab, size=rng.integers(3, 20))) for _ in range(n)]
+
+
+def _teacher_forced_logprobs(config, params, prompt, output, temperature):
+    ids = jnp.asarray([list(prompt) + list(output)], jnp.int32)
+    hidden_1TD, _ = transformer.hidden_states(config, params, ids)
+    hidden_TD = hidden_1TD[0, len(prompt) - 1 : -1]
+    targets_T = jnp.asarray(output, jnp.int32)
+    w_DV = transformer.lm_head_weight(config, params)
+    try:
+        from orchestra_jax.kernels import fused_logprob
+    except ImportError:
+        logits = (hidden_TD @ w_DV).astype(jnp.float32) / temperature
+        return jax.nn.log_softmax(logits)[jnp.arange(len(output)), targets_T]
+    return fused_logprob(hidden_TD, w_DV, targets_T, temperature=temperature)
+
+
+def test_logprobs_equal_teacher_forced(model):
+    config, params = model
+    rng = np.random.default_rng()
+    prompts = _prompts(3, rng)
+
+    async def run():
+        engine = _engine(model)
+        assert isinstance(engine, RolloutEngine)
+        requests = [
+            GenerateRequest(p, SamplingParams(max_new_tokens=12, temperature=t, top_p=0.9, seed=i, ignore_eos=True), f"r{i}")
+            for i, (p, t) in enumerate(zip(prompts, [1.0, 0.6, 1.0]))
+        ]
+        return requests, await engine.generate(requests)
+
+    requests, completions = asyncio.run(run())
+    for request, completion in zip(requests, completions):
+        assert completion.rid == request.rid and completion.completion_tokens == 12
+        expected = _teacher_forced_logprobs(
+            config, params, request.prompt_ids, completion.output_ids, request.sampling.temperature
+        )
+        np.testing.assert_allclose(completion.logprobs, expected, atol=1e-4)
+        assert all(lp <= 1e-6 for lp in completion.logprobs)
+
+
+def test_continuous_batching_equals_each_request_alone(model):
+    rng = np.random.default_rng()
+    prompts = _prompts(7, rng)
+    seeds = rng.integers(0, 2**62, size=7)
+    kinds = [
+        dict(temperature=1.0),
+        dict(temperature=0.0),
+        dict(temperature=0.8, top_k=5),
+        dict(temperature=1.2, top_p=0.7),
+        dict(temperature=1.0, min_p=0.2),
+        dict(temperature=0.5),
+        dict(temperature=1.0, top_k=3, top_p=0.9),
+    ]
+    requests = [
+        GenerateRequest(p, SamplingParams(max_new_tokens=int(rng.integers(4, 16)), seed=int(s), **k), f"r{i}")
+        for i, (p, s, k) in enumerate(zip(prompts, seeds, kinds))
+    ]
+
+    async def together():  # 7 requests over 4 slots: later ones join as earlier ones finish
+        return await _engine(model).generate(requests)
+
+    async def alone():
+        engine = _engine(model, prefix_reuse=False)
+        return [(await engine.generate([r]))[0] for r in requests]
+
+    batched, single = asyncio.run(together()), asyncio.run(alone())
+    for b, s in zip(batched, single):
+        assert b.output_ids == s.output_ids
+        np.testing.assert_allclose(b.logprobs, s.logprobs, atol=1e-5)
+
+
+def test_stops_and_lengths(model):
+    rng = np.random.default_rng()
+    prompt = _prompts(1, rng)[0]
+
+    async def run():
+        engine = _engine(model, detokenize=lambda ids: " ".join(f"t{i}" for i in ids))
+        [free] = await engine.generate([GenerateRequest(prompt, SamplingParams(max_new_tokens=10, seed=1, ignore_eos=True), "a")])
+        stop_token = free.output_ids[4]
+        stop_at = free.output_ids.index(stop_token)
+        by_token, by_string, eos, context = await engine.generate(
+            [
+                GenerateRequest(prompt, SamplingParams(max_new_tokens=10, seed=1, stop_token_ids=(stop_token,)), "b"),
+                GenerateRequest(prompt, SamplingParams(max_new_tokens=10, seed=1, stop=(f"t{stop_token}",)), "c"),
+                GenerateRequest(prompt, SamplingParams(max_new_tokens=10, seed=1, ignore_eos=False), "d"),
+                GenerateRequest(prompt, SamplingParams(max_new_tokens=200, seed=1, ignore_eos=True), "e"),
+            ]
+        )
+        return free, stop_at, by_token, by_string, eos, context
+
+    free, stop_at, by_token, by_string, eos, context = asyncio.run(run())
+    assert free.finish_reason == "length" and len(free.output_ids) == 10
+    for stopped in (by_token, by_string):
+        assert stopped.finish_reason == "stop"
+        assert stopped.output_ids == free.output_ids[: stop_at + 1]
+    if 7 in free.output_ids:  # eos 7 of the config ends the request unless ignore_eos
+        assert eos.finish_reason == "stop" and eos.output_ids[-1] == 7
+    else:
+        assert eos.output_ids == free.output_ids
+    assert context.finish_reason == "length" and context.prompt_tokens + context.completion_tokens == CONTEXT
+
+
+def test_prefix_reuse_skips_prefill_and_keeps_tokens(model):
+    rng = np.random.default_rng()
+    first = _prompts(1, rng)[0]
+
+    async def run(reuse):
+        engine = _engine(model, prefix_reuse=reuse)
+        sp = SamplingParams(max_new_tokens=6, seed=5, ignore_eos=True)
+        [turn1] = await engine.generate([GenerateRequest(first, sp, "t1")])
+        follow_up = first + turn1.output_ids + (11, 12, 13)
+        [turn2] = await engine.generate([GenerateRequest(follow_up, sp, "t2")])
+        return turn2, engine.stats
+
+    reused, stats = asyncio.run(run(True))
+    fresh, fresh_stats = asyncio.run(run(False))
+    assert reused.output_ids == fresh.output_ids
+    np.testing.assert_allclose(reused.logprobs, fresh.logprobs, atol=1e-5)
+    assert reused.cached_tokens == len(first) + 5 and fresh.cached_tokens == 0
+    assert stats["prefill_tokens"] == fresh_stats["prefill_tokens"] - reused.cached_tokens
+
+
+def test_update_weights_changes_outputs_and_version(model):
+    config, params = model
+    rng = np.random.default_rng()
+    prompt = _prompts(1, rng)[0]
+    other = transformer.init_params(config, jax.random.key(int(rng.integers(2**31))))
+    other = dict(other, embed=other["embed"] * 8)
+
+    async def run():
+        engine = _engine(model, weight_version="v0")
+        request = GenerateRequest(prompt, SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True), "g")
+        [before] = await engine.generate([request])
+        await engine.update_weights(other, "v1")
+        [after] = await engine.generate([request])
+        with pytest.raises(ValueError, match="shape"):
+            await engine.update_weights(dict(other, embed=other["embed"][:10]), "bad")
+        return before, after, engine.weight_version
+
+    before, after, version = asyncio.run(run())
+    assert (before.weight_version, after.weight_version, version) == ("v0", "v1", "v1")
+    assert not np.allclose(before.logprobs, after.logprobs, atol=1e-3)
+    expected = _teacher_forced_logprobs(config, other, prompt, after.output_ids, 1.0)
+    np.testing.assert_allclose(after.logprobs, expected, atol=1e-4)
+
+
+def test_bad_requests_raise_and_engine_keeps_serving(model):
+    rng = np.random.default_rng()
+    prompt = _prompts(1, rng)[0]
+
+    async def run():
+        engine = _engine(model)
+        for bad, word in [
+            (GenerateRequest((), SamplingParams(), "empty"), "empty"),
+            (GenerateRequest(tuple(range(8, 8 + CONTEXT)), SamplingParams(), "long"), "context"),
+            (GenerateRequest((1, 999), SamplingParams(), "vocab"), "prompt_ids\\[1\\]"),
+            (GenerateRequest(prompt, SamplingParams(top_p=2.0), "topp"), "top_p"),
+            (GenerateRequest(prompt, SamplingParams(stop=("x",)), "stop"), "detokenizer"),
+        ]:
+            with pytest.raises(RequestError, match=word):
+                await engine.generate([bad])
+        return await engine.generate([GenerateRequest(prompt, SamplingParams(max_new_tokens=3), "ok")])
+
+    [ok] = asyncio.run(run())
+    assert ok.completion_tokens >= 1
+
+
+def test_abort_finishes_running_request(model):
+    rng = np.random.default_rng()
+    prompt = _prompts(1, rng)[0]
+
+    async def run():
+        engine = _engine(model)
+        task = asyncio.ensure_future(
+            engine.generate([GenerateRequest(prompt, SamplingParams(max_new_tokens=40, ignore_eos=True), "long")])
+        )
+        while engine.stats["decode_steps"] < 2:
+            await asyncio.sleep(0.01)
+        assert engine.abort("long") == 1
+        return await task
+
+    [done] = asyncio.run(run())
+    assert done.finish_reason == "abort" and 1 <= done.completion_tokens < 40
