@@ -95,7 +95,9 @@ class SamplingParams:
                 kwargs["seed"] = value
             elif key in _ACCEPTED_DEFAULTS:
                 if value != _ACCEPTED_DEFAULTS[key] and value is not None:
-                    raise RequestError(f"{where}.{key}={value!r}: only {_ACCEPTED_DEFAULTS[key]!r} is supported")
+                    raise RequestError(
+                        f"{where}.{key}={value!r}: only {_ACCEPTED_DEFAULTS[key]!r} is supported"
+                    )
             elif key not in _IGNORED:
                 raise RequestError(f"{where}: unknown sampling parameter {key!r}")
         for key in ("stop", "stop_token_ids"):
@@ -129,7 +131,13 @@ _ACCEPTED_DEFAULTS: dict[str, Any] = {
     "ebnf": None,
 }
 # SGLang fields that only change how text is shown, not which tokens are sampled.
-_IGNORED = {"skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim", "custom_params", "logit_bias"}
+_IGNORED = {
+    "skip_special_tokens",
+    "spaces_between_special_tokens",
+    "no_stop_trim",
+    "custom_params",
+    "logit_bias",
+}
 
 
 def _is_number(x: Any) -> bool:
@@ -191,4 +199,6 @@ def check_prompt(request: GenerateRequest, vocab_size: int, max_context: int) ->
         )
     for i, t in enumerate(ids):
         if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size:
-            raise RequestError(f"request {request.rid!r}: prompt_ids[{i}]={t!r} is not a token id in [0, {vocab_size})")
+            raise RequestError(
+                f"request {request.rid!r}: prompt_ids[{i}]={t!r} is not a token id in [0, {vocab_size})"
+            )

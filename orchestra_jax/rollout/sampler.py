@@ -97,7 +97,9 @@ class EmbeddedEngine:
         self._rng = np.random.default_rng(seed)
         self._params = self._place_params(params)
         cache_len = max_context + 1  # + the scratch slot
-        cache = transformer.init_kv_cache(config, max_slots, cache_len, dtype=jax.tree.leaves(self._params)[0].dtype)
+        cache = transformer.init_kv_cache(
+            config, max_slots, cache_len, dtype=jax.tree.leaves(self._params)[0].dtype
+        )
         if mesh is not None:
             cache = jax.device_put(cache, mesh_lib.logical_sharding(mesh, CACHE_AXES))
         self._cache = cache
@@ -119,7 +121,9 @@ class EmbeddedEngine:
             request.sampling.validate(f"request {request.rid!r} sampling")
             check_prompt(request, self.config.vocab_size, self.max_context)
             if request.sampling.stop and self.detokenize is None:
-                raise RequestError(f"request {request.rid!r}: stop strings need an engine built with a detokenizer")
+                raise RequestError(
+                    f"request {request.rid!r}: stop strings need an engine built with a detokenizer"
+                )
         loop = asyncio.get_running_loop()
         live = []
         for request in requests:
@@ -138,7 +142,9 @@ class EmbeddedEngine:
             raise ValueError("update_weights: parameter tree differs from the served model's")
         for new_leaf, old_leaf in zip(jax.tree.leaves(params), jax.tree.leaves(self._params)):
             if new_leaf.shape != old_leaf.shape:
-                raise ValueError(f"update_weights: a parameter of shape {new_leaf.shape} replaces {old_leaf.shape}")
+                raise ValueError(
+                    f"update_weights: a parameter of shape {new_leaf.shape} replaces {old_leaf.shape}"
+                )
         self._params = self._place_params(params)
         self.weight_version = version
         self.flush_cache()
@@ -226,18 +232,19 @@ class EmbeddedEngine:
                 break
             item = self._pending.popleft()
             prompt = item.request.prompt_ids
-
-            def score(slot: int) -> tuple[int, float]:
-                reuse = _common_prefix(self._slot_tokens[slot], prompt) if self.prefix_reuse else 0
-                return min(reuse, len(prompt) - 1), -self._slot_used[slot]
-
-            slot = max(free, key=score)
-            reuse = score(slot)[0]
+            slot = max(free, key=lambda s: self._reuse_score(s, prompt))
+            reuse = self._reuse_score(slot, prompt)[0]
             self._slots[slot] = item
             item.cached_tokens = reuse
             self._slot_tokens[slot] = list(prompt)
             admitted.append((slot, item, reuse))
         return admitted
+
+    def _reuse_score(self, slot: int, prompt: Sequence[int]) -> tuple[int, float]:
+        """(reusable prefix length, recency): the longest shared prefix wins, then the row freed longest ago.
+        At least one prompt token is always prefilled, since its logits give the first output token."""
+        reuse = _common_prefix(self._slot_tokens[slot], prompt) if self.prefix_reuse else 0
+        return min(reuse, len(prompt) - 1), -self._slot_used[slot]
 
     def _take_token(self, slot: int, token: int, logprob: float) -> None:
         item = self._slots[slot]
@@ -364,7 +371,6 @@ class EmbeddedEngine:
         return jax.device_put(params, mesh_lib.tree_shardings(self.mesh, axes))
 
 
-
 # ---- jitted pure functions (module level, so engines with the same config and shapes share compilations) ----
 
 
@@ -387,7 +393,9 @@ def _decode_step(config, compute_dtype, params, cache, tokens_B, positions_B, se
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
-def _prefill_step(config, compute_dtype, params, cache, slots_P, tokens_PT, positions_PT, last_P, seed_words_P2, *rows):
+def _prefill_step(
+    config, compute_dtype, params, cache, slots_P, tokens_PT, positions_PT, last_P, seed_words_P2, *rows
+):
     """Write the prompts' KV into rows `slots_P` of the cache; sample each prompt's first output token."""
     rows_cache = jax.tree.map(lambda c: c[:, slots_P], cache)
     hidden_PTD, rows_cache = transformer.hidden_states(

@@ -57,7 +57,11 @@ def test_logprobs_equal_teacher_forced(model):
         engine = _engine(model)
         assert isinstance(engine, RolloutEngine)
         requests = [
-            GenerateRequest(p, SamplingParams(max_new_tokens=12, temperature=t, top_p=0.9, seed=i, ignore_eos=True), f"r{i}")
+            GenerateRequest(
+                p,
+                SamplingParams(max_new_tokens=12, temperature=t, top_p=0.9, seed=i, ignore_eos=True),
+                f"r{i}",
+            )
             for i, (p, t) in enumerate(zip(prompts, [1.0, 0.6, 1.0]))
         ]
         return requests, await engine.generate(requests)
@@ -109,13 +113,19 @@ def test_stops_and_lengths(model):
 
     async def run():
         engine = _engine(model, detokenize=lambda ids: " ".join(f"t{i}" for i in ids))
-        [free] = await engine.generate([GenerateRequest(prompt, SamplingParams(max_new_tokens=10, seed=1, ignore_eos=True), "a")])
+        [free] = await engine.generate(
+            [GenerateRequest(prompt, SamplingParams(max_new_tokens=10, seed=1, ignore_eos=True), "a")]
+        )
         stop_token = free.output_ids[4]
         stop_at = free.output_ids.index(stop_token)
         by_token, by_string, eos, context = await engine.generate(
             [
-                GenerateRequest(prompt, SamplingParams(max_new_tokens=10, seed=1, stop_token_ids=(stop_token,)), "b"),
-                GenerateRequest(prompt, SamplingParams(max_new_tokens=10, seed=1, stop=(f"t{stop_token}",)), "c"),
+                GenerateRequest(
+                    prompt, SamplingParams(max_new_tokens=10, seed=1, stop_token_ids=(stop_token,)), "b"
+                ),
+                GenerateRequest(
+                    prompt, SamplingParams(max_new_tokens=10, seed=1, stop=(f"t{stop_token}",)), "c"
+                ),
                 GenerateRequest(prompt, SamplingParams(max_new_tokens=10, seed=1, ignore_eos=False), "d"),
                 GenerateRequest(prompt, SamplingParams(max_new_tokens=200, seed=1, ignore_eos=True), "e"),
             ]
@@ -163,7 +173,9 @@ def test_update_weights_changes_outputs_and_version(model):
 
     async def run():
         engine = _engine(model, weight_version="v0")
-        request = GenerateRequest(prompt, SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True), "g")
+        request = GenerateRequest(
+            prompt, SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True), "g"
+        )
         [before] = await engine.generate([request])
         await engine.update_weights(other, "v1")
         [after] = await engine.generate([request])
@@ -206,7 +218,9 @@ def test_abort_finishes_running_request(model):
     async def run():
         engine = _engine(model)
         task = asyncio.ensure_future(
-            engine.generate([GenerateRequest(prompt, SamplingParams(max_new_tokens=40, ignore_eos=True), "long")])
+            engine.generate(
+                [GenerateRequest(prompt, SamplingParams(max_new_tokens=40, ignore_eos=True), "long")]
+            )
         )
         while engine.stats["decode_steps"] < 2:
             await asyncio.sleep(0.01)

@@ -88,7 +88,9 @@ def test_same_seed_and_position_give_same_token_in_any_row():
     positions = rng.integers(0, 1000, size=8)
     tokens, _ = sample_jit(jnp.broadcast_to(logits_V, (8, 64)), _keys(seeds, positions), *_rows(8))
     perm = rng.permutation(8)
-    shuffled, _ = sample_jit(jnp.broadcast_to(logits_V, (8, 64)), _keys(seeds[perm], positions[perm]), *_rows(8))
+    shuffled, _ = sample_jit(
+        jnp.broadcast_to(logits_V, (8, 64)), _keys(seeds[perm], positions[perm]), *_rows(8)
+    )
     np.testing.assert_array_equal(np.asarray(tokens)[perm], shuffled)
     # Different positions of one seed draw independently: 8 draws over a flat vocab are rarely all equal.
     flat, _ = sample_jit(jnp.zeros((8, 64)), _keys([seeds[0]] * 8, np.arange(8)), *_rows(8))
