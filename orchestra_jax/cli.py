@@ -123,9 +123,21 @@ def cmd_bench(argv: Sequence[str]) -> int:
     return BENCHMARKS[argv[0]][1](argv[1:])
 
 
+def cmd_synth(argv: Sequence[str]) -> int:
+    """Synthesise a domain (db.json, policy.md, tasks.json) and task JSONL; every task verified by execution."""
+    from orchestra_jax.data.synth import command
+
+    args = parse(command.SynthArgs, argv, "orchestra-jax synth")
+    try:
+        return command.run_synth(args)
+    except command.SynthUsageError as e:
+        raise UsageError(str(e)) from None
+
+
 # name -> (one-line help, handler). A subcommand is added here by the change that makes it work.
 COMMANDS: dict[str, tuple[str, Handler]] = {
     "config": ("print the resolved run configuration (preset + overrides) as JSON", cmd_config),
+    "synth": ("synthesise a verified tool-use domain and its tasks (procedural or LLM teacher)", cmd_synth),
 }
 if BENCHMARKS:
     COMMANDS["bench"] = ("benchmarks: " + ", ".join(BENCHMARKS), cmd_bench)

@@ -1,0 +1,111 @@
+"""Our task JSONL: one task per line, the shape every task source (files, tau2, synthesis) is converted to.
+
+A line is `{"id", "question", "answer", "tools", "preference", "metadata"}`:
+- `id` (string, unique in the file) and `question` (the user's request, non-empty) are required;
+- `answer` is the reference answer for exact-match/judge tasks, or null when an evaluator grades the episode
+  (synthesised domain tasks: `metadata.evaluator == "domain"`);
+- `tools` names the tools the policy may call (empty = the caller's default catalog);
+- `preference` is null or the JSON form of a preference (a list of weights or an object), passed through;
+- `metadata` is free-form; domain tasks carry `domain`, `domain_dir` (relative to the JSONL file),
+  `gold_actions`, `communicate_info` and `reward_basis`.
+Field names match `env.episode.Task` (id, question, answer, tools, preference, metadata).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from orchestra_jax.env.domain import write_text_atomic
+
+
+class TaskFileError(ValueError):
+    """A task file that does not parse; the message starts with file:line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskRecord:
+    id: str
+    question: str
+    answer: str | None = None
+    tools: tuple[str, ...] = ()
+    preference: Any = None
+    metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "question": self.question, "answer": self.answer, "tools": list(self.tools),
+                "preference": self.preference, "metadata": dict(self.metadata)}
+
+
+FIELDS = ("id", "question", "answer", "tools", "preference", "metadata")
+
+
+def task_from_dict(d: Any, where: str) -> TaskRecord:
+    """Validate one decoded line; errors read `where: field 'x': problem`."""
+    if not isinstance(d, dict):
+        raise TaskFileError(f"{where}: expected a JSON object, got {type(d).__name__}")
+    extra = sorted(set(d) - set(FIELDS))
+    if extra:
+        raise TaskFileError(f"{where}: unknown field(s) {extra} (allowed: {', '.join(FIELDS)})")
+    for name in ("id", "question"):
+        if not isinstance(d.get(name), str) or not d[name].strip():
+            raise TaskFileError(f"{where}: field {name!r}: expected a non-empty string, got {d.get(name)!r:.60}")
+    answer = d.get("answer")
+    if answer is not None and not isinstance(answer, str):
+        raise TaskFileError(f"{where}: field 'answer': expected a string or null, got {type(answer).__name__}")
+    tools = d.get("tools", [])
+    if not isinstance(tools, list) or not all(isinstance(t, str) for t in tools):
+        raise TaskFileError(f"{where}: field 'tools': expected a list of tool names")
+    metadata = d.get("metadata", {})
+    if not isinstance(metadata, dict):
+        raise TaskFileError(f"{where}: field 'metadata': expected an object")
+    return TaskRecord(d["id"], d["question"], answer, tuple(tools), d.get("preference"), metadata)
+
+
+def parse_tasks(lines: Iterable[str], source: str) -> list[TaskRecord]:
+    tasks: list[TaskRecord] = []
+    seen: dict[str, int] = {}
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{source}:{lineno}"
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TaskFileError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+        task = task_from_dict(d, where)
+        if task.id in seen:
+            raise TaskFileError(f"{where}: duplicate id {task.id!r} (first on line {seen[task.id]})")
+        seen[task.id] = lineno
+        tasks.append(task)
+    return tasks
+
+
+def load_tasks(path: str | os.PathLike) -> list[TaskRecord]:
+    """Read a task JSONL file; any problem raises TaskFileError naming file:line and the field."""
+    path = pathlib.Path(path)
+    try:
+        with path.open() as f:
+            return parse_tasks(f, str(path))
+    except FileNotFoundError:
+        raise TaskFileError(f"{path}: no such task file") from None
+    except UnicodeDecodeError as e:
+        raise TaskFileError(f"{path}: not UTF-8 text ({e.reason})") from None
+
+
+def write_tasks(path: str | os.PathLike, tasks: Iterable[TaskRecord | Mapping]) -> None:
+    """Write JSONL atomically (temp file, then rename)."""
+    rows = [t.to_dict() if isinstance(t, TaskRecord) else dict(t) for t in tasks]
+    write_text_atomic(pathlib.Path(path), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def domain_dir(task: TaskRecord, tasks_path: str | os.PathLike) -> pathlib.Path:
+    """The domain folder of a synthesised task, resolved against the JSONL file it came from."""
+    rel = task.metadata.get("domain_dir")
+    if not isinstance(rel, str):
+        raise TaskFileError(f"{tasks_path}: task {task.id!r} has no metadata.domain_dir")
+    return (pathlib.Path(tasks_path).parent / rel).resolve()
