@@ -8,10 +8,12 @@ endpoint is retried by the client library, then reported as `ChatReply.error`; u
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -126,14 +128,25 @@ class ChatClient:
     def __init__(self, endpoints: Mapping[str, Endpoint], *, environ: Mapping[str, str] | None = None):
         environ = os.environ if environ is None else environ
         self.endpoints = dict(endpoints)
-        self._clients: dict[str, openai.AsyncOpenAI] = {}
+        self._keys: dict[str, str] = {}
         for name, ep in self.endpoints.items():
             if ep.api_key_env is not None and not environ.get(ep.api_key_env):
                 raise EndpointError(f"endpoint {name!r}: environment variable {ep.api_key_env} is not set")
-            key = environ[ep.api_key_env] if ep.api_key_env else "EMPTY"
-            self._clients[name] = openai.AsyncOpenAI(
-                base_url=ep.base_url, api_key=key, max_retries=ep.max_retries, timeout=ep.timeout_s
+            self._keys[name] = environ[ep.api_key_env] if ep.api_key_env else "EMPTY"
+        # An AsyncOpenAI's connection pool belongs to one event loop; keep one client set per loop.
+        self._clients: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def _client(self, name: str) -> openai.AsyncOpenAI:
+        per_loop = self._clients.setdefault(asyncio.get_running_loop(), {})
+        if name not in per_loop:
+            ep = self.endpoints[name]
+            per_loop[name] = openai.AsyncOpenAI(
+                base_url=ep.base_url,
+                api_key=self._keys[name],
+                max_retries=ep.max_retries,
+                timeout=ep.timeout_s,
             )
+        return per_loop[name]
 
     async def chat(
         self,
@@ -157,7 +170,7 @@ class ChatClient:
         if stop:
             kwargs["stop"] = list(stop)
         try:
-            response = await self._clients[backend].chat.completions.create(**kwargs)
+            response = await self._client(backend).chat.completions.create(**kwargs)
         except openai.APIStatusError as e:
             return ChatReply(
                 "",
@@ -187,7 +200,8 @@ class ChatClient:
         return ChatReply(text, usage, latency, None if choice is not None else "empty reply", cut)
 
     async def close(self) -> None:
-        for client in self._clients.values():
+        """Close this event loop's connections."""
+        for client in self._clients.pop(asyncio.get_running_loop(), {}).values():
             await client.close()
 
 
