@@ -161,9 +161,9 @@ class StructuredClient:
         error, reply, last_value = "no attempt made", "", None
         for attempt in range(1, self.settings.max_attempts + 1):
             counters["attempts"] += 1
-            reply, error = self._attempt(stage, conversation, schema, counters)
+            reply, value, error = self._attempt(stage, conversation, schema, counters)
+            last_value = value if value is not None else last_value
             if error is None:
-                value = last_value = extract_json(reply)
                 error = _run_check(check, value)
                 if error is None:
                     write_json_atomic(cache_path, {"stage": stage, "value": value, "attempts": attempt})
@@ -176,8 +176,8 @@ class StructuredClient:
                               "reply_excerpt": reply[:200]})
         return StageCall(stage, None, error, self.settings.max_attempts, False, last_value)
 
-    def _attempt(self, stage: str, conversation: list[dict], schema: Mapping, counters: dict) -> tuple[str, str | None]:
-        """One HTTP round trip; returns (reply text, error or None). Transport failures raise LLMError."""
+    def _attempt(self, stage: str, conversation: list[dict], schema: Mapping, counters: dict) -> tuple[str, Any, str | None]:
+        """One HTTP round trip: (reply text, parsed JSON or None, error or None). Transport failures raise LLMError."""
         body: dict[str, Any] = {"model": self.model, "messages": conversation, "temperature": self.settings.temperature,
                                 "max_tokens": self.settings.max_tokens}
         if self._structured:
@@ -194,20 +194,20 @@ class StructuredClient:
                            f"{type(e).__name__}: {e}") from None
         if response.status_code != 200:
             time.sleep(min(2.0, 0.1 * counters["attempts"]))
-            return "", f"HTTP {response.status_code} from the endpoint"
+            return "", None, f"HTTP {response.status_code} from the endpoint"
         try:
             payload = response.json()
             reply = payload["choices"][0]["message"]["content"] or ""
         except (ValueError, KeyError, IndexError, TypeError):
-            return "", "the endpoint's reply is not an OpenAI chat completion"
+            return "", None, "the endpoint's reply is not an OpenAI chat completion"
         usage = payload.get("usage") or {}
         counters["prompt_tokens"] += int(usage.get("prompt_tokens") or 0)
         counters["completion_tokens"] += int(usage.get("completion_tokens") or 0)
         try:
             value = extract_json(reply)
         except ValueError as e:
-            return reply, str(e)
-        return reply, schema_error(value, schema)
+            return reply, None, str(e)
+        return reply, value, schema_error(value, schema)
 
     def _cache_key(self, stage: str, messages: Sequence[Message], schema: Mapping, salt: str) -> str:
         s = self.settings
