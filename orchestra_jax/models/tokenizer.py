@@ -10,8 +10,10 @@ import json
 import os
 import pathlib
 import tempfile
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
 
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -66,6 +68,7 @@ class Tokenizer:
     eos_token_ids: tuple[int, ...]
     pad_token_id: int
     bos_token_id: int | None = None
+    config: Mapping[str, Any] = field(default_factory=dict)  # tokenizer_config.json as read, kept by save()
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> Tokenizer:
@@ -104,30 +107,14 @@ class Tokenizer:
         return self.backend.token_to_id(token) is not None
 
     def save(self, out_dir: str | os.PathLike) -> None:
-        """Write tokenizer.json and a minimal tokenizer_config.json (each written to a temp file, then renamed)."""
+        """Write tokenizer.json and tokenizer_config.json (each to a temp file, then renamed).
+
+        A config read at load time is written back unchanged; otherwise a minimal one that transformers loads,
+        with the chat template when one is known (Qwen3's for trained tokenizers, a GGUF's own).
+        """
         out = pathlib.Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        added = {
-            str(token_id): {
-                "content": tok.content,
-                "lstrip": tok.lstrip,
-                "normalized": tok.normalized,
-                "rstrip": tok.rstrip,
-                "single_word": tok.single_word,
-                "special": tok.special,
-            }
-            for token_id, tok in sorted(self.backend.get_added_tokens_decoder().items())
-        }
-        config = {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "add_bos_token": False,
-            "add_prefix_space": False,
-            "clean_up_tokenization_spaces": False,
-            "bos_token": None if self.bos_token_id is None else self.backend.id_to_token(self.bos_token_id),
-            "eos_token": self.backend.id_to_token(self.eos_token_ids[0]),
-            "pad_token": self.backend.id_to_token(self.pad_token_id),
-            "added_tokens_decoder": added,
-        }
+        config = dict(self.config) or _minimal_config(self.backend, self.eos_token_ids[0], self.pad_token_id)
         _write_atomic(out / "tokenizer.json", self.backend.to_str(pretty=True))
         _write_atomic(out / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
@@ -170,12 +157,41 @@ def train_small_tokenizer(
             for name, special in QWEN3_ADDED_TOKENS
         ]
     )
-    tokenizer = _with_special_ids(
-        backend, {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, "trained"
+    qwen3_template = (
+        resources.files("orchestra_jax.models").joinpath("templates", "qwen3.jinja").read_text("utf-8")
     )
+    config = _minimal_config(backend, backend.token_to_id("<|im_end|>"), backend.token_to_id("<|endoftext|>"))
+    tokenizer = _with_special_ids(backend, {**config, "chat_template": qwen3_template}, "trained")
     if out_dir is not None:
         tokenizer.save(out_dir)
     return tokenizer
+
+
+def _minimal_config(
+    backend: tokenizers.Tokenizer, eos_id: int, pad_id: int, bos_id: int | None = None
+) -> dict[str, Any]:
+    """The tokenizer_config.json fields transformers needs to load a bare tokenizer.json unchanged."""
+    added = {
+        str(token_id): {
+            "content": token.content,
+            "lstrip": token.lstrip,
+            "normalized": token.normalized,
+            "rstrip": token.rstrip,
+            "single_word": token.single_word,
+            "special": token.special,
+        }
+        for token_id, token in sorted(backend.get_added_tokens_decoder().items())
+    }
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "clean_up_tokenization_spaces": False,
+        "bos_token": None if bos_id is None else backend.id_to_token(bos_id),
+        "eos_token": backend.id_to_token(eos_id),
+        "pad_token": backend.id_to_token(pad_id),
+        "added_tokens_decoder": added,
+    }
 
 
 def _with_special_ids(backend: tokenizers.Tokenizer, config: dict, where: str) -> Tokenizer:
@@ -194,7 +210,7 @@ def _with_special_ids(backend: tokenizers.Tokenizer, config: dict, where: str) -
     pad_id = backend.token_to_id(pad_name) if pad_name else None
     bos_name = _token_name(config.get("bos_token"))
     bos_id = backend.token_to_id(bos_name) if bos_name else None
-    return Tokenizer(backend, tuple(eos_ids), eos_ids[-1] if pad_id is None else pad_id, bos_id)
+    return Tokenizer(backend, tuple(eos_ids), eos_ids[-1] if pad_id is None else pad_id, bos_id, config)
 
 
 def _token_name(value: object) -> str | None:
@@ -242,14 +258,13 @@ def _from_gguf(path: pathlib.Path) -> Tokenizer:
         [tokenizers.AddedToken(vocab.tokens[i], special=True, normalized=False) for i in vocab.control_ids]
     )
 
-    def name(token_id: int | None) -> str | None:
-        return None if token_id is None else vocab.tokens[token_id]
-
-    config = {
-        "eos_token": name(vocab.eos_id),
-        "pad_token": name(vocab.pad_id),
-        "bos_token": name(vocab.bos_id),
-    }
+    eos_id = vocab.eos_id if vocab.eos_id is not None else backend.token_to_id("<|endoftext|>")
+    if eos_id is None:
+        raise TokenizerError(f"{path}: GGUF metadata names no eos token")
+    pad_id = vocab.pad_id if vocab.pad_id is not None else eos_id
+    config = _minimal_config(backend, eos_id, pad_id, vocab.bos_id)
+    if vocab.chat_template:
+        config["chat_template"] = vocab.chat_template
     return _with_special_ids(backend, config, where=str(path))
 
 
@@ -259,6 +274,7 @@ class _GGUFVocab:
     merges: tuple[str, ...]
     control_ids: tuple[int, ...]
     pre: str
+    chat_template: str | None
     eos_id: int | None
     pad_id: int | None
     bos_id: int | None
@@ -304,6 +320,7 @@ def _read_gguf_vocab(path: pathlib.Path) -> _GGUFVocab:
         merges=strings("tokenizer.ggml.merges"),
         control_ids=control_ids,
         pre=str(scalar("tokenizer.ggml.pre") or "default"),
+        chat_template=scalar("tokenizer.chat_template"),
         eos_id=scalar("tokenizer.ggml.eos_token_id"),
         pad_id=scalar("tokenizer.ggml.padding_token_id"),
         bos_id=scalar("tokenizer.ggml.bos_token_id"),

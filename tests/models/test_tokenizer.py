@@ -114,6 +114,15 @@ def test_tiny_tokenizer_rejects_too_small_vocab():
         train_small_tokenizer(["abc"], vocab_size=100)
 
 
+def test_save_keeps_the_loaded_config(qwen3, shared_data, tmp_path):
+    qwen3.save(tmp_path)
+    original = json.loads((shared_data / "qwen3" / "tokenizer_config.json").read_text())
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text()) == original
+    again = Tokenizer.from_file(tmp_path)
+    text = "<|im_start|>assistant\n<think>\nplan\n</think>\n\nÜber 東京<|im_end|>"
+    assert again.encode(text) == qwen3.encode(text)
+
+
 def test_save_reloads(tiny, tmp_path):
     tiny.save(tmp_path / "tok")
     assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
@@ -134,6 +143,21 @@ def test_saved_tokenizer_loads_in_transformers(tiny, tmp_path):
     assert hf.encode(text, add_special_tokens=False) == tiny.encode(text)
     assert hf.eos_token_id == tiny.eos_token_ids[0]
     assert hf.pad_token_id == tiny.pad_token_id
+    from orchestra_jax.models.chat_template import render
+
+    tools = [
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    ]
+    messages = [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "<think>\nr\n</think>\n\na"},
+    ]
+    for thinking in (True, False):
+        expected = render(messages, tools, add_generation_prompt=True, enable_thinking=thinking)
+        got = hf.apply_chat_template(
+            messages, tools=tools, add_generation_prompt=True, enable_thinking=thinking, tokenize=False
+        )
+        assert got == expected
 
 
 def _smollm2_gguf() -> pathlib.Path:
@@ -167,6 +191,17 @@ def test_gguf_tokenizer_matches_transformers_conversion():
     for text in texts:
         assert ours.encode(text) == hf.encode(text, add_special_tokens=False), text
         assert ours.decode(ours.encode(text)) == text
+
+    from orchestra_jax.models.chat_template import render
+
+    messages = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Yo"},
+        {"role": "user", "content": "?"},
+    ]
+    expected = render(messages, add_generation_prompt=True, family="smollm2")
+    assert hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == expected
+    assert ours.config["chat_template"] == hf.chat_template
 
 
 def test_gguf_errors_name_the_file(tmp_path):
