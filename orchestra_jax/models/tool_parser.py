@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 _TAG = re.compile(r"<tool_call>|</tool_call>")
-_TRAILING_END = re.compile(r"(?:\s*(?:<\|im_end\|>|<\|endoftext\|>))+\s*$")
+_END_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
 
 @dataclass(frozen=True)
@@ -46,9 +46,17 @@ def parse_tool_calls(text: str) -> ParsedTurn:
     if not isinstance(text, str):
         return ParsedTurn("", (), (f"generated text is {type(text).__name__}, not a string",), False)
     errors: list[str] = []
-    reasoning, rest = _split_reasoning(_TRAILING_END.sub("", text), errors)
+    reasoning, rest = _split_reasoning(_strip_end_tokens(text), errors)
     content, calls = _split_calls(rest, errors)
     return ParsedTurn(content, tuple(calls), tuple(errors), not errors, reasoning)
+
+
+def _strip_end_tokens(text: str) -> str:
+    """Drop the end-of-turn tokens a decode may leave at the end (linear time, unlike a backtracking regex)."""
+    text = text.rstrip()
+    while text.endswith(_END_TOKENS):
+        text = text[: text.rfind("<")].rstrip()
+    return text
 
 
 def _split_reasoning(text: str, errors: list[str]) -> tuple[str, str]:

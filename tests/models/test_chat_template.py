@@ -5,6 +5,8 @@ import pathlib
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from orchestra_jax.models.chat_template import ChatTemplateError, ChatTokens, render
 from orchestra_jax.models.tokenizer import Tokenizer, train_small_tokenizer
@@ -145,7 +147,9 @@ def test_bad_input_gives_one_line_errors(messages, tools, family, match):
     assert "\n" not in str(info.value)
 
 
-def test_incremental_equals_whole_render_on_random_tool_episodes(qwen3, tools):
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_incremental_equals_whole_render_on_random_tool_episodes(qwen3, tools, seed):
     """Thinking on, one user query: the template keeps every turn, so ids match at every <|im_end|>\\n boundary."""
 
     def check(chat, structured, at_boundary):
@@ -155,11 +159,8 @@ def test_incremental_equals_whole_render_on_random_tool_episodes(qwen3, tools):
         if at_boundary:
             assert chat.token_ids[-2:] == qwen3.encode("<|im_end|>\n")
 
-    seed = random.randrange(2**32)
-    rng = random.Random(seed)
-    for _ in range(12):
-        chat = run_episode(rng, qwen3, tools, check=check)
-        assert len(chat.token_ids) == len(chat.loss_mask) == len(chat.logprobs), seed
+    chat = run_episode(random.Random(seed), qwen3, tools, check=check)
+    assert len(chat.token_ids) == len(chat.loss_mask) == len(chat.logprobs)
 
 
 def test_loss_mask_covers_exactly_the_generated_ids(qwen3, tools):

@@ -125,6 +125,12 @@ def test_format_problems_become_structured_errors(text, expected_error, n_calls)
     assert len(parsed.calls) == n_calls
 
 
+def test_pathological_text_stays_linear():
+    parsed = parse_tool_calls("answer" + " \n" * 200_000 + "x" + "<tool_call>" * 20_000)
+    assert not parsed.well_formed and parsed.calls == ()
+    assert parse_tool_calls("Paris. <|im_end|>\n<|endoftext|> ").content == "Paris."
+
+
 def test_missing_arguments_mean_no_arguments_and_non_strings_are_reported():
     assert parse_tool_calls('<tool_call>{"name": "ping"}</tool_call>').calls == (ToolCall("ping", {}),)
     parsed = parse_tool_calls(None)  # type: ignore[arg-type]
