@@ -107,8 +107,22 @@ def cmd_config(argv: Sequence[str]) -> int:
 
 Handler = Callable[[Sequence[str]], int]
 
+def bench_logprob(argv: Sequence[str]) -> int:
+    """Naive vs fused LM-head log-prob (kernels/bench.py): peak memory and time, one table plus JSON."""
+    from orchestra_jax.kernels import bench
+
+    args = parse(bench.LogprobBenchArgs, argv, "orchestra-jax bench logprob")
+    try:
+        bench.run_benchmark(args)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return 0
+
+
 # `orchestra-jax bench NAME`: name -> (one-line help, handler). Benchmarks print ratios measured in one run.
-BENCHMARKS: dict[str, tuple[str, Handler]] = {}
+BENCHMARKS: dict[str, tuple[str, Handler]] = {
+    "logprob": ("naive vs fused LM-head log-prob: peak memory and time, fwd and fwd+bwd", bench_logprob),
+}
 
 
 def cmd_bench(argv: Sequence[str]) -> int:
@@ -134,10 +148,24 @@ def cmd_synth(argv: Sequence[str]) -> int:
         raise UsageError(str(e)) from None
 
 
+def cmd_serve(argv: Sequence[str]) -> int:
+    """Serve a model over SGLang's HTTP API (and OpenAI's) from the embedded JAX sampler."""
+    from orchestra_jax.rollout import server
+
+    args = parse(server.ServeArgs, argv, "orchestra-jax serve")
+    try:
+        served = server.load_served_model(args)
+    except (ValueError, OSError) as e:
+        raise UsageError(str(e).splitlines()[0]) from None
+    server.serve(args, served)
+    return 0
+
+
 # name -> (one-line help, handler). A subcommand is added here by the change that makes it work.
 COMMANDS: dict[str, tuple[str, Handler]] = {
     "config": ("print the resolved run configuration (preset + overrides) as JSON", cmd_config),
     "synth": ("synthesise a verified tool-use domain and its tasks (procedural or LLM teacher)", cmd_synth),
+    "serve": ("serve a model over SGLang's native and OpenAI HTTP APIs (embedded JAX sampler)", cmd_serve),
 }
 if BENCHMARKS:
     COMMANDS["bench"] = ("benchmarks: " + ", ".join(BENCHMARKS), cmd_bench)

@@ -450,11 +450,11 @@ def load_served_model(args: ServeArgs) -> ServedModel:
     )
 
 
-def serve(args: ServeArgs) -> None:
+def serve(args: ServeArgs, served: ServedModel | None = None) -> None:
     """Run the server until interrupted."""
     import uvicorn
 
-    served = load_served_model(args)
+    served = served or load_served_model(args)
     print(
         f"serving {served.model_path} on http://{args.host}:{args.port} (weight_version {args.weight_version})"
     )
