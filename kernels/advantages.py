@@ -18,8 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-
-from orchestra_jax.kernels import dispatch
+from orchestra_jax.kernels import dispatch, pallas_call
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -62,8 +61,8 @@ def _gae_kernel(r_ref, v_ref, m_ref, adv_ref, ret_ref, *, gamma, lam, steps):
     jax.lax.fori_loop(0, steps, body, (zeros, zeros))
 
 
-@functools.partial(jax.jit, static_argnames=("gamma", "lam", "interpret", "block_rows"))
-def gae_pallas(rewards_BT, values_BT, mask_BT, *, gamma, lam, interpret=False, block_rows=32):
+@functools.partial(jax.jit, static_argnames=("gamma", "lam", "interpret", "poison", "block_rows"))
+def gae_pallas(rewards_BT, values_BT, mask_BT, *, gamma, lam, interpret=False, poison=False, block_rows=32):
     """Pallas GAE: a grid over blocks of rows; each program walks time backwards (time-major layout)."""
     rows, steps = rewards_BT.shape
     padded = _round_up(rows, block_rows)
@@ -73,14 +72,16 @@ def gae_pallas(rewards_BT, values_BT, mask_BT, *, gamma, lam, interpret=False, b
 
     spec = pl.BlockSpec((steps, block_rows), lambda i: (0, i))
     out = jax.ShapeDtypeStruct((steps, padded), jnp.float32)
-    adv_TB, ret_TB = pl.pallas_call(
+    adv_TB, ret_TB = pallas_call.call(
         functools.partial(_gae_kernel, gamma=gamma, lam=lam, steps=steps),
         grid=(padded // block_rows,),
         in_specs=(spec, spec, spec),
         out_specs=(spec, spec),
         out_shape=(out, out),
+        args=(time_major(rewards_BT), time_major(values_BT), time_major(mask_BT)),
         interpret=interpret,
-    )(time_major(rewards_BT), time_major(values_BT), time_major(mask_BT))
+        poison=poison,
+    )
     return adv_TB[:, :rows].T, ret_TB[:, :rows].T
 
 
@@ -165,8 +166,10 @@ def _group_kernel(r_ref, g_ref, valid_ref, adv_ref, *, block, num_blocks, eps, u
     adv_ref[...] = _normalise(r_i, mean, _variance(sum_sq, count, unbiased), spread, eps, clip)
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "unbiased", "clip", "interpret", "block"))
-def group_advantages_pallas(rewards_N, group_ids_N, *, eps, unbiased, clip, interpret=False, block=128):
+@functools.partial(jax.jit, static_argnames=("eps", "unbiased", "clip", "interpret", "poison", "block"))
+def group_advantages_pallas(
+    rewards_N, group_ids_N, *, eps, unbiased, clip, interpret=False, poison=False, block=128
+):
     """Pallas group z-scores: each program takes a block of rollouts and scans all others for its group
     (O(N²) compares, which is nothing next to a policy step for the N ≤ a few thousand rollouts of a step)."""
     n = rewards_N.shape[0]
@@ -175,16 +178,18 @@ def group_advantages_pallas(rewards_N, group_ids_N, *, eps, unbiased, clip, inte
     g_N = jnp.pad(group_ids_N, (0, padded - n))
     valid_N = jnp.pad(jnp.ones((n,), jnp.float32), (0, padded - n))
     whole = pl.BlockSpec((padded,), lambda i: (0,))
-    adv_N = pl.pallas_call(
+    (adv_N,) = pallas_call.call(
         functools.partial(
             _group_kernel, block=block, num_blocks=padded // block, eps=eps, unbiased=unbiased, clip=clip
         ),
         grid=(padded // block,),
         in_specs=(whole, whole, whole),
-        out_specs=pl.BlockSpec((block,), lambda i: (i,)),
-        out_shape=jax.ShapeDtypeStruct((padded,), jnp.float32),
+        out_specs=(pl.BlockSpec((block,), lambda i: (i,)),),
+        out_shape=(jax.ShapeDtypeStruct((padded,), jnp.float32),),
+        args=(r_N, g_N, valid_N),
         interpret=interpret,
-    )(r_N, g_N, valid_N)
+        poison=poison,
+    )
     return adv_N[:n]
 
 

@@ -14,7 +14,6 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
-
 from orchestra_jax.kernels import dispatch
 from orchestra_jax.kernels import logprob_math as lm
 from orchestra_jax.kernels import logprob_pallas as pk

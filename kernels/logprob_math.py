@@ -40,7 +40,9 @@ def merge_stats(a: tuple[jnp.ndarray, ...], b: tuple[jnp.ndarray, ...]) -> tuple
     return m, s_a + s_b, u_a + u_b, tz_a + tz_b
 
 
-def rescale(m_new: jnp.ndarray, m: jnp.ndarray, s: jnp.ndarray, u: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+def rescale(
+    m_new: jnp.ndarray, m: jnp.ndarray, s: jnp.ndarray, u: jnp.ndarray
+) -> tuple[jnp.ndarray, jnp.ndarray]:
     """(s, u) re-expressed relative to a larger max m_new."""
     # An empty part has m = −inf and s = 0: its shift (m − m_new)·s would be nan, so guard it.
     alpha = jnp.where(s > 0, jnp.exp(m - m_new), 0.0)

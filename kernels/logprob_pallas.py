@@ -19,8 +19,8 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-
 from orchestra_jax.kernels import logprob_math as lm
+from orchestra_jax.kernels import pallas_call
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -75,12 +75,16 @@ def _stats_kernel(h_ref, w_ref, tgt_ref, m_ref, s_ref, u_ref, tz_ref, *, num_col
     tz_ref[...] = tz
 
 
-def _dh_kernel(h_ref, w_ref, tgt_ref, lse_ref, mz_ref, glp_ref, gent_ref, dh_ref, *, num_cols, block_v, num_v, tile):
+def _dh_kernel(
+    h_ref, w_ref, tgt_ref, lse_ref, mz_ref, glp_ref, gent_ref, dh_ref, *, num_cols, block_v, num_v, tile
+):
     targets, lse, mean_z, g_lp, g_ent = tgt_ref[...], lse_ref[...], mz_ref[...], glp_ref[...], gent_ref[...]
     rows, block_k = targets.shape[0], tile["block_k"]
 
     def zero(k, _):
-        dh_ref[:, pl.ds(pl.multiple_of(k * block_k, block_k), block_k)] = jnp.zeros((rows, block_k), jnp.float32)
+        dh_ref[:, pl.ds(pl.multiple_of(k * block_k, block_k), block_k)] = jnp.zeros(
+            (rows, block_k), jnp.float32
+        )
 
     jax.lax.fori_loop(0, tile["num_k"], zero, None)
 
@@ -102,14 +106,29 @@ def _dh_kernel(h_ref, w_ref, tgt_ref, lse_ref, mz_ref, glp_ref, gent_ref, dh_ref
 
 
 def _dw_kernel(
-    h_ref, w_ref, tgt_ref, lse_ref, mz_ref, glp_ref, gent_ref, dw_ref, *, num_cols, block_v, block_t, num_t, tile
+    h_ref,
+    w_ref,
+    tgt_ref,
+    lse_ref,
+    mz_ref,
+    glp_ref,
+    gent_ref,
+    dw_ref,
+    *,
+    num_cols,
+    block_v,
+    block_t,
+    num_t,
+    tile,
 ):
     col0 = pl.multiple_of(pl.program_id(0) * block_v, block_v)
     cols = _cols(col0, block_v)
     block_k = tile["block_k"]
 
     def zero(k, _):
-        dw_ref[pl.ds(pl.multiple_of(k * block_k, block_k), block_k), :] = jnp.zeros((block_k, block_v), jnp.float32)
+        dw_ref[pl.ds(pl.multiple_of(k * block_k, block_k), block_k), :] = jnp.zeros(
+            (block_k, block_v), jnp.float32
+        )
 
     jax.lax.fori_loop(0, tile["num_k"], zero, None)
 
@@ -117,7 +136,9 @@ def _dw_kernel(
         row0 = pl.multiple_of(i * block_t, block_t)
         rs = pl.ds(row0, block_t)
         z = _logit_tile(h_ref, w_ref, row0, 0, rows=block_t, cols=block_v, **tile)  # w_ref is this block only
-        dz = lm.tile_logit_grad(z, cols, tgt_ref[rs], num_cols, lse_ref[rs], mz_ref[rs], glp_ref[rs], gent_ref[rs])
+        dz = lm.tile_logit_grad(
+            z, cols, tgt_ref[rs], num_cols, lse_ref[rs], mz_ref[rs], glp_ref[rs], gent_ref[rs]
+        )
         dz = (dz * tile["inv_temp"]).astype(h_ref.dtype)
 
         def k_body(k, _):
@@ -129,25 +150,6 @@ def _dw_kernel(
         jax.lax.fori_loop(0, tile["num_k"], k_body, None)
 
     jax.lax.fori_loop(0, num_t, token_body, None)
-
-
-def _pallas(kernel, *, grid, in_specs, out_specs, out_shape, interpret, poison, args):
-    """pallas_call; with poison, every output starts as NaN (aliased inputs) so an unwritten element shows."""
-    params = {}
-    if not interpret and jax.default_backend() == "gpu":
-        from jax.experimental.pallas import triton as plt
-
-        params["compiler_params"] = plt.CompilerParams(num_warps=4, num_stages=2)
-    if poison:
-        n_in, n_out = len(args), len(out_shape)
-        args = (*args, *(jnp.full(o.shape, jnp.nan, o.dtype) for o in out_shape))
-        in_specs = (*in_specs, *out_specs)
-        params["input_output_aliases"] = {n_in + k: k for k in range(n_out)}
-        inner = kernel
-        kernel = lambda *refs: inner(*refs[:n_in], *refs[n_in + n_out :])
-    return pl.pallas_call(
-        kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape, interpret=interpret, **params
-    )(*args)
 
 
 class _Layout:
@@ -172,7 +174,16 @@ class _Layout:
     jax.jit, static_argnames=("temperature", "block_t", "block_v", "block_k", "interpret", "poison")
 )
 def pallas_stats(
-    hidden_TH, w_HV, targets_T, *, temperature, block_t=64, block_v=128, block_k=64, interpret=False, poison=False
+    hidden_TH,
+    w_HV,
+    targets_T,
+    *,
+    temperature,
+    block_t=64,
+    block_v=128,
+    block_k=64,
+    interpret=False,
+    poison=False,
 ):
     """The (m, s, u, tz) summary of each row over this shard's columns (same contract as reference_stats)."""
     lay = _Layout(hidden_TH, w_HV, block_t, block_v, block_k, temperature)
@@ -181,10 +192,14 @@ def pallas_stats(
     kernel = functools.partial(
         _stats_kernel, num_cols=lay.v, block_v=block_v, num_v=lay.vp // block_v, tile=lay.tile
     )
-    out = _pallas(
+    out = pallas_call.call(
         kernel,
         grid=(lay.tp // block_t,),
-        in_specs=(pl.BlockSpec((block_t, lay.hp), lambda i: (i, 0)), pl.BlockSpec((lay.hp, lay.vp), lambda i: (0, 0)), vec),
+        in_specs=(
+            pl.BlockSpec((block_t, lay.hp), lambda i: (i, 0)),
+            pl.BlockSpec((lay.hp, lay.vp), lambda i: (0, 0)),
+            vec,
+        ),
         out_specs=(vec,) * 4,
         out_shape=(jax.ShapeDtypeStruct((lay.tp,), jnp.float32),) * 4,
         interpret=interpret,
@@ -220,10 +235,13 @@ def pallas_grads(
     num_t, num_v = lay.tp // block_t, lay.vp // block_v
 
     vec = pl.BlockSpec((block_t,), lambda i: (i,))
-    (dh,) = _pallas(
+    (dh,) = pallas_call.call(
         functools.partial(_dh_kernel, num_v=num_v, **common),
         grid=(num_t,),
-        in_specs=(pl.BlockSpec((block_t, lay.hp), lambda i: (i, 0)), pl.BlockSpec((lay.hp, lay.vp), lambda i: (0, 0)))
+        in_specs=(
+            pl.BlockSpec((block_t, lay.hp), lambda i: (i, 0)),
+            pl.BlockSpec((lay.hp, lay.vp), lambda i: (0, 0)),
+        )
         + (vec,) * 5,
         out_specs=(pl.BlockSpec((block_t, lay.hp), lambda i: (i, 0)),),
         out_shape=(jax.ShapeDtypeStruct((lay.tp, lay.hp), jnp.float32),),
@@ -233,10 +251,13 @@ def pallas_grads(
     )
 
     full_vec = pl.BlockSpec((lay.tp,), lambda j: (0,))
-    (dw,) = _pallas(
+    (dw,) = pallas_call.call(
         functools.partial(_dw_kernel, block_t=block_t, num_t=num_t, **common),
         grid=(num_v,),
-        in_specs=(pl.BlockSpec((lay.tp, lay.hp), lambda j: (0, 0)), pl.BlockSpec((lay.hp, block_v), lambda j: (0, j)))
+        in_specs=(
+            pl.BlockSpec((lay.tp, lay.hp), lambda j: (0, 0)),
+            pl.BlockSpec((lay.hp, block_v), lambda j: (0, j)),
+        )
         + (full_vec,) * 5,
         out_specs=(pl.BlockSpec((lay.hp, block_v), lambda j: (0, j)),),
         out_shape=(jax.ShapeDtypeStruct((lay.hp, lay.vp), jnp.float32),),

@@ -10,10 +10,16 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-
 from orchestra_jax.kernels import logprob_math as lm
 
-DEFAULT_CHUNK = 8192
+# A chunk of logits holds about 2^24 fp32 values (64 MiB): big enough for efficient matmuls, small enough
+# that the handful of chunk-sized temporaries stay far below one [T, V] array.
+CHUNK_ELEMENTS = 1 << 24
+
+
+def default_chunk(rows: int) -> int:
+    """Vocabulary chunk width for `rows` tokens: a multiple of 128 in [512, 8192]."""
+    return max(512, min(8192, CHUNK_ELEMENTS // max(rows, 1) // 128 * 128))
 
 
 def naive_logprob(
@@ -58,11 +64,11 @@ def reference_stats(
     targets_T: jnp.ndarray,
     *,
     temperature: float,
-    chunk: int = DEFAULT_CHUNK,
+    chunk: int | None = None,
 ) -> tuple[jnp.ndarray, ...]:
     """The (m, s, u, tz) summary of each row of h·W / τ over this shard's columns (see logprob_math)."""
     num_cols = w_HV.shape[1]
-    size, count = _chunk_geometry(num_cols, chunk)
+    size, count = _chunk_geometry(num_cols, chunk or default_chunk(hidden_TH.shape[0]))
     targets_T = targets_T.astype(jnp.int32)
 
     def body(stats, i):
@@ -84,11 +90,11 @@ def reference_grads(
     g_entropy_T: jnp.ndarray,
     *,
     temperature: float,
-    chunk: int = DEFAULT_CHUNK,
+    chunk: int | None = None,
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """(∂L/∂h, ∂L/∂W) for this shard's columns, recomputing each logit chunk; fp32 accumulation."""
     num_cols = w_HV.shape[1]
-    size, count = _chunk_geometry(num_cols, chunk)
+    size, count = _chunk_geometry(num_cols, chunk or default_chunk(hidden_TH.shape[0]))
     targets_T = targets_T.astype(jnp.int32)
     compute = hidden_TH.dtype
 
@@ -96,7 +102,9 @@ def reference_grads(
         dh_TH, dw_HV = carry
         w_HC, cols_C, start = _chunk(w_HV, i, size)
         z_TC = _scaled_logits(hidden_TH, w_HC, temperature)
-        dz_TC = lm.tile_logit_grad(z_TC, cols_C, targets_T, num_cols, lse_T, mean_z_T, g_logprob_T, g_entropy_T)
+        dz_TC = lm.tile_logit_grad(
+            z_TC, cols_C, targets_T, num_cols, lse_T, mean_z_T, g_logprob_T, g_entropy_T
+        )
         dz_TC = (dz_TC * (1.0 / temperature)).astype(compute)
         dh_TH = dh_TH + jnp.dot(dz_TC, w_HC.T, preferred_element_type=jnp.float32)
         dw_HC = jnp.dot(hidden_TH.T, dz_TC, preferred_element_type=jnp.float32)

@@ -1,0 +1,144 @@
+"""Fused log-prob against an independent float64 reference (torch autograd), on every implementation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from kernel_refs import float64_reference, random_case, rel_err
+from orchestra_jax.kernels import fused_logprob, naive_logprob
+from orchestra_jax.kernels import logprob_math as lm
+from orchestra_jax.kernels import logprob_pallas as pk
+from orchestra_jax.kernels import logprob_reference as ref
+from orchestra_jax.kernels.bench import peak_bytes
+
+IMPLS = ["reference", "interpret"]
+
+
+def fused_value_and_grads(impl, h, w, targets, temperature, g_lp, g_ent):
+    def loss(h, w):
+        logp, entropy = fused_logprob(h, w, targets, temperature=temperature, return_entropy=True, impl=impl)
+        return jnp.sum(logp * g_lp) + jnp.sum(entropy * g_ent), (logp, entropy)
+
+    (_, (logp, entropy)), (dh, dw) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(h, w)
+    return logp, entropy, dh, dw
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fp32_matches_float64_forward_and_grads(impl):
+    # V = 300 is not a multiple of the 128-wide Pallas tile; T = 37 not of the 64-row one; τ != 1.
+    seed = np.random.SeedSequence().entropy % 2**32
+    h, w, targets, g_lp, g_ent = random_case(seed, tokens=37, hidden=48, vocab=300)
+    got = fused_value_and_grads(impl, h, w, targets, 0.7, g_lp, g_ent)
+    want = float64_reference(h, w, targets, 0.7, g_lp, g_ent)
+    for name, a, b in zip(("logprob", "entropy", "d_hidden", "d_w"), got, want):
+        assert rel_err(a, b) <= 1e-5, (name, seed, rel_err(a, b))
+    assert got[0].dtype == jnp.float32 and bool(jnp.all(got[0] <= 0.0))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bf16_inputs_within_1e_2(impl):
+    seed = np.random.SeedSequence().entropy % 2**32
+    h, w, targets, g_lp, g_ent = random_case(seed, tokens=20, hidden=64, vocab=200, dtype=jnp.bfloat16)
+    got = fused_value_and_grads(impl, h, w, targets, 1.0, g_lp, g_ent)
+    want = float64_reference(h, w, targets, 1.0, g_lp, g_ent)
+    for name, a, b in zip(("logprob", "entropy", "d_hidden", "d_w"), got, want):
+        assert rel_err(jnp.asarray(a, jnp.float32), b) <= 1e-2, (name, seed)
+    assert got[2].dtype == jnp.bfloat16 and got[3].dtype == jnp.bfloat16
+
+
+def test_grads_match_autodiff_of_the_naive_reference():
+    h, w, targets, g_lp, g_ent = random_case(np.random.SeedSequence().entropy % 2**32, 24, 32, 1000)
+
+    def naive_loss(h, w):
+        logp, entropy = naive_logprob(h, w, targets, temperature=1.5, return_entropy=True)
+        return jnp.sum(logp * g_lp) + jnp.sum(entropy * g_ent)
+
+    want = jax.grad(naive_loss, argnums=(0, 1))(h, w)
+    got = fused_value_and_grads("reference", h, w, targets, 1.5, g_lp, g_ent)[2:]
+    for a, b in zip(got, want):
+        assert rel_err(a, b) <= 1e-5
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_single_token_and_extreme_logits(impl):
+    # Logits of order ±1e4: the naive exp overflows without max-subtraction; log-probs must stay finite, <= 0.
+    h, w, targets, g_lp, g_ent = random_case(np.random.SeedSequence().entropy % 2**32, 1, 16, 130, scale=3e4)
+    got = fused_value_and_grads(impl, h, w, targets, 1.0, g_lp, g_ent)
+    want = float64_reference(h, w, targets, 1.0, g_lp, g_ent)
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in got)
+    assert float(got[0][0]) <= 0.0
+    np.testing.assert_allclose(np.asarray(got[0]), want[0], rtol=1e-5, atol=1e-2)
+    np.testing.assert_allclose(np.asarray(got[1]), want[1], atol=1e-3)
+
+
+def test_logprob_never_positive_when_one_logit_dominates():
+    rng = np.random.default_rng(np.random.SeedSequence().entropy % 2**32)
+    tokens, vocab = 16, 4000
+    w = jnp.asarray(rng.normal(size=(tokens, vocab)) * 1e-3, jnp.float32)
+    targets = jnp.asarray(rng.choice(vocab, size=tokens, replace=False), jnp.int32)
+    # Token t's hidden state is 10·e_t and only its target column has a large weight on e_t: p(target) -> 1.
+    w = w.at[jnp.arange(tokens), targets].set(rng.uniform(5.0, 50.0, size=tokens))
+    h = 10.0 * jnp.eye(tokens, dtype=jnp.float32)
+    logp, entropy = fused_logprob(h, w, targets, return_entropy=True, impl="reference")
+    assert bool(jnp.all(logp <= 0.0)) and bool(jnp.all(entropy >= 0.0))
+    assert float(jnp.min(logp)) > -1e-3
+
+
+def test_pallas_kernels_write_every_element_of_poisoned_outputs():
+    # Small tiles so that tokens (3 blocks, padded), hidden (3 slices) and vocab (3 tiles + tail) all loop.
+    h, w, targets, g_lp, g_ent = random_case(np.random.SeedSequence().entropy % 2**32, 20, 48, 300)
+    tiles = dict(temperature=1.3, block_t=8, block_v=128, block_k=16, interpret=True, poison=True)
+    stats = pk.pallas_stats(h, w, targets, **tiles)
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in stats)
+    logp, entropy, lse, mean_z = lm.finish_stats(stats)
+    dh, dw = pk.pallas_grads(h, w, targets, lse, mean_z, g_lp, g_ent, **tiles)
+    assert bool(jnp.all(jnp.isfinite(dh))) and bool(jnp.all(jnp.isfinite(dw)))
+    want = float64_reference(h, w, targets, 1.3, g_lp, g_ent)
+    for a, b in zip((logp, entropy, dh, dw), want):
+        assert rel_err(a, b) <= 1e-5
+
+
+def test_reference_chunks_that_do_not_divide_the_vocabulary():
+    # chunk 128 over V = 300: the last chunk is shifted left and overlaps; nothing may count twice.
+    h, w, targets, g_lp, g_ent = random_case(np.random.SeedSequence().entropy % 2**32, 10, 16, 300)
+    logp, entropy, lse, mean_z = lm.finish_stats(
+        ref.reference_stats(h, w, targets, temperature=0.9, chunk=128)
+    )
+    dh, dw = ref.reference_grads(h, w, targets, lse, mean_z, g_lp, g_ent, temperature=0.9, chunk=128)
+    want = float64_reference(h, w, targets, 0.9, g_lp, g_ent)
+    for a, b in zip((logp, entropy, dh, dw), want):
+        assert rel_err(a, b) <= 1e-5
+
+
+def test_reference_path_never_materialises_token_by_vocab_logits():
+    tokens, hidden, vocab = 2048, 64, 131072  # one [T, V] fp32 array = 1 GiB; only compiled, never run
+    shapes = (
+        jax.ShapeDtypeStruct((tokens, hidden), jnp.float32),
+        jax.ShapeDtypeStruct((hidden, vocab), jnp.float32),
+        jax.ShapeDtypeStruct((tokens,), jnp.int32),
+    )
+
+    def program(fn):
+        grad = jax.grad(lambda h, w, t: jnp.sum(fn(h, w, t)), argnums=(0, 1))
+        return jax.jit(grad).lower(*shapes).compile()
+
+    naive = program(naive_logprob)
+    fused = program(lambda h, w, t: fused_logprob(h, w, t, impl="reference"))
+    assert fused.memory_analysis().temp_size_in_bytes < tokens * vocab * 4 / 4
+    assert peak_bytes(fused) * 5 < peak_bytes(naive)
+
+
+def test_works_under_jit_and_rejects_bad_input():
+    h, w, targets, _, _ = random_case(0, 4, 8, 50)
+    logp = jax.jit(lambda h, w, t: fused_logprob(h, w, t))(h, w, targets)
+    np.testing.assert_allclose(np.asarray(logp), np.asarray(naive_logprob(h, w, targets)), rtol=1e-5)
+    with pytest.raises(ValueError, match="shapes disagree"):
+        fused_logprob(h, w[:4], targets)
+    with pytest.raises(ValueError, match="flatten batch dims"):
+        fused_logprob(h[None], w, targets)
+    with pytest.raises(ValueError, match="temperature"):
+        fused_logprob(h, w, targets, temperature=0.0)
+    with pytest.raises(ValueError, match="impl='bogus'"):
+        fused_logprob(h, w, targets, impl="bogus")
+    with pytest.raises(ValueError, match="use impl='interpret' on CPU"):
+        fused_logprob(h, w, targets, impl="pallas")
