@@ -71,7 +71,11 @@ def render(
 
 
 def tojson(
-    value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys=False
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
 ) -> str:
     """transformers' `tojson` filter: key order kept, no HTML escaping."""
     return json.dumps(

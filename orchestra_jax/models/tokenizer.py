@@ -60,9 +60,9 @@ class TokenizerError(ValueError):
     """A tokenizer file is missing, unreadable, or lacks a token the caller needs."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Tokenizer:
-    """A `tokenizers.Tokenizer` plus the few ids the chat and rollout code need."""
+    """A `tokenizers.Tokenizer` plus the few ids the chat and rollout code need (compared by identity)."""
 
     backend: tokenizers.Tokenizer
     eos_token_ids: tuple[int, ...]
