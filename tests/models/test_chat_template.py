@@ -98,6 +98,11 @@ def test_renders_match_every_official_golden(qwen3, goldens):
         text = render(inputs["messages"], inputs["tools"], inputs["add_generation_prompt"], **thinking)
         assert text == case["rendered"], case["name"]
         assert qwen3.encode(text) == case["token_ids"], case["name"]
+        if inputs["add_generation_prompt"]:
+            chat = ChatTokens(qwen3)
+            assert chat.start(inputs["messages"], inputs["tools"], **thinking) == case["token_ids"], case[
+                "name"
+            ]
 
 
 def test_tojson_keeps_key_order_and_does_not_escape():
