@@ -1,5 +1,6 @@
 """The policy: a pure-functional Qwen3/Llama/Qwen2 transformer, its HF and GGUF checkpoint mappings, tokenizer and chat template."""
 
+from orchestra_jax.models.hf_io import CheckpointError, load_pretrained, save_pretrained
 from orchestra_jax.models.transformer import (
     forward,
     hidden_states,
@@ -11,6 +12,9 @@ from orchestra_jax.models.transformer import (
 from orchestra_jax.models.transformer_config import TransformerConfig, from_hf_config, get_preset
 
 __all__ = [
+    "CheckpointError",
+    "load_pretrained",
+    "save_pretrained",
     "TransformerConfig",
     "forward",
     "from_hf_config",
