@@ -12,7 +12,6 @@ import os
 import pathlib
 import shutil
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,31 +49,23 @@ def default_sync_root() -> pathlib.Path:
     return base / f"orchestra-jax-weights-{os.getuid()}"
 
 
-def export_weights(
-    config: Any, params: Any, root: str | os.PathLike, version: str, keep: int = 2
-) -> pathlib.Path:
-    """Write `params` as an HF checkpoint under root/<version> (via a temp dir and a rename) and drop all but
-    the newest `keep` exports, so servers never see a half-written directory."""
+def export_weights(config: Any, params: Any, root: str | os.PathLike, version: str, keep: int = 2) -> pathlib.Path:
+    """Write `params` as an HF checkpoint under root/weights-<version> and drop all but the newest `keep`.
+
+    models.save_pretrained streams one tensor at a time into size-bounded shards and renames a finished
+    directory into place, so a server never reads a half-written checkpoint.
+    """
     from orchestra_jax import models
 
     root = pathlib.Path(root)
     root.mkdir(parents=True, exist_ok=True)
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in version)
-    out = root / f"weights-{safe}"
-    tmp = root / f".tmp-{safe}-{uuid.uuid4().hex[:8]}"
-    try:
-        models.save_pretrained(config, params, tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    out = models.save_pretrained(config, params, root / f"weights-{safe}")
     exports = sorted((p for p in root.glob("weights-*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
     for old in exports[:-keep]:
         if old != out:
             shutil.rmtree(old, ignore_errors=True)
-    return out
+    return pathlib.Path(out)
 
 
 def directory_bytes(path: pathlib.Path) -> int:
