@@ -81,7 +81,9 @@ def policy_prices(prices: PriceTable | None, config: EpisodeConfig) -> PriceTabl
     prices = prices if prices is not None else default_price_table()
     if config.policy_model in prices.models:
         return prices
-    return prices.with_models({config.policy_model: ModelPrice(config.policy_price_in, config.policy_price_out)})
+    return prices.with_models(
+        {config.policy_model: ModelPrice(config.policy_price_in, config.policy_price_out)}
+    )
 
 
 def offered_catalog(catalog: ToolCatalog, task: Task) -> ToolCatalog:
@@ -109,8 +111,9 @@ def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit] + " ...(truncated)"
 
 
-def context_prompt(task: Task, documents: Sequence[str], code_runs: Sequence[tuple[str, str]],
-                   notes: Sequence[str]) -> str:
+def context_prompt(
+    task: Task, documents: Sequence[str], code_runs: Sequence[tuple[str, str]], notes: Sequence[str]
+) -> str:
     """ToolOrchestra's context-mode user message: the problem plus everything gathered so far."""
     parts = [f"Problem: {task.question}"]
     if documents:
@@ -125,7 +128,9 @@ def context_prompt(task: Task, documents: Sequence[str], code_runs: Sequence[tup
 class _Episode:
     """The mutable state of one running episode; `run_episode` turns it into a frozen Trajectory."""
 
-    def __init__(self, engine, tokenizer, catalog, task, config, group_id, rollout, prices, user, grader, pool):
+    def __init__(
+        self, engine, tokenizer, catalog, task, config, group_id, rollout, prices, user, grader, pool
+    ):
         self.engine: RolloutEngine = engine
         self.tokenizer: Tokenizer = tokenizer
         self.catalog: ToolCatalog = catalog
@@ -163,13 +168,22 @@ class _Episode:
     def start_context_turn(self) -> None:
         user = context_prompt(self.task, self.documents, self.code_runs, self.notes)
         self.chat = ChatTokens(self.tokenizer, family=self.config.family)
-        self.chat.start([self.system_message(), {"role": "user", "content": user}],
-                        self.catalog.schemas() or None, self.config.enable_thinking)
+        self.chat.start(
+            [self.system_message(), {"role": "user", "content": user}],
+            self.catalog.schemas() or None,
+            self.config.enable_thinking,
+        )
 
     def close_sample(self) -> None:
         if any(self.chat.loss_mask):
-            self.samples.append(Sample(tuple(self.chat.token_ids), tuple(self.chat.loss_mask),
-                                       tuple(self.chat.logprobs), self.versions[-1]))
+            self.samples.append(
+                Sample(
+                    tuple(self.chat.token_ids),
+                    tuple(self.chat.loss_mask),
+                    tuple(self.chat.logprobs),
+                    self.versions[-1],
+                )
+            )
 
     async def generate(self, turn: int):
         prompt = tuple(self.chat.token_ids)
@@ -219,7 +233,9 @@ class _Episode:
             tool = self.catalog.get(call.name)
             try:
                 if tool is None:
-                    raise ToolCallError(f"unknown tool {call.name!r:.60}; available: {list(self.catalog.names)}")
+                    raise ToolCallError(
+                        f"unknown tool {call.name!r:.60}; available: {list(self.catalog.names)}"
+                    )
                 validate_arguments(call.arguments, tool.parameters)
                 runnable.append(call)
             except ToolCallError as e:
@@ -230,13 +246,19 @@ class _Episode:
         )
         for call, result in zip(runnable, results, strict=True):
             self.ledger = self.ledger.add(
-                cost_usd=result.cost_usd, usage=result.usage, tool=call.name, sandbox_s=result.sandbox_s,
-                search_queries=result.search_queries, judge_cost_usd=result.judge_cost_usd,
+                cost_usd=result.cost_usd,
+                usage=result.usage,
+                tool=call.name,
+                sandbox_s=result.sandbox_s,
+                search_queries=result.search_queries,
+                judge_cost_usd=result.judge_cost_usd,
             )
             self.documents.extend(result.documents)
             self.code_runs.extend(result.code_runs)
             if not result.documents and not result.code_runs and result.answer is None:
-                self.notes.append(f"{call.name}: {_clip(result.observation, self.config.max_observation_chars)}")
+                self.notes.append(
+                    f"{call.name}: {_clip(result.observation, self.config.max_observation_chars)}"
+                )
         if results:
             self.ledger = self.ledger.add(tool_latency_s=max(r.latency_s or 0.0 for r in results))
         return list(results), errors
@@ -266,7 +288,7 @@ class _Episode:
             calls_made = tuple((c.name, c.arguments) for c in calls)
             if not history:
                 self.close_sample()
-                self.notes.extend(o for o in observations[len(results):])
+                self.notes.extend(o for o in observations[len(results) :])
             answered = next((r for r in results if r.answer is not None), None)
             if answered is not None:
                 self.answer, self.correct, self.finish = answered.answer, answered.correct, "answer"
@@ -297,8 +319,12 @@ class _Episode:
             return bool(await self.grader(self.answer))
         if self.answer is None or self.task.answer is None:
             return False
-        verdict = await judge_answer(self.task.question, self.answer, self.task.answer,
-                                     config=JudgeConfig(methods=("exact", "normalized")))
+        verdict = await judge_answer(
+            self.task.question,
+            self.answer,
+            self.task.answer,
+            config=JudgeConfig(methods=("exact", "normalized")),
+        )
         return verdict.correct
 
     def trajectory(self, correct: bool) -> Trajectory:
@@ -339,9 +365,22 @@ async def run_episode(
 ) -> Trajectory:
     """Play one episode of `task`; never raises for anything the policy, a tool, the user or the engine does."""
     if config.mode == "context" and user is not None:
-        raise ValueError("context mode rebuilds a single-question prompt each turn; a user dialogue needs history")
-    episode = _Episode(engine, tokenizer, offered_catalog(catalog, task), task, config, group_id, rollout,
-                       policy_prices(prices, config), user, grader, pool or ToolPool())
+        raise ValueError(
+            "context mode rebuilds a single-question prompt each turn; a user dialogue needs history"
+        )
+    episode = _Episode(
+        engine,
+        tokenizer,
+        offered_catalog(catalog, task),
+        task,
+        config,
+        group_id,
+        rollout,
+        policy_prices(prices, config),
+        user,
+        grader,
+        pool or ToolPool(),
+    )
     try:
         await episode.play()
     except asyncio.CancelledError:
@@ -381,9 +420,19 @@ async def run_episodes(
     async def one(group_id: int, task: Task, rollout: int) -> Trajectory:
         async with gate:
             parts = setup(task, rollout) if setup is not None else EpisodeSetup(catalog)
-            return await run_episode(engine, tokenizer, parts.catalog, task, config, group_id=group_id,
-                                     rollout=rollout, prices=prices, user=parts.user, grader=parts.grader,
-                                     pool=pool)
+            return await run_episode(
+                engine,
+                tokenizer,
+                parts.catalog,
+                task,
+                config,
+                group_id=group_id,
+                rollout=rollout,
+                prices=prices,
+                user=parts.user,
+                grader=parts.grader,
+                pool=pool,
+            )
 
     jobs = [one(g, task, r) for g, task in enumerate(tasks) for r in range(group_size)]
     return list(await asyncio.gather(*jobs))

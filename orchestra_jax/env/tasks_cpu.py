@@ -45,8 +45,32 @@ SEARCH_KIND = "cpu-search"
 SEARCH_FEE_USD = 0.0002
 SYSTEM_PROMPT = "You solve problems with tools. Call one tool per turn; finish with the answer tool."
 
-_SYLLABLES = ("zor", "vik", "pal", "en", "mor", "tas", "quil", "bra", "don", "fe", "lu", "rak", "sim", "to", "nar",
-              "gel", "ith", "ov", "cra", "mun", "bel", "dri", "sa", "vo")
+_SYLLABLES = (
+    "zor",
+    "vik",
+    "pal",
+    "en",
+    "mor",
+    "tas",
+    "quil",
+    "bra",
+    "don",
+    "fe",
+    "lu",
+    "rak",
+    "sim",
+    "to",
+    "nar",
+    "gel",
+    "ith",
+    "ov",
+    "cra",
+    "mun",
+    "bel",
+    "dri",
+    "sa",
+    "vo",
+)
 _FIRST = ("Tamel", "Orsa", "Bren", "Calla", "Dovik", "Essa", "Firn", "Gaela", "Hurt", "Ilse", "Joss", "Kira")
 _LAST = ("Quor", "Vell", "Marn", "Tosk", "Ruen", "Pell", "Sarn", "Oddo", "Lume", "Brask", "Fenn", "Yarr")
 _OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
@@ -65,8 +89,10 @@ class Town:
     founded: int
 
     def passage(self) -> str:
-        return (f"{self.name} is a town with {self.residents} residents. Its mayor is {self.mayor}. "
-                f"It was founded in {self.founded}.")
+        return (
+            f"{self.name} is a town with {self.residents} residents. Its mayor is {self.mayor}. "
+            f"It was founded in {self.founded}."
+        )
 
     def fact(self, attribute: str) -> str:
         return str(getattr(self, attribute))
@@ -94,8 +120,14 @@ def make_world(seed: int = 0, n_towns: int = 200) -> World:
         if name in names:
             continue
         names.add(name)
-        towns.append(Town(name, int(rng.integers(1000, 99999)),
-                          f"{rng.choice(_FIRST)} {rng.choice(_LAST)}", int(rng.integers(1200, 1990))))
+        towns.append(
+            Town(
+                name,
+                int(rng.integers(1000, 99999)),
+                f"{rng.choice(_FIRST)} {rng.choice(_LAST)}",
+                int(rng.integers(1200, 1990)),
+            )
+        )
     return World(tuple(towns))
 
 
@@ -129,7 +161,9 @@ def generate_tasks(
             question, answer = _FACTS[attribute][0].format(name=town.name), town.fact(attribute)
             meta = {"kind": "fact", "town": town.name, "attribute": attribute}
         preference = preference_for_task(task_id, TOOL_NAMES, dist, seed=seed)
-        tasks.append(Task(task_id, question, answer, TOOL_NAMES, preference, {**meta, "system_prompt": SYSTEM_PROMPT}))
+        tasks.append(
+            Task(task_id, question, answer, TOOL_NAMES, preference, {**meta, "system_prompt": SYSTEM_PROMPT})
+        )
     return tasks
 
 
@@ -140,7 +174,9 @@ def cpu_prices(base: PriceTable | None = None) -> PriceTable:
     """ToolOrchestra's table plus the expert's price and the search fee of this family."""
     base = base or default_price_table()
     table = base.with_models({EXPERT_MODEL: EXPERT_PRICE})
-    return dataclasses.replace(table, search_usd_per_query={**table.search_usd_per_query, SEARCH_KIND: SEARCH_FEE_USD})
+    return dataclasses.replace(
+        table, search_usd_per_query={**table.search_usd_per_query, SEARCH_KIND: SEARCH_FEE_USD}
+    )
 
 
 _SANDBOX_THREADS: ThreadPoolExecutor | None = None
@@ -160,8 +196,12 @@ def make_python_tool(timeout_s: float = 5.0, max_output_chars: int = 500) -> Too
     async def execute(arguments: dict[str, Any], context: ToolContext) -> ToolResult:
         code = arguments["code"]
         loop = asyncio.get_running_loop()
-        result = await loop.run_in_executor(_sandbox_executor(), lambda: run_python(code, timeout_s=timeout_s))
-        output = (result.stdout if result.error is None else f"{result.stdout}\nError: {result.error}").strip()
+        result = await loop.run_in_executor(
+            _sandbox_executor(), lambda: run_python(code, timeout_s=timeout_s)
+        )
+        output = (
+            result.stdout if result.error is None else f"{result.stdout}\nError: {result.error}"
+        ).strip()
         output = output[:max_output_chars] or "(no output)"
         return ToolResult(
             observation=output,
@@ -216,13 +256,18 @@ def make_local_expert_tool(world: World) -> Tool:
             number = _eval_arithmetic(question)
             reply = str(number) if number is not None else reply
         usage = Usage(EXPERT_MODEL, approx_tokens(question) + 16, approx_tokens(reply))
-        return ToolResult(observation=reply, cost_usd=context.prices.call_cost(usage), usage=(usage,),
-                          backend=EXPERT_MODEL)
+        return ToolResult(
+            observation=reply, cost_usd=context.prices.call_cost(usage), usage=(usage,), backend=EXPERT_MODEL
+        )
 
     return Tool(
         name="expert",
         description="Ask a strong expert model. Answers most questions; expensive ($30/$60 per M tokens).",
-        parameters={"type": "object", "properties": {"question": {"type": "string"}}, "required": ["question"]},
+        parameters={
+            "type": "object",
+            "properties": {"question": {"type": "string"}},
+            "required": ["question"],
+        },
         execute=execute,
     )
 
@@ -236,8 +281,12 @@ def make_answer_tool() -> Tool:
             return error_result("answer: the answer is empty")
         correct = None
         if context.reference_answer is not None:
-            verdict = await judge_answer(context.question, answer, context.reference_answer,
-                                         config=JudgeConfig(methods=("exact", "normalized")))
+            verdict = await judge_answer(
+                context.question,
+                answer,
+                context.reference_answer,
+                config=JudgeConfig(methods=("exact", "normalized")),
+            )
             correct = verdict.correct
         return ToolResult(observation=f"Final answer: {answer}", answer=answer, correct=correct)
 
@@ -249,13 +298,25 @@ def make_answer_tool() -> Tool:
     )
 
 
-def cpu_catalog(world: World, *, sandbox_timeout_s: float = 5.0, topk: int = 2, expert: Tool | None = None) -> ToolCatalog:
+def cpu_catalog(
+    world: World, *, sandbox_timeout_s: float = 5.0, topk: int = 2, expert: Tool | None = None
+) -> ToolCatalog:
     """python, search (BM25 over the world's passages), expert (or a given one, e.g. an LLM endpoint), answer."""
     retriever = LocalRetriever(BM25Index.build(world.passages()), kind=SEARCH_KIND)
-    search = make_search_tool(retriever, topk=topk, max_doc_chars=300,
-                              description="Search documents about towns. Small fee ($0.0002 a query), fast.")
-    return ToolCatalog((make_python_tool(sandbox_timeout_s), search, expert or make_local_expert_tool(world),
-                        make_answer_tool()))
+    search = make_search_tool(
+        retriever,
+        topk=topk,
+        max_doc_chars=300,
+        description="Search documents about towns. Small fee ($0.0002 a query), fast.",
+    )
+    return ToolCatalog(
+        (
+            make_python_tool(sandbox_timeout_s),
+            search,
+            expert or make_local_expert_tool(world),
+            make_answer_tool(),
+        )
+    )
 
 
 # ----------------------------------------------------------------------------------------- demonstrations
@@ -263,7 +324,11 @@ def cpu_catalog(world: World, *, sandbox_timeout_s: float = 5.0, topk: int = 2, 
 
 def tool_call_text(name: str, arguments: dict[str, Any]) -> str:
     """A call exactly as the Qwen3 template renders it."""
-    return "<tool_call>\n" + json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False) + "\n</tool_call>"
+    return (
+        "<tool_call>\n"
+        + json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
+        + "\n</tool_call>"
+    )
 
 
 def first_call(task: Task, tool: str) -> str:
@@ -298,7 +363,7 @@ def read_answer(task: Task, tool: str, observation: str) -> str | None:
 def _last_tool_response(text: str) -> str:
     start = text.rfind("<tool_response>")
     end = text.rfind("</tool_response>")
-    return text[start + len("<tool_response>"):end].strip() if 0 <= start < end else ""
+    return text[start + len("<tool_response>") : end].strip() if 0 <= start < end else ""
 
 
 async def demonstrations(
@@ -322,7 +387,11 @@ async def demonstrations(
         raise ValueError("demonstrations are recorded in history mode")
     rng = np.random.default_rng([seed, 13])
     choice = {
-        t.id: ("expert" if rng.uniform() < expert_share else ("python" if t.metadata["kind"] == "arith" else "search"))
+        t.id: (
+            "expert"
+            if rng.uniform() < expert_share
+            else ("python" if t.metadata["kind"] == "arith" else "search")
+        )
         for t in tasks
     }
     by_id = {t.id: t for t in tasks}
@@ -336,8 +405,15 @@ async def demonstrations(
         return tool_call_text("answer", {"answer": answer if answer is not None else "unknown"})
 
     engine = ScriptedEngine(tokenizer, script, weight_version="demonstration")
-    trajectories = await run_episodes(engine, tokenizer, catalog or cpu_catalog(world), tasks, config,
-                                      concurrency=concurrency, prices=cpu_prices())
+    trajectories = await run_episodes(
+        engine,
+        tokenizer,
+        catalog or cpu_catalog(world),
+        tasks,
+        config,
+        concurrency=concurrency,
+        prices=cpu_prices(),
+    )
     return [t for t in trajectories if t.correct and t.error is None]
 
 
