@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestra_jax.rl.reward import keep_mask, multi_objective_reward
+from orchestra_jax.rl.reward import group_advantages, keep_mask, multi_objective_reward
 
 
 def test_hand_computed_group():
@@ -128,3 +128,19 @@ def test_each_metric_is_scale_invariant(group, scale, which):
     else:
         scaled = multi_objective_reward(counts * scale, correct, cost, latency, pref, g)
     np.testing.assert_allclose(scaled, r, atol=1e-9)
+
+
+def test_group_advantages_zscore_clip_and_released_boost():
+    rng = np.random.default_rng()
+    rewards = rng.normal(size=12)
+    groups = np.repeat([5, 11, 2], 4)
+    adv = group_advantages(rewards, groups, clip=None)
+    for g in np.unique(groups):
+        r = rewards[groups == g]
+        np.testing.assert_allclose(adv[groups == g], (r - r.mean()) / (r.std() + 1e-6), rtol=1e-4, atol=1e-5)
+    clipped = group_advantages(np.array([0, 0, 0, 0, 0, 0, 0, 0, 0, 10.0]), np.zeros(10), clip=1.5)
+    assert clipped.max() == pytest.approx(1.5) and clipped.min() < 0
+    rewards = np.array([0.0, 0.0, 0.0, 1.0])
+    plain = group_advantages(rewards, np.zeros(4))
+    boosted = group_advantages(rewards, np.zeros(4), mode="released")
+    np.testing.assert_allclose(boosted, plain + np.array([0, 0, 0, 0.1]), atol=1e-6)

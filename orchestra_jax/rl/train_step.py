@@ -1,0 +1,223 @@
+"""The train step: ONE jax.jit over the mesh with explicit shardings and donated state.
+
+Inside: micro-batches of packed rows run through `lax.scan` (gradient accumulation), each computing token
+log-probs with the fused LM-head kernel on the model's final hidden states, the GRPO/PPO per-token loss
+(losses.py) and its gradient. The aggregation weights carry the global normaliser, so the summed micro-batch
+gradients are exactly the full-batch gradient. A NaN/Inf anywhere in the loss or gradients skips the update
+(params and optimizer state are kept) and reports `skipped = 1`.
+
+Params and optimizer state stay float32; `compute_dtype` (e.g. bfloat16) applies to activations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from orchestra_jax.kernels import fused_logprob, gae
+from orchestra_jax.models.transformer import hidden_states, lm_head_weight, param_logical_axes
+from orchestra_jax.models.transformer_config import TransformerConfig
+from orchestra_jax.parallel.mesh import logical_to_spec, tree_shardings
+from orchestra_jax.rl.losses import PolicyLossConfig, policy_objective, value_loss
+
+STAT_NAMES = ("kl", "entropy", "clip_low", "clip_high", "dual_clip", "tis_truncated", "ratio")
+
+
+class TrainState(NamedTuple):
+    """Everything the step updates: a step counter, the policy, the critic (PPO's value head; {} for GRPO)
+    and the optimizer state over {"policy": params, "critic": critic}."""
+
+    step: jax.Array
+    params: Any
+    critic: Any
+    opt_state: Any
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """Static settings of the compiled step."""
+
+    model: TransformerConfig
+    loss: PolicyLossConfig
+    algorithm: Literal["grpo", "ppo"] = "grpo"
+    compute_dtype: str | None = None
+    remat: str = "none"
+    temperature: float = 1.0
+    gamma: float = 1.0
+    gae_lambda: float = 1.0
+    value_coef: float = 0.5
+    use_reference: bool = False
+    logprob_impl: str = "auto"
+
+
+def init_critic(model: TransformerConfig, algorithm: str) -> dict[str, jax.Array]:
+    """PPO's value head on the final hidden state (zeros: V = 0 at the start); GRPO has no critic."""
+    if algorithm != "ppo":
+        return {}
+    return {"w": jnp.zeros((model.hidden_size,), jnp.float32), "b": jnp.zeros((), jnp.float32)}
+
+
+def init_train_state(model: TransformerConfig, params: Any, optimizer: optax.GradientTransformation,
+                     algorithm: str = "grpo") -> TrainState:
+    critic = init_critic(model, algorithm)
+    opt_state = optimizer.init({"policy": params, "critic": critic})
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, critic=critic, opt_state=opt_state)
+
+
+def state_shardings(mesh: Mesh, model: TransformerConfig, state: TrainState,
+                    optimizer: optax.GradientTransformation) -> TrainState:
+    """NamedShardings for every leaf of the state: params by their logical axes, optimizer moments like
+    their params, scalars replicated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    policy = tree_shardings(mesh, param_logical_axes(model))
+    critic = jax.tree.map(lambda _: replicated, state.critic)
+    trainable = {"policy": policy, "critic": critic}
+    opt = optax.tree_map_params(
+        optimizer, lambda _, s: s, state.opt_state, trainable, transform_non_params=lambda _: replicated,
+        is_leaf=lambda x: isinstance(x, NamedSharding),
+    )
+    return TrainState(step=replicated, params=policy, critic=critic, opt_state=opt)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """[micro_batches, rows, row_len]: rows split over the data-parallel axes."""
+    return NamedSharding(mesh, logical_to_spec((None, "batch", "seq")))
+
+
+def token_logprobs(settings: StepSettings, params: Any, mb: dict[str, jax.Array]) -> tuple[jax.Array, ...]:
+    """(log p(target) [B, T], entropy [B, T], hidden [B, T, D]) for one micro-batch of packed rows."""
+    hidden_BTD, _ = hidden_states(
+        settings.model, params, mb["tokens"], positions_BT=mb["positions"], segment_ids_BT=mb["segment_ids"],
+        compute_dtype=settings.compute_dtype, remat=settings.remat,
+    )
+    b, t, d = hidden_BTD.shape
+    w_DV = lm_head_weight(settings.model, params).astype(hidden_BTD.dtype)
+    logp_N, entropy_N = fused_logprob(
+        hidden_BTD.reshape(b * t, d), w_DV, mb["targets"].reshape(b * t), temperature=settings.temperature,
+        return_entropy=True, impl=settings.logprob_impl,
+    )
+    return logp_N.reshape(b, t), entropy_N.reshape(b, t), hidden_BTD
+
+
+def _microbatch_loss(settings: StepSettings, trainable: dict, ref_params: Any, mb: dict[str, jax.Array]):
+    logp_BT, entropy_BT, hidden_BTD = token_logprobs(settings, trainable["policy"], mb)
+    ref_BT = None
+    if settings.use_reference:
+        ref_BT = jax.lax.stop_gradient(token_logprobs(settings, ref_params, mb)[0])
+    mask_BT = mb["mask"]
+    if settings.algorithm == "ppo":
+        critic = trainable["critic"]
+        values_BT = jnp.einsum("btd,d->bt", hidden_BTD.astype(jnp.float32), critic["w"]) + critic["b"]
+        advantages_BT, returns_BT = gae(
+            mb["rewards"], jax.lax.stop_gradient(values_BT), mask_BT, gamma=settings.gamma, lam=settings.gae_lambda
+        )
+    else:
+        advantages_BT = mb["advantages"]
+    loss_BT, stats = policy_objective(
+        logp_BT, advantages_BT, settings.loss, behaviour_logp=mb["behaviour_logprobs"], ref_logp=ref_BT,
+        entropy=entropy_BT,
+    )
+    if settings.algorithm == "ppo":
+        loss_BT = loss_BT + settings.value_coef * value_loss(values_BT, returns_BT)
+    loss = jnp.sum(loss_BT * mb["weights"])
+    sums = {name: jnp.sum(stats[name] * mask_BT) for name in STAT_NAMES if name in stats}
+    sums["logprob"] = jnp.sum(jax.lax.stop_gradient(logp_BT) * mask_BT)
+    sums["behaviour_logprob_diff"] = jnp.sum(jnp.abs(jax.lax.stop_gradient(logp_BT) - mb["behaviour_logprobs"]) * mask_BT)
+    sums["tokens"] = jnp.sum(mask_BT)
+    return loss, sums
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def _step(settings: StepSettings, optimizer: optax.GradientTransformation, state: TrainState,
+          batch: dict[str, jax.Array], ref_params: Any):
+    trainable = {"policy": state.params, "critic": state.critic}
+    grad_fn = jax.value_and_grad(lambda tr, mb: _microbatch_loss(settings, tr, ref_params, mb), has_aux=True)
+
+    def accumulate(grads, mb):
+        (mb_loss, mb_sums), mb_grads = grad_fn(trainable, mb)
+        return jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads, mb_grads), (mb_loss, mb_sums)
+
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)
+    grads, (losses, per_mb_sums) = jax.lax.scan(accumulate, zeros, batch)
+    loss = jnp.sum(losses)
+    sums = {k: jnp.sum(v) for k, v in per_mb_sums.items()}
+
+    finite = _all_finite(grads) & jnp.isfinite(loss)
+    safe_grads = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grads)
+    updates, new_opt_state = optimizer.update(safe_grads, state.opt_state, trainable)
+    new_trainable = optax.apply_updates(trainable, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_trainable = keep(new_trainable, trainable)
+    new_opt_state = keep(new_opt_state, state.opt_state)
+
+    count = jnp.maximum(sums.pop("tokens"), 1.0)
+    metrics = {k: v / count for k, v in sums.items()}
+    metrics["clip_fraction"] = metrics.get("clip_low", 0.0) + metrics.get("clip_high", 0.0)
+    metrics.update(
+        loss=loss,
+        grad_norm=optax.tree.norm(grads),
+        param_norm=optax.tree.norm(new_trainable["policy"]),
+        skipped=1.0 - finite.astype(jnp.float32),
+        loss_tokens=count,
+    )
+    new_state = TrainState(
+        step=state.step + 1, params=new_trainable["policy"], critic=new_trainable["critic"], opt_state=new_opt_state
+    )
+    return new_state, metrics
+
+
+class TrainStep:
+    """The compiled step bound to a mesh: `state, metrics = train_step(state, batch_arrays[, ref_params])`.
+
+    `batch_arrays` is PackedBatch.arrays (numpy, [micro_batches, rows, row_len]); metrics come back as floats.
+    The state argument is donated: do not use it after the call.
+    """
+
+    def __init__(self, settings: StepSettings, optimizer: optax.GradientTransformation, mesh: Mesh,
+                 shardings: TrainState):
+        self.settings, self.mesh, self.shardings = settings, mesh, shardings
+        replicated = NamedSharding(mesh, PartitionSpec())
+        self._batch_sharding = batch_sharding(mesh)
+        ref_shardings = shardings.params if settings.use_reference else None
+
+        def fn(state, batch, ref_params):
+            return _step(settings, optimizer, state, batch, ref_params)
+
+        self._jitted = jax.jit(
+            fn,
+            in_shardings=(shardings, self._batch_sharding, ref_shardings),
+            out_shardings=(shardings, replicated),
+            donate_argnums=(0,),
+        )
+
+    def __call__(self, state: TrainState, batch: dict, ref_params: Any = None) -> tuple[TrainState, dict[str, float]]:
+        if self.settings.use_reference and ref_params is None:
+            raise ValueError("this step computes KL to a reference model: pass ref_params")
+        arrays = {k: jax.device_put(v, self._batch_sharding) for k, v in batch.items() if k != "sequence"}
+        with jax.set_mesh(self.mesh):
+            state, metrics = self._jitted(state, arrays, ref_params if self.settings.use_reference else None)
+        return state, {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def shard_state(state: TrainState, shardings: TrainState) -> TrainState:
+    return jax.device_put(state, shardings)
+
+
+def make_train_step(settings: StepSettings, optimizer: optax.GradientTransformation, mesh: Mesh,
+                    params: Any) -> tuple[TrainStep, TrainState]:
+    """Build the sharded initial state from `params` and the compiled step over `mesh`."""
+    with jax.set_mesh(mesh):
+        state = init_train_state(settings.model, params, optimizer, settings.algorithm)
+        shardings = state_shardings(mesh, settings.model, state, optimizer)
+        state = shard_state(state, shardings)
+    return TrainStep(settings, optimizer, mesh, shardings), state
+

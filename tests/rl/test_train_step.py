@@ -1,0 +1,119 @@
+"""The jitted train step: sharded == 1 device, gradient accumulation == one big batch, the NaN guard."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from orchestra_jax.config import MeshConfig, OptimizerConfig
+from orchestra_jax.models.transformer import init_params
+from orchestra_jax.models.transformer_config import get_preset
+from orchestra_jax.parallel.mesh import make_mesh
+from orchestra_jax.rl.batching import Sample, pack
+from orchestra_jax.rl.losses import PolicyLossConfig
+from orchestra_jax.rl.optimizer import make_optimizer
+from orchestra_jax.rl.train_step import StepSettings, make_train_step
+
+VOCAB = 96
+
+
+def tiny_model():
+    return dataclasses.replace(get_preset("qwen3-tiny", vocab_size=VOCAB), num_layers=1, hidden_size=32,
+                               intermediate_size=64, head_dim=16)
+
+
+def random_samples(rng, n):
+    out = []
+    for _ in range(n):
+        length = int(rng.integers(6, 40))
+        mask = np.zeros(length, np.int32)
+        mask[length // 3 :] = 1
+        out.append(Sample(rng.integers(1, VOCAB, length), mask, float(rng.normal()), -rng.random(length) * 3))
+    return out
+
+
+def run_step(settings, mesh, params, batch, ref=None, optimizer=None):
+    # Plain SGD where updates are compared: Adam's first step is lr * sign(g), ill-conditioned for tiny g.
+    optimizer = optimizer or optax.sgd(0.5)
+    step, state = make_train_step(settings, optimizer, mesh, jax.tree.map(jnp.copy, params))
+    state, metrics = step(state, batch.arrays, ref)
+    return jax.device_get(state.params), metrics
+
+
+def close(a, b, rtol=2e-5, atol=2e-6):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol), a, b)
+
+
+@pytest.mark.parametrize(
+    "shape", [(2, 2, 2), pytest.param((8, 1, 1), marks=pytest.mark.slow), pytest.param((1, 4, 2), marks=pytest.mark.slow)]
+)
+def test_sharded_step_matches_one_device(shape):
+    rng = np.random.default_rng()
+    model = tiny_model()
+    params = init_params(model, jax.random.key(int(rng.integers(1 << 30))))
+    batch = pack(random_samples(rng, 12), micro_batch_size=8, max_row_len=64)
+    settings = StepSettings(model=model, loss=PolicyLossConfig(kl_coef=0.0, tis_cap=2.0))
+    one = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+    many = make_mesh(MeshConfig(data=shape[0], fsdp=shape[1], tensor=shape[2]))
+    p1, m1 = run_step(settings, one, params, batch)
+    p8, m8 = run_step(settings, many, params, batch)
+    close(p8, p1)
+    assert m1["skipped"] == 0 and m8["skipped"] == 0
+    np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=1e-4)
+    # The update moved the params.
+    assert not np.allclose(p1["layers"]["q"], params["layers"]["q"])
+
+
+def test_gradient_accumulation_matches_one_micro_batch():
+    rng = np.random.default_rng()
+    model = tiny_model()
+    params = init_params(model, jax.random.key(1))
+    samples = random_samples(rng, 10)
+    big = pack(samples, micro_batch_size=16, max_row_len=64)
+    small = pack(samples, micro_batch_size=2, max_row_len=64)
+    assert big.shape[0] == 1 and small.shape[0] > 1
+    settings = StepSettings(model=model, loss=PolicyLossConfig())
+    mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+    p_big, m_big = run_step(settings, mesh, params, big)
+    p_small, m_small = run_step(settings, mesh, params, small)
+    np.testing.assert_allclose(m_small["loss"], m_big["loss"], rtol=1e-5, atol=1e-6)
+    close(p_small, p_big, rtol=1e-4, atol=1e-5)
+
+
+def test_nan_guard_skips_the_update():
+    rng = np.random.default_rng()
+    model = tiny_model()
+    params = init_params(model, jax.random.key(2))
+    batch = pack(random_samples(rng, 4), micro_batch_size=8, max_row_len=64)
+    batch.arrays["advantages"][0, 0, 3] = np.nan
+    batch.arrays["mask"][0, 0, 3] = 1.0
+    batch.arrays["weights"][0, 0, 3] = 0.1
+    mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+    new_params, metrics = run_step(StepSettings(model=model, loss=PolicyLossConfig()), mesh, params, batch)
+    assert metrics["skipped"] == 1.0
+    close(new_params, jax.device_get(params), rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_kl_to_reference_bf16_and_ppo_run():
+    rng = np.random.default_rng()
+    model = tiny_model()
+    params = init_params(model, jax.random.key(3))
+    ref = init_params(model, jax.random.key(4))
+    samples = [dataclasses.replace(s, reward=1.0) for s in random_samples(rng, 6)]
+    mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+    settings = StepSettings(model=model, loss=PolicyLossConfig(kl_coef=0.1), use_reference=True,
+                            compute_dtype="bfloat16", remat="full")
+    adamw = make_optimizer(OptimizerConfig(lr=1e-3, schedule="cosine", warmup_steps=2), 10)
+    batch = pack(samples, micro_batch_size=4, max_row_len=64)
+    new_params, metrics = run_step(settings, mesh, params, batch, ref=ref, optimizer=adamw)
+    assert metrics["kl"] > 0 and metrics["skipped"] == 0 and np.isfinite(metrics["loss"])
+    assert new_params["embed"].dtype == jnp.float32
+    ppo = StepSettings(model=model, loss=PolicyLossConfig(), algorithm="ppo")
+    batch = pack(samples, micro_batch_size=4, max_row_len=64, one_per_row=True)
+    _, metrics = run_step(ppo, mesh, params, batch)
+    assert metrics["skipped"] == 0 and np.isfinite(metrics["loss"])
