@@ -36,7 +36,6 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 LEVELS = ("bwrap", "unshare", "rlimits")
-_LEFTOVER_MARK = "\x00orchestra-sandbox-leftovers="
 _MASKED_DIRS = ("/tmp", "/root", "/home", "/run", "/var/tmp")
 
 
@@ -68,14 +67,15 @@ class SandboxResult:
 
 # Runs inside the sandbox, as the sandbox uid: lower the limits (hard = soft, so user code cannot raise them),
 # become the subreaper of everything the user's code starts (so daemons cannot escape to init), run the
-# user's file as __main__, then kill and report every descendant still alive.
+# user's file as __main__, then kill every descendant still alive and report, on the status pipe, which limit
+# stopped the code and how many processes were left behind (stderr may be cut or interleaved; the pipe is not).
 _BOOTSTRAP = r"""
-import ctypes, os, resource, runpy, signal, sys
-lim = __import__("json").loads(sys.argv[1])
-for name, soft, hard in lim["rlimits"]:
+import ctypes, json, os, resource, runpy, signal, sys
+spec = json.loads(sys.argv[1])
+for name, soft, hard in spec["rlimits"]:
     resource.setrlimit(getattr(resource, name), (soft, hard))
 ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
-main_pid = os.getpid()
+main_pid, status = os.getpid(), {}
 sys.argv = ["main.py"]
 sys.path.insert(0, os.getcwd())
 
@@ -97,6 +97,16 @@ def alive_descendants():
 
 try:
     runpy.run_path("main.py", run_name="__main__")
+except MemoryError:
+    status["limit"] = "memory"
+    raise
+except BlockingIOError:
+    status["limit"] = "processes"
+    raise
+except RuntimeError as e:
+    if "can't start new thread" in str(e):
+        status["limit"] = "processes"
+    raise
 finally:
     if os.getpid() == main_pid:
         left = alive_descendants()
@@ -105,8 +115,11 @@ finally:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
-        if left:
-            sys.stderr.write("\n%s%d\n" % (lim["mark"], len(left)))
+        status["leftovers"] = len(left)
+        try:
+            os.write(spec["status_fd"], json.dumps(status).encode())
+        except OSError:
+            pass
 """
 
 
@@ -203,14 +216,18 @@ def _kill_uid(uid: int) -> int:
 
 
 def _drain(stream, limit: int, out: list[bytes], cut: list[bool]) -> None:
-    kept = 0
+    """Keep the first limit - limit//4 bytes and the last limit//4 (an exception is at the end); drop the middle."""
+    head_cap, tail_cap = limit - limit // 4, limit // 4
+    head, tail = bytearray(), bytearray()
     for chunk in iter(lambda: stream.read(65536), b""):
-        if kept < limit:
-            out.append(chunk[: limit - kept])
-        if kept + len(chunk) > limit:
+        room = head_cap - len(head)
+        head += chunk[:room]
+        tail += chunk[max(room, 0) :]
+        if len(tail) > tail_cap:
+            del tail[: len(tail) - tail_cap]
             cut[0] = True
-        kept += len(chunk)
     stream.close()
+    out.append(bytes(head) + (b"\n[... output truncated ...]\n" if cut[0] else b"") + bytes(tail))
 
 
 def _signal_name(code: int) -> str | None:
@@ -220,9 +237,15 @@ def _signal_name(code: int) -> str | None:
         return None
 
 
-def _describe_failure(exit_code: int, stderr: str, level: str, limits: SandboxLimits) -> str:
+def _describe_failure(
+    exit_code: int, stderr: str, level: str, limits: SandboxLimits, limit_hit: str | None
+) -> str:
+    if limit_hit == "memory":
+        return f"memory limit of {limits.memory_bytes >> 20} MiB exceeded"
+    if limit_hit == "processes":
+        return f"process limit of {limits.max_processes} reached"
     sig = -exit_code if exit_code < 0 else (exit_code - 128 if level == "bwrap" and exit_code > 128 else 0)
-    if sig == signal.SIGXCPU or (sig == signal.SIGKILL and "MemoryError" not in stderr):
+    if sig == signal.SIGXCPU:
         return f"CPU time limit of {limits.cpu_s}s exceeded"
     if sig == signal.SIGXFSZ:
         return f"file size limit of {limits.file_bytes} bytes exceeded"
@@ -252,6 +275,7 @@ def run_python(
     level = level or isolation()
     python = python or sys.executable
     workdir = Path(tempfile.mkdtemp(prefix="orchestra-sandbox-"))
+    status_read, status_write = os.pipe()
     drop = os.geteuid() == 0 and (level == "bwrap" or _world_traversable(python))
     uid = _fresh_uid() if drop else os.getuid()
     try:
@@ -270,7 +294,7 @@ def run_python(
                 ["RLIMIT_NOFILE", limits.open_files, limits.open_files],
                 ["RLIMIT_CORE", 0, 0],
             ],
-            "mark": _LEFTOVER_MARK,
+            "status_fd": status_write,
         }
         cwd = "/tmp/sandbox" if level == "bwrap" else str(workdir)
         env = {
@@ -293,10 +317,17 @@ def run_python(
             else []
         )
         cmd = prefix + setpriv + [python, "-I", "-c", _BOOTSTRAP, json.dumps(spec)]
-        return _execute(cmd, env, workdir, timeout_s, limits, level, uid if drop else None)
+        return _execute(
+            cmd, env, workdir, timeout_s, limits, level, uid if drop else None, status_read, status_write
+        )
     except OSError as e:
         return SandboxResult("", "", None, False, f"sandbox failed to start: {e}", isolation=level)
     finally:
+        for fd in (status_read, status_write):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
         shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -315,6 +346,16 @@ def _safe_uid(entry: os.DirEntry) -> int | None:
         return None
 
 
+def _read_status(fd: int) -> dict:
+    os.set_blocking(fd, False)
+    try:
+        data = os.read(fd, 65536)
+        status = json.loads(data.decode()) if data else {}
+    except (OSError, ValueError):
+        return {}
+    return status if isinstance(status, dict) else {}
+
+
 def _execute(
     cmd: list[str],
     env: dict[str, str],
@@ -323,6 +364,8 @@ def _execute(
     limits: SandboxLimits,
     level: str,
     sweep_uid: int | None,
+    status_read: int,
+    status_write: int,
 ) -> SandboxResult:
     start = time.perf_counter()
     proc = subprocess.Popen(
@@ -333,11 +376,12 @@ def _execute(
         cwd=workdir,
         env=env,
         start_new_session=True,
+        pass_fds=(status_write,),
     )
     outs: tuple[list[bytes], list[bytes]] = ([], [])
     cuts = ([False], [False])
     readers = [
-        threading.Thread(target=_drain, args=(s, limits.max_output_bytes + 256, o, c), daemon=True)
+        threading.Thread(target=_drain, args=(s, limits.max_output_bytes, o, c), daemon=True)
         for s, o, c in zip((proc.stdout, proc.stderr), outs, cuts, strict=True)
     ]
     for r in readers:
@@ -357,28 +401,18 @@ def _execute(
         exit_code = proc.wait()
     for r in readers:
         r.join(timeout=2.0)
+    status = _read_status(status_read)
     stdout, stderr = (b"".join(o).decode("utf-8", "replace") for o in outs)
-    left = swept
-    if _LEFTOVER_MARK in stderr:
-        head, _, tail = stderr.rpartition(_LEFTOVER_MARK)
-        left += int(tail.strip() or 0) if tail.strip().isdigit() else 0
-        stderr = head.rstrip("\n")
-    truncated = (
-        any(c[0] for c in cuts)
-        or len(stdout) > limits.max_output_bytes
-        or len(stderr) > limits.max_output_bytes
-    )
-    stdout, stderr = stdout[: limits.max_output_bytes], stderr[: limits.max_output_bytes]
-    if truncated:
-        stdout += "\n[output truncated]" if len(stdout) >= limits.max_output_bytes else ""
+    left = swept + int(status.get("leftovers", 0) or 0)
     if timed_out:
         error = f"wall-clock timeout after {timeout_s:g}s"
     elif exit_code != 0:
-        error = _describe_failure(exit_code, stderr, level, limits)
+        error = _describe_failure(exit_code, stderr, level, limits, status.get("limit"))
     elif left:
         error = f"killed {left} process(es) left behind"
     else:
         error = None
+    truncated = cuts[0][0] or cuts[1][0]
     return SandboxResult(
         stdout, stderr, None if timed_out else exit_code, timed_out, error, elapsed, level, truncated
     )
