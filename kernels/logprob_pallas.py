@@ -164,8 +164,10 @@ class _Layout:
         self.tile = dict(block_k=block_k, num_k=self.hp // block_k, inv_temp=1.0 / temperature)
 
     def pad(self, hidden_TH, w_HV, targets_T, *vectors_T):
-        h = _pad_to(hidden_TH, (self.tp, self.hp))
-        w = _pad_to(w_HV, (self.hp, self.vp))
+        # Triton's dot wants one element type on both sides.
+        dtype = jnp.promote_types(hidden_TH.dtype, w_HV.dtype)
+        h = _pad_to(hidden_TH.astype(dtype), (self.tp, self.hp))
+        w = _pad_to(w_HV.astype(dtype), (self.hp, self.vp))
         tgt = _pad_to(targets_T.astype(jnp.int32), (self.tp,), value=-1)
         return (h, w, tgt, *(_pad_to(x.astype(jnp.float32), (self.tp,)) for x in vectors_T))
 
