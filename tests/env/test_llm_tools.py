@@ -166,3 +166,47 @@ def test_good_endpoint_file(tmp_path):
         )
     )
     assert load_endpoints(path)["gpt-5"].api_key_env == "OPENAI_API_KEY"
+
+
+@pytest.mark.slow  # compiles the tiny model's prefill/decode: ~30 s on 2 shared cores
+def test_against_orchestra_jax_serve():
+    """The real `orchestra-jax serve` app (embedded sampler, tiny random model) as an expert endpoint."""
+    import dataclasses
+
+    import jax
+    import numpy as np
+
+    from orchestra_jax.models import transformer
+    from orchestra_jax.models.tokenizer import train_small_tokenizer
+    from orchestra_jax.models.transformer_config import get_preset
+    from orchestra_jax.rollout.sampler import EmbeddedEngine
+    from orchestra_jax.rollout.server import ServedModel, create_app
+
+    tokenizer = train_small_tokenizer(
+        ["The expert answers questions about numbers 0 1 2 3 4 5 6 7 8 9."] * 20, vocab_size=320
+    )
+    config = dataclasses.replace(
+        get_preset("qwen3-tiny", tokenizer.vocab_size), eos_token_ids=tokenizer.eos_token_ids
+    )
+    params = transformer.init_params(config, jax.random.key(np.random.randint(2**31)))
+    engine = EmbeddedEngine(config, params, max_slots=2, max_context=128, detokenize=tokenizer.decode)
+    app = create_app(ServedModel(engine, tokenizer, "tiny", "tiny-expert"))
+    with BackgroundServer(app) as server:
+        client = ChatClient(
+            {
+                "local/tiny": Endpoint(
+                    "local/tiny", server.url + "/v1", "tiny-expert", max_output_tokens=6, temperature=0.0
+                )
+            }
+        )
+        catalog = ToolCatalog((make_expert_tool(client),), alias_map={"expert-1": "local/tiny"})
+        prices = default_price_table().with_models({"local/tiny": ModelPrice(0.1, 0.2)})
+        result = asyncio.run(
+            catalog.execute(
+                "call_expert", {"model": "expert-1", "question": "What is 2 + 3?"}, ToolContext(prices=prices)
+            )
+        )
+    assert result.error is None and isinstance(result.observation, str)
+    (usage,) = result.usage
+    assert usage.model == "local/tiny" and usage.prompt_tokens > 5 and 1 <= usage.completion_tokens <= 6
+    assert result.cost_usd == pytest.approx((0.1 * usage.prompt_tokens + 0.2 * usage.completion_tokens) / 1e6)
