@@ -20,7 +20,10 @@ def test_bench_logprob_prints_table_and_writes_json(tmp_path, capsys):
 
 
 def test_bench_memory_only_and_bad_flags(capsys):
-    assert cli.main(["bench", "logprob", "--tokens", "16", "--hidden", "8", "--vocab", "300", "--no-time-runs"]) == 0
+    assert (
+        cli.main(["bench", "logprob", "--tokens", "16", "--hidden", "8", "--vocab", "300", "--no-time-runs"])
+        == 0
+    )
     rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert all(r["naive_s"] is None and r["memory_ratio"] > 0 for r in rows)
     assert cli.main(["bench", "logprob", "--passes", "sideways"]) == 2

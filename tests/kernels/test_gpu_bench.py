@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from orchestra_jax.kernels import gpu_bench
 
 
