@@ -161,11 +161,25 @@ def cmd_serve(argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_retrieval_server(argv: Sequence[str]) -> int:
+    """Serve BM25 retrieval over a corpus on ToolOrchestra's /retrieve protocol (index cached by corpus hash)."""
+    from orchestra_jax.env import search
+
+    args = parse(search.RetrievalServerArgs, argv, "orchestra-jax retrieval-server")
+    try:
+        index = search.open_bm25(args.corpus, args.cache_dir)
+    except search.CorpusError as e:
+        raise UsageError(str(e)) from None
+    search.serve_retrieval(index, host=args.host, port=args.port, max_topk=args.max_topk)
+    return 0
+
+
 # name -> (one-line help, handler). A subcommand is added here by the change that makes it work.
 COMMANDS: dict[str, tuple[str, Handler]] = {
     "config": ("print the resolved run configuration (preset + overrides) as JSON", cmd_config),
     "synth": ("synthesise a verified tool-use domain and its tasks (procedural or LLM teacher)", cmd_synth),
     "serve": ("serve a model over SGLang's native and OpenAI HTTP APIs (embedded JAX sampler)", cmd_serve),
+    "retrieval-server": ("serve BM25 search over a corpus on ToolOrchestra's /retrieve protocol", cmd_retrieval_server),
 }
 if BENCHMARKS:
     COMMANDS["bench"] = ("benchmarks: " + ", ".join(BENCHMARKS), cmd_bench)

@@ -320,13 +320,26 @@ class BackgroundServer:
         self._socket.close()
 
 
+@dataclasses.dataclass(frozen=True)
+class RetrievalServerArgs:
+    """Serve BM25 over a corpus on ToolOrchestra's /retrieve protocol."""
+
+    corpus: str
+    """Passages as JSONL or JSON: [{id?, title?, text|contents}] or {title: text | [sentences]}."""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    cache_dir: str | None = None
+    """Where the index is cached (default ~/.cache/orchestra_jax/bm25, or $ORCHESTRA_CACHE/bm25)."""
+    max_topk: int = 100
+
+
 def serve_retrieval(
-    corpus_path: str | Path, *, host: str = "127.0.0.1", port: int = 8000, cache_dir: str | Path | None = None
+    index: BM25Index, *, host: str = "127.0.0.1", port: int = 8000, max_topk: int = 100
 ) -> None:
-    """Blocking: index the corpus (cached) and serve /retrieve until interrupted."""
+    """Blocking: serve /retrieve over `index` until interrupted (`BackgroundServer` for a non-blocking one)."""
     import uvicorn
 
-    uvicorn.run(retrieval_app(open_bm25(corpus_path, cache_dir)), host=host, port=port, log_level="info")
+    uvicorn.run(retrieval_app(index, max_topk=max_topk), host=host, port=port, log_level="info")
 
 
 def format_documents(passages: Sequence[Passage], max_doc_chars: int = 1200, start: int = 1) -> str:

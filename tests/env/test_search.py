@@ -60,8 +60,10 @@ def test_recall_at_k_musique(shared_data, tmp_path):
 
 def test_index_is_cached_by_corpus_hash(tmp_path):
     words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel"]
-    docs = [{"id": f"d{i}", "title": f"T{i}", "text": " ".join(random.choices(words, k=12)) + f" tag{i}"}
-            for i in range(30)]
+    docs = [
+        {"id": f"d{i}", "title": f"T{i}", "text": " ".join(random.choices(words, k=12)) + f" tag{i}"}
+        for i in range(30)
+    ]
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("\n".join(json.dumps(d) for d in docs))
     cache = tmp_path / "cache"
@@ -69,7 +71,11 @@ def test_index_is_cached_by_corpus_hash(tmp_path):
     entries = list(cache.iterdir())
     assert len(entries) == 1 and (entries[0] / "passages.jsonl").is_file()
     second = open_bm25(corpus, cache_dir=cache)
-    assert [p.id for p in second.search(["tag7"], 3)[0]] == [p.id for p in first.search(["tag7"], 3)[0]] == ["d7"]
+    assert (
+        [p.id for p in second.search(["tag7"], 3)[0]]
+        == [p.id for p in first.search(["tag7"], 3)[0]]
+        == ["d7"]
+    )
     corpus.write_text(corpus.read_text() + "\n" + json.dumps({"id": "new", "text": "zulu"}))
     assert open_bm25(corpus, cache_dir=cache).search(["zulu"], 2)[0][0].id == "new"
     assert len(list(cache.iterdir())) == 2
@@ -100,8 +106,10 @@ def test_corpus_shapes(tmp_path):
 
 
 def test_http_retrieval_matches_local(hotpot_index):
-    queries = [q.question if hasattr(q, "question") else q for q in ["Which magazine was started first?",
-                                                                     "Who directed the film Gravity?"]]
+    queries = [
+        q.question if hasattr(q, "question") else q
+        for q in ["Which magazine was started first?", "Who directed the film Gravity?"]
+    ]
     topk = random.randint(2, 8)
     local = asyncio.run(LocalRetriever(hotpot_index).retrieve(queries, topk))
     with BackgroundServer(retrieval_app(hotpot_index, max_topk=50)) as server:
@@ -127,7 +135,9 @@ def test_unreachable_server_is_reported():
 def test_search_tool_through_catalog(hotpot_index):
     catalog = ToolCatalog((make_search_tool(LocalRetriever(hotpot_index), topk=3, max_doc_chars=50),))
     prices = default_price_table()
-    result = asyncio.run(catalog.execute("search", {"query": "Gravity film director"}, ToolContext(prices=prices)))
+    result = asyncio.run(
+        catalog.execute("search", {"query": "Gravity film director"}, ToolContext(prices=prices))
+    )
     assert result.error is None and len(result.documents) == 3
     assert result.observation.startswith("Doc 1: ") and "Doc 3: " in result.observation
     assert result.search_queries == 1 and result.cost_usd == 0.0  # local search has no fee
@@ -140,3 +150,13 @@ def test_search_tool_through_catalog(hotpot_index):
 def test_build_without_cache():
     index = BM25Index.build([Passage("a", "", "red apple"), Passage("b", "", "green pear")])
     assert [p.id for p in index.search(["pear"], 5)[0]] == ["b"]
+
+
+def test_cli_retrieval_server_rejects_a_bad_corpus(tmp_path, capsys):
+    from orchestra_jax import cli
+
+    bad = tmp_path / "corpus.jsonl"
+    bad.write_text('{"text": "fine"}\n{"title": 3, "text": "x"}\n')
+    assert cli.main(["retrieval-server", "--corpus", str(bad), "--cache-dir", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"orchestra-jax retrieval-server: error: {bad}:2: 'title' must be a string"
