@@ -119,9 +119,22 @@ def bench_logprob(argv: Sequence[str]) -> int:
     return 0
 
 
+def bench_rollout(argv: Sequence[str]) -> int:
+    """Embedded sampler decode tokens/s next to transformers generate (same weights), TTFT, weight-sync time."""
+    from orchestra_jax.rollout import bench
+
+    args = parse(bench.RolloutBenchArgs, argv, "orchestra-jax bench rollout")
+    try:
+        bench.check_args(args)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return bench.run(args)
+
+
 # `orchestra-jax bench NAME`: name -> (one-line help, handler). Benchmarks print ratios measured in one run.
 BENCHMARKS: dict[str, tuple[str, Handler]] = {
     "logprob": ("naive vs fused LM-head log-prob: peak memory and time, fwd and fwd+bwd", bench_logprob),
+    "rollout": ("embedded sampler decode tok/s vs transformers generate, TTFT, weight-sync time", bench_rollout),
 }
 
 
@@ -161,6 +174,17 @@ def cmd_serve(argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_eval(argv: Sequence[str]) -> int:
+    """Evaluate a policy on a benchmark: results.jsonl, summary.json/.md and plots with accuracy, $ and seconds."""
+    from orchestra_jax.eval import command
+
+    args = parse(command.EvalArgs, argv, "orchestra-jax eval")
+    try:
+        return command.run_eval(args)
+    except command.EvalUsageError as e:
+        raise UsageError(str(e)) from None
+
+
 def cmd_retrieval_server(argv: Sequence[str]) -> int:
     """Serve BM25 retrieval over a corpus on ToolOrchestra's /retrieve protocol (index cached by corpus hash)."""
     from orchestra_jax.env import search
@@ -180,6 +204,7 @@ COMMANDS: dict[str, tuple[str, Handler]] = {
     "synth": ("synthesise a verified tool-use domain and its tasks (procedural or LLM teacher)", cmd_synth),
     "serve": ("serve a model over SGLang's native and OpenAI HTTP APIs (embedded JAX sampler)", cmd_serve),
     "retrieval-server": ("serve BM25 search over a corpus on ToolOrchestra's /retrieve protocol", cmd_retrieval_server),
+    "eval": ("evaluate a policy on FRAMES, HLE, tau2, multihop or task files: accuracy, dollars, seconds", cmd_eval),
 }
 if BENCHMARKS:
     COMMANDS["bench"] = ("benchmarks: " + ", ".join(BENCHMARKS), cmd_bench)

@@ -76,6 +76,7 @@ class SGLangEngine:
         max_attempts: int = 8,
         backoff_s: float = 0.2,
         pause_mode: str = "retract",
+        verbose: bool = True,
     ):
         if not endpoints:
             raise ValueError("SGLangEngine needs at least one endpoint")
@@ -86,6 +87,7 @@ class SGLangEngine:
         self.max_attempts = max_attempts
         self.backoff_s = backoff_s
         self.pause_mode = pause_mode
+        self.verbose = verbose  # print each weight sync's timing
         self.last_sync: weight_sync.SyncReport | None = None
         self.resubmissions = 0  # completions that came back aborted and were sent again
         self.retries = 0  # attempts lost to a dead, overloaded or timed-out server
@@ -127,7 +129,8 @@ class SGLangEngine:
             root=self.sync_root, pause_mode=self.pause_mode, client=self.client,
         )  # fmt: skip
         self.weight_version = version
-        print(self.last_sync.summary(), flush=True)
+        if self.verbose:
+            print(self.last_sync.summary(), flush=True)
 
     async def health(self) -> bool:
         async def one(server: _Server) -> bool:

@@ -1,0 +1,192 @@
+"""`orchestra-jax bench rollout`: embedded-sampler decode speed next to transformers `generate`, and sync time.
+
+Both sides run greedy decoding of the same weights (ours exported with models.save_pretrained, loaded by
+transformers) in the same process. Decode rate = batch × (new_tokens − 1) / (time for new_tokens − time for
+one token), so prefill and time-to-first-token are not counted in it; TTFT is reported on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import tempfile
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from orchestra_jax import models
+from orchestra_jax.models.transformer_config import TransformerConfig
+from orchestra_jax.rollout.engine import GenerateRequest, SamplingParams
+from orchestra_jax.rollout.sampler import EmbeddedEngine
+
+# A ~7M-parameter Qwen3 shape: big enough that the matmuls matter, small enough for a 2-core CPU.
+BENCH_SMALL = TransformerConfig(
+    family="qwen3", vocab_size=8192, hidden_size=256, intermediate_size=768, num_layers=6, num_heads=8,
+    num_kv_heads=4, head_dim=32, rope_theta=1e6, tie_word_embeddings=True, qk_norm=True, eos_token_ids=(),
+)  # fmt: skip
+# A synthetic ~1B Qwen3 shape for the weight-sync figure (random weights, bfloat16).
+SYNTHETIC_1B = TransformerConfig(
+    family="qwen3", vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=18, num_heads=16,
+    num_kv_heads=8, head_dim=128, rope_theta=1e6, tie_word_embeddings=False, qk_norm=True, eos_token_ids=(),
+)  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutBenchArgs:
+    model: str = "bench-small"
+    """'bench-small' (~7M Qwen3 shape) or a models preset name (random weights)."""
+    batch_sizes: tuple[int, ...] = (1, 8, 32)
+    prompt_tokens: int = 32
+    new_tokens: int = 64
+    transformers: bool = True
+    """Also time transformers `generate` (torch CPU) on the same weights."""
+    sync_135m: bool = True
+    """Time a weight sync (export + /update_weights_from_disk on a loopback server) for a SmolLM2-135M shape."""
+    sync_1b: bool = False
+    """Also time the sync of a synthetic ~1B model (bfloat16; needs ~8 GB of free memory)."""
+    repeats: int = 2
+    seed: int = 0
+
+
+def _config(name: str) -> TransformerConfig:
+    return BENCH_SMALL if name == "bench-small" else models.get_preset(name)
+
+
+def _prompts(rng: np.random.Generator, batch: int, length: int, vocab: int) -> list[tuple[int, ...]]:
+    return [tuple(int(t) for t in rng.integers(0, vocab, size=length)) for _ in range(batch)]
+
+
+def jax_decode(
+    config: TransformerConfig, params: Any, prompts: list, new_tokens: int, repeats: int
+) -> tuple[float, float]:
+    """(decode tokens/s, time to first token in s) of the embedded engine, compile time excluded."""
+    batch = len(prompts)
+    engine = EmbeddedEngine(
+        config, params, max_slots=batch, max_context=len(prompts[0]) + new_tokens + 1, prefix_reuse=False
+    )
+
+    def requests(n: int) -> list[GenerateRequest]:
+        sp = SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True)
+        return [GenerateRequest(p, sp, f"b{i}") for i, p in enumerate(prompts)]
+
+    async def timed(n: int) -> float:
+        start = time.perf_counter()
+        await engine.generate(requests(n))
+        return time.perf_counter() - start
+
+    async def go() -> tuple[float, float]:
+        await timed(new_tokens)  # compiles prefill and decode
+        first = min([await timed(1) for _ in range(repeats)])
+        full = min([await timed(new_tokens) for _ in range(repeats)])
+        return batch * (new_tokens - 1) / max(full - first, 1e-9), first
+
+    return asyncio.run(go())
+
+
+def transformers_decode(model_dir: str, prompts: list, new_tokens: int, repeats: int) -> float:
+    """Greedy decode tokens/s of transformers `generate` (torch, CPU, float32) on the exported weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    input_ids = torch.tensor(prompts, dtype=torch.long)
+
+    def timed(n: int) -> float:
+        start = time.perf_counter()
+        with torch.no_grad():
+            model.generate(
+                input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=n, min_new_tokens=n,
+                do_sample=False, pad_token_id=0,
+            )  # fmt: skip
+        return time.perf_counter() - start
+
+    timed(2)
+    first = min(timed(1) for _ in range(repeats))
+    full = min(timed(new_tokens) for _ in range(repeats))
+    return len(prompts) * (new_tokens - 1) / max(full - first, 1e-9)
+
+
+def sync_time(config: TransformerConfig, dtype: str) -> Any:
+    """Export + the HTTP update handshake against an in-process `serve` of the same shape -> SyncReport."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    from orchestra_jax.rollout.server import ServedModel, create_app
+    from orchestra_jax.rollout.sglang_client import SGLangEngine
+
+    params = models.init_params(config, jax.random.key(0), dtype=dtype)
+    engine = EmbeddedEngine(config, params, max_slots=1, max_context=16)
+    served = ServedModel(
+        engine, None, "bench", "bench", load_weights=lambda p: models.load_pretrained(p, dtype=dtype)
+    )
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(served), log_level="error"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    new_params = jax.tree.map(lambda x: x * 0.5, params)
+    try:
+        with tempfile.TemporaryDirectory(prefix="orchestra-jax-sync-") as root:
+
+            async def go():
+                client = SGLangEngine(
+                    [f"http://127.0.0.1:{sock.getsockname()[1]}"], config=config, sync_root=root
+                )
+                try:
+                    await client.update_weights(new_params, "bench-1")
+                    return client.last_sync
+                finally:
+                    await client.close()
+
+            return asyncio.run(go())
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+def check_args(args: RolloutBenchArgs) -> TransformerConfig:
+    """The benchmark model's config; ValueError naming the bad flag."""
+    if not args.batch_sizes or min(args.batch_sizes) < 1:
+        raise ValueError(f"--batch-sizes {args.batch_sizes}: give one or more sizes >= 1")
+    if args.new_tokens < 2 or args.prompt_tokens < 1 or args.repeats < 1:
+        raise ValueError("--new-tokens must be >= 2, --prompt-tokens and --repeats >= 1")
+    try:
+        return _config(args.model)
+    except ValueError as e:
+        raise ValueError(f"--model: {e}") from None
+
+
+def run(args: RolloutBenchArgs) -> int:
+    config = check_args(args)
+    rng = np.random.default_rng(args.seed)
+    params = models.init_params(config, jax.random.key(args.seed))
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    print(f"model {args.model}: {n_params / 1e6:.1f}M params, float32, prompt {args.prompt_tokens}, "
+          f"{args.new_tokens} new tokens, greedy; {jax.device_count()} {jax.default_backend()} device(s)")  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="orchestra-jax-bench-") as tmp:
+        model_dir = str(models.save_pretrained(config, params, f"{tmp}/model")) if args.transformers else None
+        print(f"{'batch':>5}  {'jax tok/s':>10}  {'jax TTFT s':>10}  {'hf tok/s':>9}  {'ratio':>6}")
+        for batch in args.batch_sizes:
+            prompts = _prompts(rng, batch, args.prompt_tokens, config.vocab_size)
+            rate, ttft = jax_decode(config, params, prompts, args.new_tokens, args.repeats)
+            row = f"{batch:>5}  {rate:>10.1f}  {ttft:>10.3f}"
+            if model_dir is not None:
+                hf_rate = transformers_decode(model_dir, prompts, args.new_tokens, args.repeats)
+                row += f"  {hf_rate:>9.1f}  {rate / hf_rate:>5.2f}x"
+            print(row, flush=True)
+    syncs = ([("smollm2-135m", models.get_preset("smollm2-135m"), "float32")] if args.sync_135m else []) + (
+        [("synthetic-1b", SYNTHETIC_1B, "bfloat16")] if args.sync_1b else []
+    )
+    for name, sync_config, dtype in syncs:
+        report = sync_time(sync_config, dtype)
+        print(f"sync {name} ({dtype}): {report.summary()}", flush=True)
+    return 0
