@@ -34,6 +34,11 @@ class ExampleResult:
     status: str = "ok"
     error: str | None = None
     max_turns: int | None = None
+    run: str = ""
+    """The run label (a policy, preference and turn limit) this row belongs to; one results file holds many."""
+    group: str = ""
+    """The curve of a turn-limit sweep: runs that differ only in `max_turns` share it."""
+    finish_reason: str = ""
 
 
 class ResultsFile:

@@ -1,0 +1,379 @@
+"""`orchestra-jax eval`: flags -> benchmark examples, policy, toolset, judge -> harness -> summary and plots.
+
+The tools file (`--tools`) is one JSON object: `endpoints` (llm_tools' format: name, base_url, model,
+api_key_env, ...), and optionally `alias_map` (ToolOrchestra alias -> endpoint name, or "passthrough" for
+search), `prices` (a price-table overlay: the policy's own entry is "orchestrator"), `judge` (the LLM judge's
+endpoint name), `tau2_user` (the τ² user simulator's endpoint name) and `retriever_url` (a /retrieve server).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from orchestra_jax.env.episode import EpisodeSetup
+from orchestra_jax.env.judge import JudgeConfig
+from orchestra_jax.env.preferences import Preference, PreferenceError
+from orchestra_jax.env.prices import PriceError, PriceTable, default_price_table, price_table_from_json
+from orchestra_jax.env.trajectory import EpisodeConfig, Task
+from orchestra_jax.eval import baselines, benchmarks, harness, plots
+from orchestra_jax.eval.results import ResultsFile, summarize, write_summary
+
+
+class EvalUsageError(ValueError):
+    """Bad eval input (a flag, a file, an endpoint name), as one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalArgs:
+    """Evaluate a policy on a benchmark: accuracy (95% CI), dollars and seconds per example."""
+
+    benchmark: Literal["frames", "hle", "tau2", "multihop", "tasks"]
+    policy: str
+    """Run directory of orbax checkpoints, HF model directory, .gguf file, an http(s) OpenAI-compatible URL, or
+    'tau2-gold' (replays each τ² task's gold actions: a check of the pipeline, it should score 100%)."""
+    data: str | None = None
+    """Benchmark file: FRAMES/HLE JSONL, multihop questions JSON, our task JSONL or 'cpu-family'; tau2: the domain."""
+    out: str = "eval_out"
+    corpus: str | None = None
+    """Passages for local BM25 search (multihop's corpus JSON, or any corpus search.load_corpus reads)."""
+    tools: str | None = None
+    """Tools file: model endpoints, alias map, prices, judge and user-simulator endpoint names (see module doc)."""
+    toolset: Literal["auto", "none", "basic", "orchestrator", "cpu"] = "auto"
+    """auto: 'cpu' for cpu-family tasks, 'orchestrator' when --tools has endpoints, else 'basic'."""
+    preference: tuple[str, ...] = ("default",)
+    """One run per preference: 'task' (each task's own), 'default', 'accuracy', 'cost', 'latency', 'balanced', or
+    'outcome=1,cost=0.5,latency=0,tool.search=0.3'."""
+    max_turns: tuple[int, ...] = (10,)
+    """Turn limits; several make a sweep (one run each, plotted as accuracy and cost vs turns)."""
+    limit: int | None = None
+    concurrency: int = 8
+    budget_usd: float | None = None
+    """Stop starting examples once total spend (policy, tools, judge; earlier runs in --out included) reaches it."""
+    label: str | None = None
+    """Run-label prefix (default: the policy's name); evaluate several policies into one --out to compare them."""
+    tokenizer: str | None = None
+    model_name: str | None = None
+    """Model id sent to an endpoint policy."""
+    api: Literal["completions", "chat"] = "completions"
+    api_key_env: str | None = None
+    chat_template: Literal["qwen3", "smollm2"] | None = None
+    judge: str | None = None
+    """LLM judge endpoint name (overrides the tools file's 'judge'); without one, exact and normalised match only."""
+    judge_prompt: Literal["toolorchestra", "hle"] | None = None
+    """Default: 'hle' (the official HLE judge) on HLE, ToolOrchestra's <correct> prompt elsewhere."""
+    strict: bool = False
+    """A malformed benchmark line is fatal (default: reported with file:line and skipped)."""
+    max_new_tokens: int = 512
+    max_context: int = 4096
+    temperature: float = 0.0
+    seed: int = 0
+    task_seed: int = 1000
+    """cpu-family: seed of the generated evaluation tasks (training draws from seed 0 upward)."""
+    progress: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolsFile:
+    endpoints: dict[str, Any]
+    alias_map: dict[str, str] | None
+    prices: PriceTable
+    judge: str | None
+    tau2_user: str | None
+    retriever_url: str | None
+
+
+NAMED_PREFERENCES = {
+    "default": Preference(),
+    "accuracy": Preference(outcome=1.0),
+    "cost": Preference(outcome=1.0, cost=1.0),
+    "latency": Preference(outcome=1.0, latency=1.0),
+    "balanced": Preference(outcome=1.0, cost=0.5, latency=0.5),
+}
+
+
+def parse_preference(spec: str) -> Preference | None:
+    """A --preference value; None means 'each task keeps its own'."""
+    if spec == "task":
+        return None
+    if spec in NAMED_PREFERENCES:
+        return NAMED_PREFERENCES[spec]
+    values: dict[str, float] = {}
+    tools: list[tuple[str, float]] = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        key, sep, value = part.partition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            number = float("nan")
+        if not sep or number != number:
+            raise EvalUsageError(f"--preference {spec!r}: {part!r} is not key=number")
+        if key.startswith("tool."):
+            tools.append((key[5:], number))
+        elif key in ("outcome", "cost", "latency"):
+            values[key] = number
+        else:
+            raise EvalUsageError(f"--preference {spec!r}: unknown key {key!r} (outcome, cost, latency, tool.NAME)")
+    try:
+        return Preference(tuple(tools), **values)
+    except PreferenceError as e:
+        raise EvalUsageError(f"--preference {spec!r}: {e}") from None
+
+
+def load_tools_file(path: str | None) -> ToolsFile:
+    from orchestra_jax.env.llm_tools import EndpointError, endpoints_from_json
+
+    if path is None:
+        return ToolsFile({}, None, default_price_table(), None, None, None)
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise EvalUsageError(f"--tools {path}: cannot read ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise EvalUsageError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    if not isinstance(data, dict):
+        raise EvalUsageError(f"{path}: expected a JSON object")
+    known = {"endpoints", "alias_map", "prices", "judge", "tau2_user", "retriever_url"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise EvalUsageError(f"{path}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(known))})")
+    try:
+        endpoints = endpoints_from_json(data.get("endpoints", []), path)
+        prices = price_table_from_json(data.get("prices", {}), source=f"{path}: prices")
+    except (EndpointError, PriceError) as e:
+        raise EvalUsageError(str(e)) from None
+    alias_map = data.get("alias_map")
+    if alias_map is not None and not (isinstance(alias_map, dict) and all(isinstance(v, str) for v in alias_map.values())):
+        raise EvalUsageError(f"{path}: alias_map must map alias names to endpoint names")
+    for key in ("judge", "tau2_user"):
+        if data.get(key) is not None and data[key] not in endpoints:
+            raise EvalUsageError(f"{path}: {key} {data[key]!r} is not one of the endpoints {sorted(endpoints)}")
+    return ToolsFile(endpoints, alias_map, prices, data.get("judge"), data.get("tau2_user"), data.get("retriever_url"))
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def load_examples(args: EvalArgs) -> list[Task]:
+    """The benchmark as episode tasks (tau2 tasks are built by the tau2 adapter)."""
+    if args.benchmark == "tau2":
+        from orchestra_jax.env import tau2
+
+        domain = args.data or "airline"
+        try:
+            return [tau2.to_task(domain, t) for t in tau2.load_tasks(domain)]
+        except tau2.Tau2Error as e:
+            raise EvalUsageError(str(e)) from None
+    if args.data is None:
+        raise EvalUsageError(f"--data is required for --benchmark {args.benchmark} (the benchmark file)")
+    on_skip = None if args.strict else _warn
+    try:
+        if args.benchmark == "frames":
+            examples = benchmarks.load_frames(args.data, strict=args.strict, on_skip=on_skip)
+        elif args.benchmark == "hle":
+            examples = benchmarks.load_hle(args.data, strict=args.strict, on_skip=on_skip)
+        elif args.benchmark == "multihop":
+            examples = benchmarks.load_multihop(args.data)
+        else:
+            return _load_tasks(args)
+    except benchmarks.BenchmarkError as e:
+        raise EvalUsageError(str(e)) from None
+    return [harness.example_task(e) for e in examples]
+
+
+def _load_tasks(args: EvalArgs) -> list[Task]:
+    from orchestra_jax.data.tasks import TaskFileError, load_tasks
+    from orchestra_jax.env import tasks_cpu
+
+    if args.data == "cpu-family":
+        return tasks_cpu.generate_tasks(args.limit or 50, seed=args.task_seed, world=tasks_cpu.make_world(0))
+    try:
+        records = load_tasks(args.data)
+    except TaskFileError as e:
+        raise EvalUsageError(str(e)) from None
+    tasks = []
+    for record in records:
+        pref = record.preference
+        try:
+            if isinstance(pref, list):
+                preference = Preference.from_vector(record.tools, pref)
+            else:
+                preference = Preference.from_json(pref or {})
+        except PreferenceError as e:
+            raise EvalUsageError(f"{args.data}: task {record.id!r}: {e}") from None
+        tasks.append(Task(record.id, record.question, record.answer, record.tools, preference, dict(record.metadata)))
+    return tasks
+
+
+def _retriever(args: EvalArgs, tools: ToolsFile):
+    from orchestra_jax.env.search import CorpusError, HttpRetriever, LocalRetriever, open_bm25
+
+    if args.corpus is not None:
+        try:
+            return LocalRetriever(open_bm25(args.corpus))
+        except CorpusError as e:
+            raise EvalUsageError(str(e)) from None
+    return HttpRetriever(tools.retriever_url) if tools.retriever_url else None
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "run"
+
+
+def run_specs(args: EvalArgs, policy_name: str) -> list[harness.RunSpec]:
+    if not args.max_turns or any(t < 1 for t in args.max_turns):
+        raise EvalUsageError(f"--max-turns {list(args.max_turns)}: give one or more positive turn limits")
+    base = args.label or policy_name
+    specs = []
+    for spec in args.preference:
+        preference = parse_preference(spec)
+        group = f"{base}/{spec}"
+        for turns in sorted(set(args.max_turns)):
+            specs.append(harness.RunSpec(f"{group}/t{turns}", group, turns, preference))
+    return specs
+
+
+def _judge_config(args: EvalArgs, tools: ToolsFile) -> JudgeConfig:
+    backend = args.judge or tools.judge
+    if backend is not None and backend not in tools.endpoints:
+        raise EvalUsageError(f"--judge {backend!r}: not an endpoint of --tools ({sorted(tools.endpoints) or 'none'})")
+    if backend is not None:
+        try:
+            tools.prices.price(backend)
+        except PriceError:
+            raise EvalUsageError(f"judge endpoint {backend!r} has no price: add it under 'prices.models' in --tools") from None
+    prompt = args.judge_prompt or ("hle" if args.benchmark == "hle" else "toolorchestra")
+    methods = ("exact", "normalized", "llm") if backend else ("exact", "normalized")
+    return JudgeConfig(methods=methods, backend=backend, prompt=prompt)
+
+
+def _setup(args: EvalArgs, tools: ToolsFile, client: Any, toolset: baselines.Toolset | None):
+    if args.benchmark != "tau2":
+        return lambda task, rollout: EpisodeSetup(toolset.catalog)
+    from orchestra_jax.env import tau2
+
+    if args.policy == "tau2-gold":
+        from orchestra_jax.eval.policies import tau2_gold_setup
+
+        return tau2_gold_setup
+    if tools.tau2_user is None:
+        raise EvalUsageError("--benchmark tau2 needs a user simulator: set 'tau2_user' in --tools")
+    experts = {a: tools.alias_map[a] for a in tau2.EXPERT_ALIASES if tools.alias_map and a in tools.alias_map}
+    return tau2.episode_setup(client, tools.tau2_user, client if experts else None, experts or None)
+
+
+async def _evaluate(args: EvalArgs) -> dict[str, Any]:
+    from orchestra_jax.env.llm_tools import ChatClient, EndpointError
+    from orchestra_jax.eval import policies
+
+    tools = load_tools_file(args.tools)
+    tasks = load_examples(args)
+    try:
+        client = ChatClient(tools.endpoints) if tools.endpoints else None
+    except EndpointError as e:
+        raise EvalUsageError(str(e)) from None
+    name = "auto"
+    if args.benchmark != "tau2":
+        name = args.toolset
+        if name == "auto":
+            name = "cpu" if args.data == "cpu-family" else ("orchestrator" if client else "basic")
+        try:
+            toolset = baselines.build_toolset(
+                name, client=client, retriever=_retriever(args, tools), alias_map=tools.alias_map, prices=tools.prices
+            )
+        except baselines.ToolsetError as e:
+            raise EvalUsageError(str(e)) from None
+    else:
+        toolset = None
+    judge_config = _judge_config(args, tools)
+    try:
+        policy = (
+            policies.tau2_gold_policy(tasks) if args.policy == "tau2-gold" else policies.load_policy(
+                args.policy, tokenizer_path=args.tokenizer, model_name=args.model_name, api=args.api,
+                api_key_env=args.api_key_env, chat_template=args.chat_template,
+                max_slots=max(1, args.concurrency), max_context=args.max_context, seed=args.seed,
+            )
+        )  # fmt: skip
+    except policies.PolicyError as e:
+        raise EvalUsageError(str(e)) from None
+    episode = EpisodeConfig(
+        mode=toolset.mode if toolset else "history",
+        max_new_tokens=args.max_new_tokens,
+        max_context=args.max_context,
+        temperature=args.temperature,
+        seed=args.seed,
+        family=policy.family,
+        system_prompt=toolset.system_prompt if toolset else EpisodeConfig.system_prompt,
+    )
+    if args.policy == "tau2-gold":
+        episode = dataclasses.replace(episode, max_new_tokens=4096, max_context=1 << 20)
+    env = harness.EvalEnvironment(
+        engine=policy.engine,
+        tokenizer=policy.tokenizer,
+        episode=episode,
+        setup=_setup(args, tools, client, toolset),
+        prices=tools.prices,
+        judge=harness.reference_judge(judge_config, client, tools.prices),
+    )
+    specs = run_specs(args, policy.name)
+    out = Path(args.out)
+    config = harness.HarnessConfig(args.concurrency, args.limit, args.budget_usd, args.progress)
+    try:
+        report = await harness.run_harness(tasks, specs, env, ResultsFile(out / "results.jsonl"), config)
+    finally:
+        await policy.close()
+        if client is not None:
+            await client.close()
+    return {"report": report.to_json(), "toolset": name, "policy": policy.name, "runs": [s.label for s in specs]}
+
+
+def write_outputs(out: str | os.PathLike, title: str = "") -> dict[str, dict[str, Any]]:
+    """summary.json, summary.md, pareto.png and one turn-sweep plot per swept group, from results.jsonl."""
+    out = Path(out)
+    rows = ResultsFile(out / "results.jsonl").read()
+    by_run = harness.summaries_by_run(rows)
+    summaries = {}
+    for label, run_rows in by_run.items():
+        summary = summarize(run_rows)
+        summary["max_turns"] = run_rows[0].max_turns
+        summary["group"] = run_rows[0].group
+        summaries[label] = summary
+    write_summary(out, summaries)
+    if summaries:
+        plots.plot_pareto(summaries, out / "pareto.png", title=f"{title} accuracy vs cost".strip())
+    groups = harness.turn_groups(rows)
+    for group, by_turns in groups.items():
+        name = "turns.png" if len(groups) == 1 else f"turns-{_slug(group)}.png"
+        sweep = {t: summaries[label] for t, label in by_turns.items()}
+        plots.plot_turn_sweep(sweep, out / name, title=f"{group}: accuracy and cost vs turn limit")
+    return summaries
+
+
+def run_eval(args: EvalArgs) -> int:
+    """The eval command: run, then write summaries and plots; prints the Markdown table."""
+    if args.concurrency < 1:
+        raise EvalUsageError(f"--concurrency {args.concurrency}: must be at least 1")
+    if args.limit is not None and args.limit < 1:
+        raise EvalUsageError(f"--limit {args.limit}: must be at least 1")
+    if args.budget_usd is not None and args.budget_usd < 0:
+        raise EvalUsageError(f"--budget-usd {args.budget_usd}: must be non-negative")
+    outcome = asyncio.run(_evaluate(args))
+    write_outputs(args.out, title=args.benchmark)
+    run_json = Path(args.out) / "run.json"
+    tmp = run_json.with_name(".run.json.tmp")
+    tmp.write_text(json.dumps({"args": dataclasses.asdict(args), **outcome}, indent=2, default=str) + "\n")
+    os.replace(tmp, run_json)
+    print((Path(args.out) / "summary.md").read_text(), end="")
+    report = outcome["report"]
+    print(
+        f"ran {report['ran']} (errors {report['errors']}), resumed {report['skipped']}, "
+        f"spent ${report['spent_usd']:.4f}" + (f"; stopped by the budget with {report['pending']} left" if report["stopped"] else "")
+    )
+    return 0
