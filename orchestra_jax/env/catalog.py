@@ -28,8 +28,8 @@ class ToolContext:
 
     task_id: str = ""
     question: str = ""
-    reference_answer: str | None = None
-    """Gold answer, read only by the `answer` tool's judge."""
+    reference_answer: str | tuple[str, ...] | None = None
+    """Gold answer (or its aliases), read only by the `answer` tool's judge."""
     documents: tuple[str, ...] = ()
     """Passages gathered so far (ToolOrchestra's context: search results)."""
     code_runs: tuple[tuple[str, str], ...] = ()

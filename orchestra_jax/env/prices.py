@@ -66,6 +66,9 @@ class PriceTable:
             raise PriceError(f"no price for model {model!r} in price table {self.source}") from None
 
     def call_cost(self, usage: Usage) -> float:
+        """Dollars of one call; a call that used no tokens costs nothing, priced model or not."""
+        if usage.prompt_tokens == 0 and usage.completion_tokens == 0:
+            return 0.0
         p = self.price(usage.model)
         return (
             p.input_per_million * usage.prompt_tokens + p.output_per_million * usage.completion_tokens

@@ -123,3 +123,7 @@ def test_bad_price_files_name_the_problem(tmp_path, content, message):
     with pytest.raises(PriceError, match=message) as info:
         load_price_table(path)
     assert "\n" not in str(info.value) and str(path) in str(info.value)
+
+
+def test_a_call_that_used_nothing_costs_nothing_even_unpriced():
+    assert default_price_table().call_cost(Usage("unpriced-backend", 0, 0)) == 0.0
