@@ -121,7 +121,8 @@ def test_parent_environment_is_invisible(monkeypatch):
     assert secret not in result.stdout and "ORCHESTRA_TEST_SECRET" not in result.stdout
 
 
-def test_daemonised_child_is_killed_and_reported():
+@pytest.mark.parametrize("level", ["detected", "rlimits"])
+def test_daemonised_child_is_killed_and_reported(level):
     marker = secrets.token_hex(8)
     code = (
         "import os, sys, time\n"
@@ -133,7 +134,7 @@ def test_daemonised_child_is_killed_and_reported():
         "time.sleep(0.3)\n"
         "print('parent done')\n"
     )
-    result = run_python(code, timeout_s=20, limits=SMALL)
+    result = run_python(code, timeout_s=20, limits=SMALL, level=None if level == "detected" else level)
     assert result.stdout == "parent done\n"
     assert result.error is not None and "left behind" in result.error
     for entry in os.listdir("/proc"):
@@ -160,3 +161,18 @@ def test_limit_report_survives_a_flood_of_stderr():
     )
     result = run_python(code, timeout_s=20, limits=SMALL)
     assert result.error == "memory limit of 256 MiB exceeded" and result.truncated
+
+
+def test_missing_isolation_warns_loudly(monkeypatch):
+    monkeypatch.delenv("ORCHESTRA_SANDBOX_ISOLATION", raising=False)
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)
+    sandbox.isolation.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="NOT isolated"):
+            assert sandbox.isolation() == "rlimits"
+    finally:
+        sandbox.isolation.cache_clear()
+    monkeypatch.setenv("ORCHESTRA_SANDBOX_ISOLATION", "chroot")
+    with pytest.raises(ValueError, match="ORCHESTRA_SANDBOX_ISOLATION='chroot'"):
+        sandbox.isolation()
+    sandbox.isolation.cache_clear()
