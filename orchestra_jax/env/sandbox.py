@@ -70,12 +70,18 @@ class SandboxResult:
 # user's file as __main__, then kill every descendant still alive and report, on the status pipe, which limit
 # stopped the code and how many processes were left behind (stderr may be cut or interleaved; the pipe is not).
 _BOOTSTRAP = r"""
-import ctypes, json, os, resource, runpy, signal, sys
+import ctypes, errno, json, os, resource, runpy, signal, sys
 spec = json.loads(sys.argv[1])
 for name, soft, hard in spec["rlimits"]:
     resource.setrlimit(getattr(resource, name), (soft, hard))
 ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
 main_pid, status = os.getpid(), {}
+
+def on_cpu_limit(signum, frame):
+    status["limit"] = "cpu"
+    raise SystemExit(128 + signum)
+
+signal.signal(signal.SIGXCPU, on_cpu_limit)
 sys.argv = ["main.py"]
 sys.path.insert(0, os.getcwd())
 
@@ -106,6 +112,10 @@ except BlockingIOError:
 except RuntimeError as e:
     if "can't start new thread" in str(e):
         status["limit"] = "processes"
+    raise
+except OSError as e:
+    if e.errno == errno.EFBIG:
+        status["limit"] = "file_size"
     raise
 finally:
     if os.getpid() == main_pid:
@@ -230,35 +240,24 @@ def _drain(stream, limit: int, out: list[bytes], cut: list[bool]) -> None:
     out.append(bytes(head) + (b"\n[... output truncated ...]\n" if cut[0] else b"") + bytes(tail))
 
 
-def _signal_name(code: int) -> str | None:
-    try:
-        return signal.Signals(code).name
-    except ValueError:
-        return None
-
-
 def _describe_failure(
-    exit_code: int, stderr: str, level: str, limits: SandboxLimits, limit_hit: str | None
+    exit_code: int, stderr: str, level: str, limits: SandboxLimits, limit: str | None
 ) -> str:
-    if limit_hit == "memory":
-        return f"memory limit of {limits.memory_bytes >> 20} MiB exceeded"
-    if limit_hit == "processes":
-        return f"process limit of {limits.max_processes} reached"
+    """One line: which limit stopped the code (from the bootstrap's status, else the signal), or its last error."""
+    messages = {
+        "memory": f"memory limit of {limits.memory_bytes >> 20} MiB exceeded",
+        "processes": f"process limit of {limits.max_processes} reached",
+        "cpu": f"CPU time limit of {limits.cpu_s}s exceeded",
+        "file_size": f"file size limit of {limits.file_bytes} bytes exceeded",
+    }
+    if limit in messages:
+        return messages[limit]
     sig = -exit_code if exit_code < 0 else (exit_code - 128 if level == "bwrap" and exit_code > 128 else 0)
-    if sig == signal.SIGXCPU:
-        return f"CPU time limit of {limits.cpu_s}s exceeded"
-    if sig == signal.SIGXFSZ:
-        return f"file size limit of {limits.file_bytes} bytes exceeded"
-    lines = [ln.strip() for ln in stderr.strip().splitlines() if ln.strip()]
-    last = lines[-1] if lines else ""
-    if "MemoryError" in last:
-        return f"memory limit of {limits.memory_bytes >> 20} MiB exceeded"
-    if "File too large" in last:
-        return f"file size limit of {limits.file_bytes} bytes exceeded"
-    if "BlockingIOError: [Errno 11]" in stderr or "can't start new thread" in stderr:
-        return f"process limit of {limits.max_processes} reached"
-    if sig:
-        return f"killed by {_signal_name(sig) or sig}"
+    if sig in (signal.SIGXCPU, signal.SIGXFSZ):
+        return messages["cpu" if sig == signal.SIGXCPU else "file_size"]
+    if sig in set(signal.Signals):
+        return f"killed by {signal.Signals(sig).name}"
+    last = next((ln.strip() for ln in reversed(stderr.splitlines()) if ln.strip()), "")
     return f"exit code {exit_code}: {last[:200]}" if last else f"exit code {exit_code}"
 
 
