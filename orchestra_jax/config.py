@@ -92,6 +92,8 @@ class RewardConfig:
     min_group_std: float = 0.1
     drop_invalid_answers: bool = True
     drop_malformed_turns: bool = True
+    fixed_preference: tuple[float, float, float] = (1.0, 1.0, 0.0)
+    """(outcome, cost, latency) weights used when env.preference_sampling is 'fixed' (tool weights 0)."""
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,14 @@ class AlgorithmConfig:
     micro_batch_size: int = 8
     off_policy_overlap: bool = False
     """Overlap the next step's rollouts with this step's update (one step off-policy)."""
+    value_coef: float = 0.5
+    """PPO: weight of the critic's squared error in the loss."""
+    sft_steps: int = 0
+    """Supervised warm-start steps on demonstration trajectories before RL (0 = none)."""
+    sft_lr: float = 1e-3
+    sft_batch_size: int = 32
+    sft_demonstrations: int = 256
+    """How many tasks to record scripted demonstrations for (the CPU task family)."""
 
 
 @dataclass(frozen=True)
@@ -261,8 +271,11 @@ def test_tiny() -> TrainConfig:
         name="test-tiny",
         steps=2,
         model=ModelConfig(source="qwen3-tiny"),
-        rollout=RolloutConfig(max_slots=8, max_new_tokens=24, max_context=512),
+        rollout=RolloutConfig(max_slots=8, max_new_tokens=48, max_context=1024),
         env=EnvConfig(max_turns=2, concurrency=8, preference_sampling="fixed"),
+        # Cost and latency weights 0: both read the wall clock (sandbox seconds), which would break bitwise resume.
+        # No group filter, so even an untrained policy's (all-zero) rewards make an update.
+        reward=RewardConfig(fixed_preference=(1.0, 0.0, 0.0), min_group_std=0.0, drop_invalid_answers=False),
         algorithm=AlgorithmConfig(prompts_per_step=2, group_size=4, micro_batch_size=8),
         optimizer=OptimizerConfig(lr=1e-3),
         checkpoint=CheckpointConfig(every_steps=1, keep=2, async_save=False),

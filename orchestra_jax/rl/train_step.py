@@ -16,6 +16,7 @@ from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -25,6 +26,10 @@ from orchestra_jax.models.transformer_config import TransformerConfig
 from orchestra_jax.parallel.mesh import logical_to_spec, tree_shardings
 from orchestra_jax.rl.losses import PolicyLossConfig, policy_objective, value_loss
 
+BATCH_KEYS = (
+    "tokens", "targets", "positions", "segment_ids", "mask", "weights", "advantages", "behaviour_logprobs",
+    "rewards", "ref_logprobs",
+)
 STAT_NAMES = ("kl", "entropy", "clip_low", "clip_high", "dual_clip", "tis_truncated", "ratio")
 
 
@@ -104,11 +109,9 @@ def token_logprobs(settings: StepSettings, params: Any, mb: dict[str, jax.Array]
     return logp_N.reshape(b, t), entropy_N.reshape(b, t), hidden_BTD
 
 
-def _microbatch_loss(settings: StepSettings, trainable: dict, ref_params: Any, mb: dict[str, jax.Array]):
+def _microbatch_loss(settings: StepSettings, trainable: dict, mb: dict[str, jax.Array]):
     logp_BT, entropy_BT, hidden_BTD = token_logprobs(settings, trainable["policy"], mb)
-    ref_BT = None
-    if settings.use_reference:
-        ref_BT = jax.lax.stop_gradient(token_logprobs(settings, ref_params, mb)[0])
+    ref_BT = mb["ref_logprobs"] if settings.use_reference else None
     mask_BT = mb["mask"]
     if settings.algorithm == "ppo":
         critic = trainable["critic"]
@@ -138,9 +141,9 @@ def _all_finite(tree: Any) -> jax.Array:
 
 
 def _step(settings: StepSettings, optimizer: optax.GradientTransformation, state: TrainState,
-          batch: dict[str, jax.Array], ref_params: Any):
+          batch: dict[str, jax.Array]):
     trainable = {"policy": state.params, "critic": state.critic}
-    grad_fn = jax.value_and_grad(lambda tr, mb: _microbatch_loss(settings, tr, ref_params, mb), has_aux=True)
+    grad_fn = jax.value_and_grad(lambda tr, mb: _microbatch_loss(settings, tr, mb), has_aux=True)
 
     def accumulate(grads, mb):
         (mb_loss, mb_sums), mb_grads = grad_fn(trainable, mb)
@@ -176,36 +179,53 @@ def _step(settings: StepSettings, optimizer: optax.GradientTransformation, state
 
 
 class TrainStep:
-    """The compiled step bound to a mesh: `state, metrics = train_step(state, batch_arrays[, ref_params])`.
+    """The compiled step bound to a mesh: `state, metrics = train_step(state, batch_arrays)`.
 
-    `batch_arrays` is PackedBatch.arrays (numpy, [micro_batches, rows, row_len]); metrics come back as floats.
+    `batch_arrays` is PackedBatch.arrays (numpy, [micro_batches, rows, row_len]), plus `ref_logprobs` (from
+    `LogprobFn` on the reference params) when the settings use a reference. Metrics come back as floats.
     The state argument is donated: do not use it after the call.
     """
 
     def __init__(self, settings: StepSettings, optimizer: optax.GradientTransformation, mesh: Mesh,
                  shardings: TrainState):
         self.settings, self.mesh, self.shardings = settings, mesh, shardings
-        replicated = NamedSharding(mesh, PartitionSpec())
         self._batch_sharding = batch_sharding(mesh)
-        ref_shardings = shardings.params if settings.use_reference else None
-
-        def fn(state, batch, ref_params):
-            return _step(settings, optimizer, state, batch, ref_params)
-
         self._jitted = jax.jit(
-            fn,
-            in_shardings=(shardings, self._batch_sharding, ref_shardings),
-            out_shardings=(shardings, replicated),
+            lambda state, batch: _step(settings, optimizer, state, batch),
+            in_shardings=(shardings, self._batch_sharding),
+            out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
             donate_argnums=(0,),
         )
 
-    def __call__(self, state: TrainState, batch: dict, ref_params: Any = None) -> tuple[TrainState, dict[str, float]]:
-        if self.settings.use_reference and ref_params is None:
-            raise ValueError("this step computes KL to a reference model: pass ref_params")
-        arrays = {k: jax.device_put(v, self._batch_sharding) for k, v in batch.items() if k != "sequence"}
+    def __call__(self, state: TrainState, batch: dict) -> tuple[TrainState, dict[str, float]]:
+        if self.settings.use_reference and "ref_logprobs" not in batch:
+            raise ValueError("this step computes KL to a reference model: the batch needs ref_logprobs")
+        arrays = {k: jax.device_put(v, self._batch_sharding) for k, v in batch.items() if k in BATCH_KEYS}
         with jax.set_mesh(self.mesh):
-            state, metrics = self._jitted(state, arrays, ref_params if self.settings.use_reference else None)
+            state, metrics = self._jitted(state, arrays)
         return state, {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+class LogprobFn:
+    """Token log-probs [micro_batches, rows, row_len] of a packed batch under some params (the frozen
+    reference for KL, or the policy for inspection), with the same kernel and sharding as the step."""
+
+    def __init__(self, settings: StepSettings, mesh: Mesh, param_shardings: Any):
+        self.mesh, self.param_shardings = mesh, param_shardings
+        self._batch_sharding = batch_sharding(mesh)
+
+        def fn(params, batch):
+            return jax.lax.map(lambda mb: token_logprobs(settings, params, mb)[0], batch)
+
+        self._jitted = jax.jit(fn, in_shardings=(param_shardings, self._batch_sharding),
+                               out_shardings=self._batch_sharding)
+
+    def __call__(self, params: Any, batch: dict) -> np.ndarray:
+        keys = ("tokens", "targets", "positions", "segment_ids")
+        arrays = {k: jax.device_put(batch[k], self._batch_sharding) for k in keys}
+        params = jax.device_put(params, self.param_shardings)  # a no-op when already laid out so
+        with jax.set_mesh(self.mesh):
+            return np.asarray(jax.device_get(self._jitted(params, arrays)))
 
 
 def shard_state(state: TrainState, shardings: TrainState) -> TrainState:

@@ -1,0 +1,136 @@
+"""The pieces one training run plays with: tokenizer, model config, tool catalog, prices and the task stream.
+
+Only the CPU task family is wired into the trainer so far (`env.tasks = 'cpu-family'`). Its tokenizer is a
+small byte-level BPE trained on the family's own texts, including the rendered system prompt with the tool
+schemas, so prompts stay short for a tiny policy. The tokenizer is saved in the run directory and re-read on
+resume, so ids never drift between a run and its continuation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orchestra_jax.config import ConfigError, TrainConfig
+from orchestra_jax.env import tasks_cpu
+from orchestra_jax.env.catalog import ToolCatalog
+from orchestra_jax.env.preferences import Preference, PreferenceDistribution, render_instruction
+from orchestra_jax.env.prices import PriceTable
+from orchestra_jax.env.trajectory import EpisodeConfig, Task
+from orchestra_jax.models import chat_template
+from orchestra_jax.models.tokenizer import Tokenizer, train_small_tokenizer
+from orchestra_jax.models.transformer_config import PRESETS as MODEL_PRESETS
+from orchestra_jax.models.transformer_config import TransformerConfig, get_preset
+
+CPU_TOKENIZER_VOCAB = 2048
+
+
+@dataclass(frozen=True)
+class Environment:
+    tokenizer: Tokenizer
+    catalog: ToolCatalog
+    prices: PriceTable
+    world: Any
+    tool_names: tuple[str, ...]
+    template_family: str
+
+
+def preference_distribution(config: TrainConfig, tool_names: tuple[str, ...]) -> PreferenceDistribution:
+    kind = config.env.preference_sampling
+    outcome, cost, latency = (float(x) for x in config.reward.fixed_preference)
+    fixed = Preference(tuple((n, 0.0) for n in tool_names), outcome, cost, latency)
+    return PreferenceDistribution(kind=kind, fixed=fixed, tool_keep_prob=0.0)
+
+
+def task_stream(config: TrainConfig, env: Environment, count: int) -> list[Task]:
+    """The RL tasks in order: step s takes [s * prompts_per_step, (s + 1) * prompts_per_step)."""
+    return tasks_cpu.generate_tasks(
+        count, seed=config.seed + 1, world=env.world,
+        preferences=preference_distribution(config, env.tool_names),
+    )
+
+
+def demonstration_tasks(config: TrainConfig, env: Environment) -> list[Task]:
+    """Tasks for the SFT warm start, drawn from another seed than the RL stream."""
+    return tasks_cpu.generate_tasks(
+        config.algorithm.sft_demonstrations, seed=config.seed + 1_000_003, world=env.world,
+        preferences=preference_distribution(config, env.tool_names),
+    )
+
+
+def _tokenizer_texts(world: Any, catalog: ToolCatalog) -> list[str]:
+    """The family's texts plus whole rendered prompts (tool schemas, preference lines), repeated so the BPE
+    learns their long constant stretches as few tokens."""
+    tasks = tasks_cpu.generate_tasks(400, seed=12345, world=world)
+    texts = tasks_cpu.tokenizer_texts(world, tasks)
+    for task in tasks[:16]:
+        user = f"{task.question}\n{render_instruction(task.preference)}"
+        messages = [{"role": "system", "content": tasks_cpu.SYSTEM_PROMPT}, {"role": "user", "content": user}]
+        prompt = chat_template.render(messages, tools=catalog.schemas(), add_generation_prompt=True,
+                                      enable_thinking=False)
+        texts += [prompt] * 8
+    return texts
+
+
+def build_environment(config: TrainConfig, run_root: Path) -> Environment:
+    """World, catalog, prices and tokenizer for `config.env.tasks` (trained or re-read from run_root/tokenizer)."""
+    if config.env.tasks != "cpu-family":
+        raise ConfigError(f"env.tasks: {config.env.tasks!r} is not supported by the trainer yet (use 'cpu-family')")
+    world = tasks_cpu.make_world(config.seed)
+    catalog = tasks_cpu.cpu_catalog(world)
+    source = config.model.source
+    tokenizer_dir = run_root / "tokenizer"
+    if source not in MODEL_PRESETS:
+        tokenizer = Tokenizer.from_file(source)
+    elif (tokenizer_dir / "tokenizer.json").is_file():
+        tokenizer = Tokenizer.from_file(tokenizer_dir)
+    else:
+        tokenizer = train_small_tokenizer(_tokenizer_texts(world, catalog), CPU_TOKENIZER_VOCAB, out_dir=tokenizer_dir)
+    names = tuple(t.name for t in catalog.tools)
+    family = "qwen3"
+    if source not in MODEL_PRESETS and "smollm" in str(source).lower():
+        family = "smollm2"
+    return Environment(tokenizer, catalog, tasks_cpu.cpu_prices(), world, names, family)
+
+
+def model_config(config: TrainConfig, tokenizer: Tokenizer | None) -> TransformerConfig:
+    """A model preset sized to the tokenizer, or the config of a checkpoint path (read without weights)."""
+    source = config.model.source
+    if source in MODEL_PRESETS:
+        model = get_preset(source, vocab_size=tokenizer.vocab_size if tokenizer is not None else None)
+        if model.vocab_size < (tokenizer.vocab_size if tokenizer is not None else 0):
+            raise ConfigError(f"model.source: {source} has {model.vocab_size} ids, the tokenizer {tokenizer.vocab_size}")
+        return model
+    name = Path(source).name.lower()
+    if name in MODEL_PRESETS:
+        return get_preset(name)
+    config_json = Path(source) / "config.json"
+    if config_json.is_file():
+        import json
+
+        from orchestra_jax.models.transformer_config import from_hf_config
+
+        return from_hf_config(json.loads(config_json.read_text()), source=str(config_json))
+    raise ConfigError(f"model.source: {source!r} is neither a model preset nor a directory with config.json")
+
+
+def episode_config(config: TrainConfig, env: Environment, step: int) -> EpisodeConfig:
+    """Sampling and shaping of one step's episodes; the seed depends on (run seed, step) only."""
+    r = config.rollout
+    return dataclasses.replace(
+        EpisodeConfig(),
+        mode=config.env.prompt_mode,
+        max_turns=config.env.max_turns,
+        max_new_tokens=r.max_new_tokens,
+        max_context=r.max_context,
+        temperature=r.temperature,
+        top_p=r.top_p,
+        top_k=r.top_k,
+        min_p=r.min_p,
+        seed=config.seed * 1_000_003 + step,
+        enable_thinking=False,
+        family=env.template_family,
+        system_prompt=tasks_cpu.SYSTEM_PROMPT,
+    )

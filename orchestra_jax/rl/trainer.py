@@ -1,0 +1,334 @@
+"""The training loop, the one place that sequences the plain values the other modules produce:
+
+rollouts (episodes on the engine) -> reward -> filters and advantages -> packed batch -> reference log-probs
+-> update (the jitted step) -> weight sync -> logs -> checkpoint.
+
+Determinism: step s plays tasks [s P, (s + 1) P) of a seeded stream with request seeds derived from
+(seed, step, task, rollout, turn), so a resumed run replays exactly what an uninterrupted one would have done
+(bitwise on CPU when the reward does not read the wall clock, as with `test-tiny`). SIGTERM finishes the
+current step, saves a checkpoint and returns 143.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from orchestra_jax.config import TrainConfig, save_config, to_dict
+from orchestra_jax.env.episode import ToolPool, run_episodes
+from orchestra_jax.env.tasks_cpu import demonstrations
+from orchestra_jax.models.transformer import init_params
+from orchestra_jax.parallel.mesh import make_mesh
+from orchestra_jax.rl import environment as envlib
+from orchestra_jax.rl.batching import Sample, pack
+from orchestra_jax.rl.checkpoint import Checkpointer
+from orchestra_jax.rl.losses import PolicyLossConfig
+from orchestra_jax.rl.metrics import rollout_metrics
+from orchestra_jax.rl.optimizer import make_optimizer, make_schedule
+from orchestra_jax.rl.reward import group_advantages, keep_mask, multi_objective_reward
+from orchestra_jax.rl.sft import samples_from_trajectories, sft_train
+from orchestra_jax.rl.train_step import LogprobFn, StepSettings, TrainStep, make_train_step
+from orchestra_jax.rollout.sampler import EmbeddedEngine
+from orchestra_jax.runlog import RunDir, TensorBoardLogger, create_run_dir, write_jsonl_atomic
+
+TERMINATED = 143
+
+
+@dataclass
+class _Stop:
+    """Set by the SIGTERM handler; the loop checks it between steps."""
+
+    requested: bool = False
+
+
+def step_settings(config: TrainConfig, model: Any, *, sft: bool = False) -> StepSettings:
+    algorithm = config.algorithm
+    loss = PolicyLossConfig() if sft else PolicyLossConfig.from_algorithm(algorithm)
+    if sft:
+        loss = PolicyLossConfig(kl_coef=0.0, entropy_coef=0.0, tis_cap=None)
+    return StepSettings(
+        model=model,
+        loss=loss,
+        algorithm="grpo" if sft else algorithm.name,
+        compute_dtype=config.model.compute_dtype,
+        remat=config.model.remat,
+        temperature=1.0 if sft else config.rollout.temperature,
+        gamma=algorithm.gamma,
+        gae_lambda=algorithm.gae_lambda,
+        value_coef=algorithm.value_coef,
+        use_reference=(not sft) and algorithm.kl_coef > 0,
+    )
+
+
+def rl_samples(config: TrainConfig, trajectories: list, advantages: np.ndarray, rewards: np.ndarray,
+               keep: np.ndarray) -> list[Sample]:
+    """Training samples of the kept trajectories; tokens of malformed turns lose their loss mask."""
+    out = []
+    for traj, adv, reward, kept in zip(trajectories, advantages, rewards, keep):
+        if not kept:
+            continue
+        for sample in traj.samples:
+            mask = np.asarray(sample.loss_mask, np.int32)
+            if config.reward.drop_malformed_turns and any(traj.malformed_turns):
+                mask = _mask_malformed_turns(mask, traj.malformed_turns, len(traj.samples) > 1, traj.samples.index(sample))
+            out.append(Sample(np.asarray(sample.token_ids, np.int32), mask, float(adv),
+                              np.asarray(sample.behaviour_logprobs, np.float32), float(reward)))
+    return out
+
+
+def _mask_malformed_turns(mask: np.ndarray, malformed: tuple[bool, ...], per_turn: bool, index: int) -> np.ndarray:
+    """Zero the runs of policy tokens that belong to malformed turns (history: the k-th run is turn k;
+    context mode: sample k is turn k)."""
+    if per_turn:
+        return np.zeros_like(mask) if index < len(malformed) and malformed[index] else mask
+    starts = np.flatnonzero(np.diff(np.concatenate([[0], mask])) == 1)
+    ends = np.flatnonzero(np.diff(np.concatenate([mask, [0]])) == -1) + 1
+    mask = mask.copy()
+    for turn, (lo, hi) in enumerate(zip(starts, ends)):
+        if turn < len(malformed) and malformed[turn]:
+            mask[lo:hi] = 0
+    return mask
+
+
+def score(config: TrainConfig, trajectories: list) -> tuple[np.ndarray, ...]:
+    """(rewards, advantages, keep) for one step's trajectories (DESIGN.md section 4)."""
+    names = trajectories[0].tool_names
+    counts = np.array([[t.tool_counts.get(n, 0) for n in names] for t in trajectories], np.float64)
+    correct = np.array([t.correct for t in trajectories])
+    cost = np.array([t.ledger.cost_usd for t in trajectories])
+    latency = np.array([t.ledger.tool_latency_s for t in trajectories])
+    preference = np.array([t.preference for t in trajectories])
+    groups = np.array([t.group_id for t in trajectories])
+    rewards = multi_objective_reward(counts, correct, cost, latency, preference, groups, mode=config.reward.mode)
+    advantages = group_advantages(rewards, groups, eps=config.reward.advantage_eps, clip=config.reward.advantage_clip,
+                                  mode=config.reward.mode)
+    keep = keep_mask(rewards, groups, [t.has_valid_answer for t in trajectories],
+                     min_group_std=config.reward.min_group_std, drop_invalid_answers=config.reward.drop_invalid_answers)
+    return rewards, advantages, keep
+
+
+def _trajectory_text(traj: Any, reward: float) -> str:
+    lines = [f"task {traj.task_id} · correct={traj.correct} · reward={reward:.3f} · cost=${traj.ledger.cost_usd:.5f}"]
+    for i, turn in enumerate(traj.turns):
+        lines.append(f"**turn {i}**: `{turn.text.strip()[:400]}`")
+        lines += [f"> {obs.strip()[:200]}" for obs in turn.observations]
+    return "\n\n".join(lines)
+
+
+class Trainer:
+    """Owns the run directory, the mesh, the compiled steps, the engine and the checkpointer of one run."""
+
+    def __init__(self, config: TrainConfig, *, echo: Any = print):
+        self.config, self.echo = config, echo
+        self.run: RunDir = create_run_dir(config.run_dir or f"runs/{config.name}")
+        save_config(config, self.run.config_path)
+        self.env = envlib.build_environment(config, self.run.root)
+        self.model = envlib.model_config(config, self.env.tokenizer)
+        self.mesh = make_mesh(config.mesh)
+        self.stop = _Stop()
+
+    # ---- start: SFT warm start (or its saved result), then the RL state --------------------------------------
+
+    def initial_params(self) -> Any:
+        """Random init (seeded), then the SFT warm start; saved once as run/init (also the KL reference)."""
+        init_dir = (self.run.root / "init").absolute()
+        with ocp.StandardCheckpointer() as checkpointer:
+            abstract = jax.eval_shape(lambda: init_params(self.model, jax.random.key(self.config.seed)))
+            if init_dir.is_dir():
+                return checkpointer.restore(init_dir, abstract)
+            params = init_params(self.model, jax.random.key(self.config.seed))
+            if self.config.algorithm.sft_steps > 0:
+                params = self.warm_start(params)
+            checkpointer.save(init_dir, params)
+        return params
+
+    def warm_start(self, params: Any) -> Any:
+        cfg = self.config
+        tasks = envlib.demonstration_tasks(cfg, self.env)
+        demo_config = envlib.episode_config(cfg, self.env, step=-1)
+        demo_config = dataclasses.replace(demo_config, mode="history", max_turns=max(demo_config.max_turns, 2),
+                                          max_new_tokens=max(demo_config.max_new_tokens, 96))
+        trajectories = asyncio.run(
+            demonstrations(tasks, self.env.tokenizer, self.env.world, catalog=self.env.catalog, seed=cfg.seed,
+                           config=demo_config)
+        )
+        write_jsonl_atomic(self.run.root / "demonstrations.jsonl", [t.to_json() for t in trajectories])
+        samples = samples_from_trajectories(trajectories)
+        optimizer = make_optimizer(
+            type(cfg.optimizer)(lr=cfg.algorithm.sft_lr, schedule="cosine", warmup_steps=max(cfg.algorithm.sft_steps // 10, 1),
+                                weight_decay=cfg.optimizer.weight_decay, grad_clip=cfg.optimizer.grad_clip),
+            cfg.algorithm.sft_steps,
+        )
+        step, state = make_train_step(step_settings(cfg, self.model, sft=True), optimizer, self.mesh, params)
+        self.echo(f"sft: {len(samples)} demonstrations, {cfg.algorithm.sft_steps} steps")
+        with TensorBoardLogger(self.run.tensorboard / "sft") as tb:
+            def on_step(i: int, metrics: dict[str, float]) -> None:
+                tb.scalars({"sft/nll": metrics["nll"], "sft/grad_norm": metrics["grad_norm"]}, i)
+                if i % 20 == 0 or i == cfg.algorithm.sft_steps - 1:
+                    self.echo(f"sft step {i}: nll {metrics['nll']:.4f}")
+
+            state, _ = sft_train(step, state, samples, steps=cfg.algorithm.sft_steps, batch_size=cfg.algorithm.sft_batch_size,
+                                 micro_batch_size=cfg.algorithm.micro_batch_size, max_row_len=cfg.rollout.max_context,
+                                 seed=cfg.seed)
+        return jax.device_get(state.params)
+
+    # ---- the RL loop ----------------------------------------------------------------------------------------------
+
+    def train(self) -> int:
+        cfg = self.config
+        params = self.initial_params()
+        optimizer = make_optimizer(cfg.optimizer, cfg.steps)
+        settings = step_settings(cfg, self.model)
+        train_step, state = make_train_step(settings, optimizer, self.mesh, params)
+        reference = jax.device_put(params, train_step.shardings.params) if settings.use_reference else None
+        logprob_fn = LogprobFn(settings, self.mesh, train_step.shardings.params) if settings.use_reference else None
+        checkpointer = Checkpointer(self.run.checkpoints, cfg.checkpoint)
+        start = 0
+        if cfg.resume and checkpointer.latest_step() is not None:
+            state, meta = checkpointer.restore(state)
+            start = int(meta["step"])
+            self.echo(f"resumed from step {start}")
+        tasks = envlib.task_stream(cfg, self.env, cfg.steps * cfg.algorithm.prompts_per_step)
+        previous = signal.signal(signal.SIGTERM, lambda *_: setattr(self.stop, "requested", True))
+        try:
+            return asyncio.run(self._loop(state, train_step, logprob_fn, reference, checkpointer, tasks, start,
+                                          make_schedule(cfg.optimizer, cfg.steps)))
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            checkpointer.close()
+
+    async def _loop(self, state, train_step: TrainStep, logprob_fn, reference, checkpointer: Checkpointer,
+                    tasks: list, start: int, schedule) -> int:
+        cfg = self.config
+        engine = EmbeddedEngine(self.model, jax.tree.map(jnp.copy, state.params), max_slots=cfg.rollout.max_slots,
+                                max_context=cfg.rollout.max_context, weight_version=str(start),
+                                detokenize=self.env.tokenizer.decode, prefix_reuse=False, seed=cfg.seed)
+        pool = ToolPool()
+        tb = TensorBoardLogger(self.run.tensorboard)
+        progress = _progress(cfg, start)
+        pending = None
+        try:
+            for step in range(start, cfg.steps):
+                t0 = time.perf_counter()
+                rollout = pending if pending is not None else asyncio.ensure_future(self._rollouts(engine, pool, tasks, step))
+                trajectories = await rollout
+                timings = {"rollout": time.perf_counter() - t0}
+                pending = None
+                if cfg.algorithm.off_policy_overlap and step + 1 < cfg.steps:
+                    pending = asyncio.ensure_future(self._rollouts(engine, pool, tasks, step + 1))
+                state, scalars, texts = await self._update(state, train_step, logprob_fn, reference, trajectories,
+                                                           timings, step)
+                t = time.perf_counter()
+                await engine.update_weights(jax.tree.map(jnp.copy, state.params), version=str(step + 1))
+                timings["sync"] = time.perf_counter() - t
+                t = time.perf_counter()
+                meta = {"seed": cfg.seed, "data_position": (step + 1) * cfg.algorithm.prompts_per_step,
+                        "config": to_dict(cfg)}
+                checkpointer.save(step + 1, state, meta, force=self.stop.requested or step + 1 == cfg.steps)
+                timings["checkpoint"] = time.perf_counter() - t
+                scalars.update({f"time/{k}_s": v for k, v in timings.items()})
+                scalars["time/step_s"] = time.perf_counter() - t0
+                scalars["optim/lr"] = float(schedule(step))
+                self._log(tb, step + 1, scalars, texts, trajectories)
+                progress.update(1)
+                progress.set_postfix(acc=f"{scalars['rollout/accuracy']:.2f}", reward=f"{scalars['reward/mean']:.3f}",
+                                     cost=f"{scalars['rollout/cost_usd']:.5f}")
+                if self.stop.requested:
+                    checkpointer.wait()
+                    self.echo(f"SIGTERM: saved step {step + 1}, exiting")
+                    return TERMINATED
+            checkpointer.wait()
+            return 0
+        finally:
+            if pending is not None:
+                pending.cancel()
+            progress.close()
+            tb.close()
+
+    async def _rollouts(self, engine, pool, tasks: list, step: int) -> list:
+        cfg = self.config
+        p = cfg.algorithm.prompts_per_step
+        step_tasks = [tasks[(step * p + i) % len(tasks)] for i in range(p)]
+        return await run_episodes(engine, self.env.tokenizer, self.env.catalog, step_tasks,
+                                  envlib.episode_config(cfg, self.env, step), group_size=cfg.algorithm.group_size,
+                                  concurrency=cfg.env.concurrency, prices=self.env.prices, pool=pool)
+
+    async def _update(self, state, train_step, logprob_fn, reference, trajectories, timings, step):
+        cfg = self.config
+        rewards, advantages, keep = score(cfg, trajectories)
+        scalars = rollout_metrics(trajectories, rewards, advantages, keep)
+        scalars["time/tools_s"] = float(sum(t.ledger.tool_latency_s for t in trajectories))
+        samples = rl_samples(cfg, trajectories, advantages, rewards, keep)
+        scalars["train/samples"] = float(len(samples))
+        if samples:
+            batch = pack(samples, micro_batch_size=cfg.algorithm.micro_batch_size, max_row_len=cfg.rollout.max_context,
+                         aggregation=cfg.algorithm.loss_aggregation, one_per_row=cfg.algorithm.name == "ppo")
+            arrays = dict(batch.arrays)
+            t = time.perf_counter()
+            if logprob_fn is not None:
+                arrays["ref_logprobs"] = await asyncio.to_thread(logprob_fn, reference, arrays)
+            timings["logprob"] = time.perf_counter() - t
+            t = time.perf_counter()
+            state, metrics = await asyncio.to_thread(train_step, state, arrays)
+            timings["update"] = time.perf_counter() - t
+            scalars.update({f"train/{k}": v for k, v in metrics.items()})
+            scalars["train/tokens_per_s"] = batch.num_tokens / max(timings["update"] + timings["logprob"], 1e-9)
+            scalars["train/padding_fraction"] = 1.0 - batch.num_tokens / float(np.prod(batch.shape))
+            scalars["train/truncated"] = float(batch.truncated)
+        else:
+            timings["logprob"] = timings["update"] = 0.0
+            scalars["train/skipped_empty"] = 1.0
+        texts = [(_trajectory_text(t, r)) for t, r in zip(trajectories[: cfg.logging.trajectories_per_step], rewards)]
+        return state, scalars, (texts, rewards, advantages)
+
+    def _log(self, tb: TensorBoardLogger, step: int, scalars: dict, texts, trajectories) -> None:
+        cfg = self.config
+        text_list, rewards, advantages = texts
+        if step % cfg.logging.every_steps == 0 or step == cfg.steps:
+            tb.scalars(scalars, step)
+            tb.histogram("reward/histogram", rewards, step)
+            tb.histogram("reward/advantages", advantages, step)
+            if text_list:
+                tb.text("trajectories", "\n\n---\n\n".join(text_list), step)
+            tb.flush()
+        rows = [{**t.to_json(), "reward": float(r), "advantage": float(a)}
+                for t, r, a in zip(trajectories, rewards, advantages)]
+        write_jsonl_atomic(self.run.trajectories / f"step_{step}.jsonl", rows)
+
+
+class _NoProgress:
+    def update(self, n: int) -> None:
+        pass
+
+    def set_postfix(self, **kwargs: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(config: TrainConfig, start: int):
+    if not config.logging.progress_bar:
+        return _NoProgress()
+    from tqdm import tqdm
+
+    return tqdm(total=config.steps, initial=start, desc="rl", unit="step", dynamic_ncols=True)
+
+
+def train(config: TrainConfig, *, echo: Any = print) -> int:
+    """Run (or resume) a whole training job; returns the process exit status (0, or 143 after SIGTERM)."""
+    return Trainer(config, echo=echo).train()
+
+
+def run_root(config: TrainConfig) -> Path:
+    return Path(config.run_dir or f"runs/{config.name}")
