@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import inspect
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
@@ -35,7 +36,11 @@ Grader = Callable[[str | None], Awaitable[bool]]
 
 
 class UserSimulator(Protocol):
-    """The other side of a dialogue (tau2): `reply` answers the agent's text; None means the user is done."""
+    """The other side of a dialogue (tau2): `reply` answers the agent's text; None means the user is done.
+
+    A user may also have `async open() -> str`, the first user message, asked for when the task's question
+    is empty.
+    """
 
     async def reply(self, agent_text: str) -> str | None: ...
 
@@ -160,9 +165,11 @@ class _Episode:
         system = self.task.metadata.get("system_prompt", self.config.system_prompt)
         return {"role": "system", "content": f"{system}\n\n{render_instruction(self.task.preference)}"}
 
-    def start_history(self) -> None:
-        opening = self.task.metadata.get("opening_messages")
-        messages = [self.system_message(), *(opening or [{"role": "user", "content": self.task.question}])]
+    async def start_history(self) -> None:
+        question = self.task.question
+        if not question and self.user is not None and hasattr(self.user, "open"):
+            question = await self.user.open()  # a dialogue task: the user speaks first (tau2)
+        messages = [self.system_message(), {"role": "user", "content": question}]
         self.chat.start(messages, self.catalog.schemas() or None, self.config.enable_thinking)
 
     def start_context_turn(self) -> None:
@@ -266,7 +273,7 @@ class _Episode:
     async def play(self) -> None:
         history = self.config.mode == "history"
         if history:
-            self.start_history()
+            await self.start_history()
         for turn in range(self.config.max_turns):
             if not history:
                 self.start_context_turn()
@@ -405,12 +412,13 @@ async def run_episodes(
     concurrency: int = 64,
     prices: PriceTable | None = None,
     pool: ToolPool | None = None,
-    setup: Callable[[Task, int], EpisodeSetup] | None = None,
+    setup: Callable[[Task, int], EpisodeSetup | Awaitable[EpisodeSetup]] | None = None,
 ) -> list[Trajectory]:
     """`group_size` rollouts of each task, at most `concurrency` in flight; ordered task-major.
 
-    Task i's rollouts carry group_id i. `setup(task, rollout)` gives per-episode tools, user and grader (tau2);
-    without it every episode uses `catalog` and the reference-answer judge.
+    Task i's rollouts carry group_id i. `setup(task, rollout)` (plain or async) gives per-episode tools, user
+    and grader (tau2); without it every episode uses `catalog` and the reference-answer judge. A setup that
+    fails becomes that episode's error, like any other failure.
     """
     if concurrency < 1 or group_size < 1:
         raise ValueError(f"run_episodes: concurrency={concurrency} and group_size={group_size} must be >= 1")
@@ -419,7 +427,21 @@ async def run_episodes(
 
     async def one(group_id: int, task: Task, rollout: int) -> Trajectory:
         async with gate:
-            parts = setup(task, rollout) if setup is not None else EpisodeSetup(catalog)
+            try:
+                parts = setup(task, rollout) if setup is not None else EpisodeSetup(catalog)
+                parts = await parts if inspect.isawaitable(parts) else parts
+            except Exception as e:
+                return await run_episode(
+                    _FailingEngine(f"episode setup: {type(e).__name__}: {_one_line(e)}"),
+                    tokenizer,
+                    catalog,
+                    task,
+                    config,
+                    group_id=group_id,
+                    rollout=rollout,
+                    prices=prices,
+                    pool=pool,
+                )
             return await run_episode(
                 engine,
                 tokenizer,
@@ -436,3 +458,20 @@ async def run_episodes(
 
     jobs = [one(g, task, r) for g, task in enumerate(tasks) for r in range(group_size)]
     return list(await asyncio.gather(*jobs))
+
+
+class _FailingEngine:
+    """Stands in for an episode whose setup failed, so the failure is recorded like an engine error."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        self.weight_version = ""
+
+    async def generate(self, requests):
+        raise RuntimeError(self.reason)
+
+    async def update_weights(self, params: Any, version: str) -> None:
+        return None
+
+    async def health(self) -> bool:
+        return False
