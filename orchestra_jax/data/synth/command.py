@@ -37,6 +37,8 @@ class SynthArgs:
     max_attempts: int = 3
     temperature: float = 0.7
     max_tokens: int = 2048
+    timeout_s: float = 120.0
+    """seconds to wait for one teacher reply"""
     cache_dir: pathlib.Path | None = None
     """LLM reply cache (default <out>/.cache); a rerun resumes from it"""
     price_in_per_mtok: float = 0.0
@@ -59,7 +61,7 @@ def _check(args: SynthArgs) -> stages.SynthConfig:
         raise SynthUsageError(f"--llm {args.llm!r}: expected an http(s) URL such as http://127.0.0.1:8000/v1")
     if args.out.exists() and not args.out.is_dir():
         raise SynthUsageError(f"--out {args.out}: exists and is not a folder")
-    for name in ("num_tasks", "db_rounds", "records_per_round", "max_attempts"):
+    for name in ("num_tasks", "db_rounds", "records_per_round", "max_attempts", "max_tokens", "timeout_s"):
         if getattr(args, name) < 1:
             raise SynthUsageError(f"--{name.replace('_', '-')} must be at least 1")
     if not 0.0 <= args.evolve_fraction <= 1.0 or not 0.0 < args.dedup_threshold <= 1.0:
@@ -80,7 +82,7 @@ def run_synth(args: SynthArgs) -> int:
         from orchestra_jax.data.synth.prompts import LLMBackend
 
         settings = LLMSettings(args.llm, args.model, args.api_key_env, args.temperature, args.max_tokens,
-                               args.max_attempts, price_in_per_mtok=args.price_in_per_mtok,
+                               args.max_attempts, args.timeout_s, price_in_per_mtok=args.price_in_per_mtok,
                                price_out_per_mtok=args.price_out_per_mtok)
         client = StructuredClient(settings, args.cache_dir or args.out / ".cache")
         try:

@@ -192,8 +192,12 @@ def synthesize(backend: Backend, config: SynthConfig) -> SynthResult:
         return SynthResult(None, (), report)
 
     try:
-        subjects = backend.subjects(config.domain)
-        report["subjects"] = list(subjects)
+        subjects = list(backend.subjects(config.domain))
+    except StageFailed as e:  # subjects only add diversity: go on with the domain name alone
+        subjects = [config.domain.replace("_", " ")]
+        report["subjects_failed"] = e.detail[:300]
+    report["subjects"] = subjects
+    try:
         sketch = backend.schema(config.domain, subjects)
         report["schema_tables"] = sorted(sketch.get("tables", {}))
         data_model = backend.data_model(config.domain, sketch)
