@@ -116,6 +116,8 @@ def test_http_retrieval_matches_local(hotpot_index):
         remote = asyncio.run(HttpRetriever(server.url).retrieve(queries, topk))
         raw = httpx.post(server.url + "/retrieve", json={"queries": queries[:1], "topk": 2}).json()
         too_many = httpx.post(server.url + "/retrieve", json={"queries": queries, "topk": 51})
+        with pytest.raises(RetrievalError, match="answered HTTP 422"):
+            asyncio.run(HttpRetriever(server.url, retries=3).retrieve(queries, 51))
         bad = httpx.post(server.url + "/retrieve", json={"queries": "not a list", "topk": 2})
     assert [[p.id for p in hits] for hits in remote] == [[p.id for p in hits] for hits in local]
     assert remote[0][0].score == pytest.approx(local[0][0].score, rel=1e-5)
