@@ -10,6 +10,7 @@ so a half-written checkpoint (a crash or SIGKILL mid-save) is never listed, neve
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -94,25 +95,29 @@ class Checkpointer:
 
 def load_params(directory: str | os.PathLike, step: int | None = None) -> tuple[int, Any]:
     """(step, params as numpy arrays) from a run's checkpoint directory, without knowing the model."""
-    directory = Path(directory)
+    directory = Path(directory).absolute()
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: no such checkpoint directory")
-    manager = ocp.CheckpointManager(directory.absolute(), options=ocp.CheckpointManagerOptions(create=False))
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
+    step = manager.latest_step() if step is None else step
+    manager.close()
+    if step is None:
+        raise CheckpointError(f"{directory}: no complete checkpoint")
+    path = directory / str(step) / "params"
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: missing the params item")
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)  # orbax warns that a step's item has no metadata file of its own
     try:
-        step = manager.latest_step() if step is None else step
-        if step is None:
-            raise CheckpointError(f"{directory}: no complete checkpoint")
         with ocp.StandardCheckpointer() as checkpointer:
-            path = directory.absolute() / str(step) / "params"
-            if not path.is_dir():
-                raise CheckpointError(f"{path}: missing the params item")
             metadata = checkpointer.metadata(path)
             tree = getattr(metadata, "item_metadata", metadata)
             cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
             target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=cpu), tree)
             params = checkpointer.restore(path, target)
     finally:
-        manager.close()
+        absl_logger.setLevel(level)
     return step, jax.tree.map(np.asarray, params)
 
 

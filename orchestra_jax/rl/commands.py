@@ -1,0 +1,69 @@
+"""Library side of the `train`, `sft` and `inspect` subcommands (the CLI only parses flags and calls these)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+
+from orchestra_jax.config import CheckpointConfig, ConfigError, OptimizerConfig, TrainConfig, save_config
+from orchestra_jax.models.tokenizer import Tokenizer
+from orchestra_jax.models.transformer import init_params
+from orchestra_jax.models.transformer_config import PRESETS as MODEL_PRESETS
+from orchestra_jax.models.transformer_config import get_preset
+from orchestra_jax.parallel.mesh import make_mesh
+from orchestra_jax.rl.checkpoint import Checkpointer, load_params, param_count, params_digest
+from orchestra_jax.rl.optimizer import make_optimizer
+from orchestra_jax.rl.sft import load_demonstrations, sft_train
+from orchestra_jax.rl.train_step import make_train_step
+from orchestra_jax.runlog import TensorBoardLogger, create_run_dir
+
+
+def checkpoint_summary(run_dir: str | Path) -> dict:
+    """Latest step, parameter count and SHA-256 over every parameter array of a run (or its ckpt/ folder)."""
+    root = Path(run_dir)
+    directory = root / "ckpt" if (root / "ckpt").is_dir() else root
+    step, params = load_params(directory)
+    return {"directory": str(directory), "step": step, "params": param_count(params), "sha256": params_digest(params)}
+
+
+def run_sft(config: TrainConfig, data: str, tokenizer_dir: str | None, *, echo=print) -> dict:
+    """Train `config.model.source` (a preset) on a JSONL of demonstrations for `config.steps` steps at
+    `algorithm.sft_lr`; saves the result as an orbax checkpoint under the run directory."""
+    from orchestra_jax.rl.trainer import step_settings
+
+    source = config.model.source
+    if source not in MODEL_PRESETS:
+        raise ConfigError(f"model.source: sft starts from a model preset, got {source!r}")
+    vocab = Tokenizer.from_file(tokenizer_dir).vocab_size if tokenizer_dir else None
+    model = get_preset(source, vocab_size=vocab)
+    samples = load_demonstrations(data, vocab_size=model.vocab_size)
+    run = create_run_dir(config.run_dir or f"runs/{config.name}-sft")
+    save_config(config, run.config_path)
+    optimizer = make_optimizer(
+        OptimizerConfig(lr=config.algorithm.sft_lr, schedule="cosine", warmup_steps=max(config.steps // 10, 1),
+                        weight_decay=config.optimizer.weight_decay, grad_clip=config.optimizer.grad_clip),
+        config.steps,
+    )
+    mesh = make_mesh(config.mesh)
+    step, state = make_train_step(step_settings(config, model, sft=True), optimizer, mesh,
+                                  init_params(model, jax.random.key(config.seed)))
+    with TensorBoardLogger(run.tensorboard) as tb:
+        def on_step(i: int, metrics: dict) -> None:
+            tb.scalars({"sft/nll": metrics["nll"], "sft/grad_norm": metrics["grad_norm"]}, i + 1)
+            if i % 10 == 0 or i + 1 == config.steps:
+                echo(f"sft step {i + 1}/{config.steps}: nll {metrics['nll']:.4f}")
+
+        state, history = sft_train(step, state, samples, steps=config.steps,
+                                   batch_size=config.algorithm.sft_batch_size,
+                                   micro_batch_size=config.algorithm.micro_batch_size,
+                                   max_row_len=config.rollout.max_context, seed=config.seed, on_step=on_step)
+    checkpointer = Checkpointer(run.checkpoints, dataclasses.replace(CheckpointConfig(), async_save=False))
+    checkpointer.save(config.steps, state, {"seed": config.seed, "data_position": 0, "sft_data": str(data)}, force=True)
+    checkpointer.close()
+    summary = {"run_dir": str(run.root), "steps": config.steps, "demonstrations": len(samples),
+               "first_nll": history[0]["nll"], "last_nll": history[-1]["nll"]}
+    echo(json.dumps(summary))
+    return summary

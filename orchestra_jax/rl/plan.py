@@ -1,0 +1,93 @@
+"""`--dry-run`: the plan of a run, its mesh, and a memory and time estimate, without loading any weights.
+
+Memory per device (training state sharded over fsdp x tensor): fp32 params 4 B + fp32 grads 4 B + AdamW
+moments 8 B per parameter, plus the frozen reference in the compute dtype when KL is on, plus activations:
+with full remat one [tokens, hidden] residual per layer and one layer's working set (~34 x tokens x hidden
+bytes in bf16, the usual transformer estimate), plus the [tokens, vocab-tile] log-prob working set.
+Time: 6 x params x tokens FLOPs per update (+2 x for the reference forward) over devices x peak x MFU.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from orchestra_jax.config import TrainConfig, to_dict
+from orchestra_jax.parallel.mesh import resolve_mesh_shape
+from orchestra_jax.rl import environment as envlib
+
+# Dense bf16 peak FLOP/s of accelerators a plan may target (vendor figures, no sparsity).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v5p": 459e12, "TPU v5e": 197e12}
+ASSUMED_MFU = 0.40
+
+
+def estimate(config: TrainConfig, num_devices: int, accelerator: str = "H100") -> dict[str, Any]:
+    model = envlib.model_config(config, None)
+    params = model.num_params()
+    shape = resolve_mesh_shape(config.mesh, num_devices)
+    shards = shape[1] * shape[2]
+    data_ways = shape[0] * shape[1]
+    compute_bytes = 2 if config.model.compute_dtype == "bfloat16" else 4
+    rollouts = config.algorithm.prompts_per_step * config.algorithm.group_size
+    # A typical ToolOrchestra episode fills about half its context.
+    tokens_per_step = rollouts * config.rollout.max_context // 2
+    micro_tokens = config.algorithm.micro_batch_size * config.rollout.max_context // data_ways
+    state_bytes = params * 16 / shards
+    reference_bytes = params * compute_bytes / shards if config.algorithm.kl_coef > 0 else 0
+    layers = model.num_layers
+    if config.model.remat == "full":
+        activation_bytes = micro_tokens * model.hidden_size * compute_bytes * (layers + 34)
+    else:
+        activation_bytes = micro_tokens * model.hidden_size * compute_bytes * 34 * layers
+    logprob_bytes = micro_tokens * 4096 * 4
+    total = state_bytes + reference_bytes + activation_bytes + logprob_bytes
+    flops = (6 + (2 if config.algorithm.kl_coef > 0 else 0)) * params * tokens_per_step
+    seconds = flops / (num_devices * PEAK_FLOPS[accelerator] * ASSUMED_MFU)
+    return {
+        "model": {"source": config.model.source, "family": model.family, "params": params, "layers": layers,
+                  "hidden": model.hidden_size, "vocab": model.vocab_size},
+        "mesh": dict(zip(("data", "fsdp", "tensor"), shape)),
+        "devices": num_devices,
+        "per_step": {"rollouts": rollouts, "assumed_tokens": tokens_per_step,
+                     "micro_batches": -(-rollouts // config.algorithm.micro_batch_size)},
+        "memory_gib_per_device": {
+            "params+grads+adam": round(state_bytes / 2**30, 2),
+            "reference": round(reference_bytes / 2**30, 2),
+            "activations": round(activation_bytes / 2**30, 2),
+            "logprob": round(logprob_bytes / 2**30, 2),
+            "total": round(total / 2**30, 2),
+        },
+        "update_time_s": {"accelerator": accelerator, "assumed_mfu": ASSUMED_MFU, "seconds": round(seconds, 1)},
+    }
+
+
+def describe(config: TrainConfig, num_devices: int) -> str:
+    """The printable plan: the data flow, then the estimate as JSON."""
+    note = ""
+    if num_devices < 8 and config.mesh.data * config.mesh.fsdp * config.mesh.tensor < 0:
+        note = f" (this host has {num_devices} device(s); estimated for a node of 8)"
+        num_devices = 8
+    est = estimate(config, num_devices)
+    a, r = config.algorithm, config.rollout
+    lines = [
+        f"plan for {config.name!r}: {config.steps} steps of {a.name.upper()}",
+        f"  rollouts: {a.prompts_per_step} prompts x {a.group_size} from {config.env.tasks} "
+        f"on the {r.engine} engine ({r.endpoints_file or 'in process'}), <= {config.env.max_turns} turns, "
+        f"{r.max_new_tokens} new tokens a turn, context {r.max_context}",
+        f"  reward: {config.reward.mode} mode, advantage clip {config.reward.advantage_clip}, "
+        f"group std filter {config.reward.min_group_std}",
+        f"  loss: clip {a.clip_low}/{a.clip_high}, dual clip {a.dual_clip}, KL {a.kl_estimator} x {a.kl_coef}, "
+        f"entropy {a.entropy_coef}, {a.loss_aggregation}",
+        f"  optimizer: AdamW lr {config.optimizer.lr} ({config.optimizer.schedule}), wd {config.optimizer.weight_decay}, "
+        f"grad clip {config.optimizer.grad_clip}; params {config.model.param_dtype}, compute {config.model.compute_dtype}, "
+        f"remat {config.model.remat}",
+        f"  weight sync: {'in memory' if r.engine == 'embedded' else 'safetensors at ' + str(r.weight_sync_dir)}",
+        f"  checkpoints every {config.checkpoint.every_steps} steps, keep {config.checkpoint.keep}",
+        f"estimate (no weights loaded){note}:",
+        json.dumps(est, indent=2),
+    ]
+    return "\n".join(lines)
+
+
+def resolved_config_json(config: TrainConfig) -> str:
+    return json.dumps(to_dict(config), indent=2, sort_keys=True)
