@@ -63,6 +63,9 @@ class ToolPool:
         self.workers = workers
         self.busy_s = 0.0
         self.calls = 0
+        self.running = 0
+        self.peak = 0
+        """Most calls that ran at once."""
         self._semaphore: asyncio.Semaphore | None = None
 
     async def run(self, call: Awaitable[ToolResult]) -> ToolResult:
@@ -70,9 +73,12 @@ class ToolPool:
             self._semaphore = asyncio.Semaphore(self.workers)
         async with self._semaphore:
             start = time.perf_counter()
+            self.running += 1
+            self.peak = max(self.peak, self.running)
             try:
                 return await call
             finally:
+                self.running -= 1
                 self.busy_s += time.perf_counter() - start
                 self.calls += 1
 

@@ -366,6 +366,30 @@ def _last_tool_response(text: str) -> str:
     return text[start + len("<tool_response>") : end].strip() if 0 <= start < end else ""
 
 
+def demonstration_engine(
+    tasks: Sequence[Task], tokenizer: Any, *, expert_share: float = 0.3, seed: int = 0
+) -> ScriptedEngine:
+    """A scripted policy: a tool call, then the answer read from that tool's observation in the prompt.
+
+    Each task uses the expert with probability `expert_share` and the cheap tool otherwise, whatever its
+    preference, so the warm-started policy has seen both routes and RL has something to choose between.
+    """
+    rng = np.random.default_rng([seed, 13])
+    cheap = {"arith": "python", "fact": "search"}
+    choice = {t.id: "expert" if rng.uniform() < expert_share else cheap[t.metadata["kind"]] for t in tasks}
+    by_id = {t.id: t for t in tasks}
+
+    def script(prompt_ids: tuple[int, ...], rid: str) -> str:
+        task_id, _, _, turn = parse_request_id(rid)
+        task, tool = by_id[task_id], choice[task_id]
+        if turn == 0:
+            return first_call(task, tool)
+        answer = read_answer(task, tool, _last_tool_response(tokenizer.decode(list(prompt_ids))))
+        return tool_call_text("answer", {"answer": answer if answer is not None else "unknown"})
+
+    return ScriptedEngine(tokenizer, script, weight_version="demonstration")
+
+
 async def demonstrations(
     tasks: Sequence[Task],
     tokenizer: Any,
@@ -377,34 +401,11 @@ async def demonstrations(
     catalog: ToolCatalog | None = None,
     concurrency: int = 64,
 ) -> list[Trajectory]:
-    """Scripted episodes: a tool call, then the answer read from its observation. Only correct ones are kept.
-
-    Each task uses the expert with probability `expert_share` and the cheap tool otherwise, whatever its
-    preference, so the warm-started policy has seen both routes and RL has something to choose between.
-    """
+    """Scripted episodes (`demonstration_engine`) through the RL episode loop; only correct ones are kept."""
     config = config or EpisodeConfig(max_turns=2, temperature=1.0, system_prompt=SYSTEM_PROMPT)
     if config.mode != "history":
         raise ValueError("demonstrations are recorded in history mode")
-    rng = np.random.default_rng([seed, 13])
-    choice = {
-        t.id: (
-            "expert"
-            if rng.uniform() < expert_share
-            else ("python" if t.metadata["kind"] == "arith" else "search")
-        )
-        for t in tasks
-    }
-    by_id = {t.id: t for t in tasks}
-
-    def script(prompt_ids: tuple[int, ...], rid: str) -> str:
-        task_id, _, _, turn = parse_request_id(rid)
-        task, tool = by_id[task_id], choice[task_id]
-        if turn == 0:
-            return first_call(task, tool)
-        answer = read_answer(task, tool, _last_tool_response(tokenizer.decode(list(prompt_ids))))
-        return tool_call_text("answer", {"answer": answer if answer is not None else "unknown"})
-
-    engine = ScriptedEngine(tokenizer, script, weight_version="demonstration")
+    engine = demonstration_engine(tasks, tokenizer, expert_share=expert_share, seed=seed)
     trajectories = await run_episodes(
         engine,
         tokenizer,

@@ -3,6 +3,7 @@
 import asyncio
 import json
 import random
+import re
 
 import pytest
 
@@ -313,3 +314,16 @@ def test_prices_policy_tokens_from_table_when_present(tokenizer, catalog):
     table = PriceTable(models={"test-policy": tasks_cpu.ModelPrice(100.0, 0.0)})
     traj = run(run_episode(engine, tokenizer, catalog, task, config(), prices=table))
     assert traj.ledger.cost_usd == pytest.approx(100.0 * len(engine.requests[0].prompt_ids) / 1e6)
+
+
+def test_bench_episodes_command_prints_rate_and_utilisation(capsys):
+    from orchestra_jax import cli
+
+    argv = ["bench", "episodes", "--episodes", "8", "--concurrency", "8", "--workers", "4", "--repeats", "1"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    rate = re.search(r"episodes/s: best ([\d.]+)", out)
+    util = re.search(r"tool-pool utilisation: mean ([\d.]+)%", out)
+    assert rate and float(rate.group(1)) > 0 and util and 0 < float(util.group(1)) <= 100
+    assert "correct 8/8" in out
+    assert cli.main(["bench", "episodes", "--workers", "0"]) == 2
