@@ -131,6 +131,111 @@ def bench_rollout(argv: Sequence[str]) -> int:
     return bench.run(args)
 
 
+def bench_load(argv: Sequence[str]) -> int:
+    """load_pretrained of a synthetic ~1B checkpoint in a fresh process: seconds and peak host RSS."""
+    from orchestra_jax.models import load_benchmark
+
+    args = parse(load_benchmark.LoadBenchArgs, argv, "orchestra-jax bench load")
+    try:
+        return load_benchmark.run_benchmark(args)
+    except (ValueError, RuntimeError) as e:
+        raise UsageError(str(e)) from None
+
+
+def cmd_convert(argv: Sequence[str]) -> int:
+    """Convert between HF directories, GGUF files (read only) and orbax params."""
+    from orchestra_jax.models import convert
+
+    args = parse(convert.ConvertArgs, argv, "orchestra-jax convert")
+    try:
+        return convert.run_convert(args)
+    except (ValueError, OSError) as e:
+        raise UsageError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+
+
+def cmd_train(argv: Sequence[str]) -> int:
+    """Train with multi-objective GRPO/PPO. No flags: the cpu-demo preset (SFT warm start, then RL, on this CPU)."""
+    import jax
+
+    config = parse_train_config(argv, "orchestra-jax train")
+    if config.dry_run:
+        from orchestra_jax.rl import plan
+
+        try:
+            print(plan.describe(config, jax.device_count()))
+        except (ValueError, KeyError) as e:
+            raise UsageError(str(e)) from None
+        return 0
+    try:
+        config_lib.validate(config, num_devices=jax.device_count())
+    except config_lib.ConfigError as e:
+        raise UsageError(str(e)) from None
+    from orchestra_jax.rl import trainer
+
+    try:
+        return trainer.train(config)
+    except (config_lib.ConfigError, OSError) as e:
+        raise UsageError(str(e).splitlines()[0]) from None
+
+
+def _pop_flag(argv: Sequence[str], flag: str) -> tuple[str | None, list[str]]:
+    rest, value, it = [], None, iter(argv)
+    for arg in it:
+        if arg == flag:
+            value = next(it, None)
+            if value is None:
+                raise UsageError(f"{flag} needs a value")
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    return value, rest
+
+
+def cmd_sft(argv: Sequence[str]) -> int:
+    """Supervised training on demonstration trajectories (JSONL) with the RL train step.
+
+    Flags: --data FILE (required), --tokenizer DIR (sizes the preset's vocabulary), any TrainConfig flag;
+    --steps is the number of SFT steps, --algorithm.sft-lr the learning rate.
+    """
+    data, rest = _pop_flag(argv, "--data")
+    tokenizer_dir, rest = _pop_flag(rest, "--tokenizer")
+    if any(a in ("-h", "--help") for a in rest):
+        print("orchestra-jax sft: --data FILE.jsonl [--tokenizer DIR] plus TrainConfig flags (below).")
+    config = parse_train_config(rest, "orchestra-jax sft")
+    if data is None:
+        raise UsageError("--data FILE.jsonl is required (trajectories or {token_ids, loss_mask} rows)")
+    from orchestra_jax.rl import commands
+    from orchestra_jax.rl.sft import DemonstrationError
+
+    try:
+        commands.run_sft(config, data, tokenizer_dir)
+    except (DemonstrationError, config_lib.ConfigError, OSError) as e:
+        raise UsageError(str(e).splitlines()[0]) from None
+    return 0
+
+
+def cmd_inspect(argv: Sequence[str]) -> int:
+    """`inspect checkpoint RUN_DIR`: latest step, parameter count and a SHA-256 over every parameter array."""
+    if len(argv) != 2 or argv[0] != "checkpoint":
+        if argv and argv[0] in ("-h", "--help"):
+            print("usage: orchestra-jax inspect checkpoint RUN_DIR")
+            return 0
+        raise UsageError("usage: orchestra-jax inspect checkpoint RUN_DIR")
+    from orchestra_jax.rl import commands
+    from orchestra_jax.rl.checkpoint import CheckpointError
+
+    try:
+        summary = commands.checkpoint_summary(argv[1])
+    except (CheckpointError, OSError, ValueError) as e:
+        raise UsageError(str(e).splitlines()[0]) from None
+    print(f"checkpoint: {summary['directory']}")
+    print(f"step: {summary['step']}")
+    print(f"parameters: {summary['params']}")
+    print(f"sha256: {summary['sha256']}")
+    return 0
+
+
 def bench_episodes(argv: Sequence[str]) -> int:
     """64 concurrent CPU-family episodes (scripted policy, real tools): episodes/s and tool-pool utilisation."""
     from orchestra_jax.env import episode_bench
@@ -144,6 +249,7 @@ def bench_episodes(argv: Sequence[str]) -> int:
 
 # `orchestra-jax bench NAME`: name -> (one-line help, handler). Benchmarks print ratios measured in one run.
 BENCHMARKS: dict[str, tuple[str, Handler]] = {
+    "load": ("load_pretrained of a synthetic 1B checkpoint: load time and peak host RSS", bench_load),
     "logprob": ("naive vs fused LM-head log-prob: peak memory and time, fwd and fwd+bwd", bench_logprob),
     "rollout": ("embedded sampler decode tok/s vs transformers generate, TTFT, weight-sync time", bench_rollout),
     "episodes": ("64 concurrent CPU-family episodes: episodes/s and tool-pool utilisation", bench_episodes),
@@ -213,6 +319,10 @@ def cmd_retrieval_server(argv: Sequence[str]) -> int:
 # name -> (one-line help, handler). A subcommand is added here by the change that makes it work.
 COMMANDS: dict[str, tuple[str, Handler]] = {
     "config": ("print the resolved run configuration (preset + overrides) as JSON", cmd_config),
+    "train": ("multi-objective GRPO/PPO training (no flags: the CPU demo); --dry-run prints the plan", cmd_train),
+    "sft": ("supervised training on demonstration trajectories (JSONL) with the RL train step", cmd_sft),
+    "inspect": ("inspect checkpoint RUN_DIR: latest step, parameter count, SHA-256 of the params", cmd_inspect),
+    "convert": ("convert checkpoints between HF directories, GGUF (read only) and orbax params", cmd_convert),
     "synth": ("synthesise a verified tool-use domain and its tasks (procedural or LLM teacher)", cmd_synth),
     "serve": ("serve a model over SGLang's native and OpenAI HTTP APIs (embedded JAX sampler)", cmd_serve),
     "retrieval-server": ("serve BM25 search over a corpus on ToolOrchestra's /retrieve protocol", cmd_retrieval_server),
