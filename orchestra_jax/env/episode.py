@@ -165,6 +165,8 @@ class _Episode:
         self.finish = "max_turns"
         self.error: str | None = None
         self.chat = ChatTokens(tokenizer, family=config.family)
+        self.spans: list[tuple[int, int]] = []
+        self.span_turns: list[int] = []
         self.eos_ids = tuple(tokenizer.eos_token_ids)
 
     def system_message(self) -> dict[str, str]:
@@ -195,8 +197,11 @@ class _Episode:
                     tuple(self.chat.loss_mask),
                     tuple(self.chat.logprobs),
                     self.versions[-1],
+                    tuple(self.spans),
+                    tuple(self.span_turns),
                 )
             )
+        self.spans, self.span_turns = [], []
 
     async def generate(self, turn: int):
         prompt = tuple(self.chat.token_ids)
@@ -222,7 +227,10 @@ class _Episode:
         self.versions.append(completion.weight_version)
         usage = Usage(self.config.policy_model, completion.prompt_tokens, completion.completion_tokens)
         self.ledger = self.ledger.charge(self.prices, usage=[usage], policy_latency_s=completion.latency_s)
+        start = len(self.chat.token_ids)
         self.chat.append_generated(completion.output_ids, completion.logprobs)
+        self.spans.append((start, start + len(completion.output_ids)))
+        self.span_turns.append(turn)
         ids = [i for i in completion.output_ids if i not in self.eos_ids]
         return self.tokenizer.decode(ids)
 

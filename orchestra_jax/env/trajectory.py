@@ -93,6 +93,18 @@ class Sample:
     loss_mask: tuple[int, ...]
     behaviour_logprobs: tuple[float, ...]
     weight_version: str
+    turn_spans: tuple[tuple[int, int], ...] = ()
+    """[start, end) of each policy turn's sampled ids in `token_ids`, in turn order."""
+    turn_indices: tuple[int, ...] = ()
+    """The episode turn each span belongs to (context mode: one turn per sample)."""
+
+    def without_turns(self, drop: set[int]) -> Sample:
+        """This sample with the loss mask zeroed on the given episode turns (the malformed-turn filter)."""
+        mask = list(self.loss_mask)
+        for (start, end), turn in zip(self.turn_spans, self.turn_indices, strict=True):
+            if turn in drop:
+                mask[start:end] = [0] * (end - start)
+        return dataclasses.replace(self, loss_mask=tuple(mask))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +157,15 @@ class Trajectory:
     @property
     def behaviour_logprobs(self) -> tuple[float, ...]:
         return self.samples[-1].behaviour_logprobs if self.samples else ()
+
+    def training_samples(self, drop_malformed_turns: bool = True) -> list[Sample]:
+        """Samples for the trainer; with the filter on, tokens of turns that were not well formed get mask 0.
+
+        Samples left with no trainable token are dropped.
+        """
+        drop = {i for i, bad in enumerate(self.malformed_turns) if bad} if drop_malformed_turns else set()
+        out = [s.without_turns(drop) if drop else s for s in self.samples]
+        return [s for s in out if any(s.loss_mask)]
 
     @property
     def has_valid_answer(self) -> bool:

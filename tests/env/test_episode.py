@@ -125,6 +125,8 @@ def test_history_episode_token_exact_with_real_sandbox_and_ledger(tokenizer, cat
         expected_lp[start : start + len(out)] = [-0.01 * (i + 1) - turn for i in range(len(out))]
     assert traj.behaviour_logprobs == pytest.approx(expected_lp)
     assert traj.weight_version == "v7" and traj.samples[0].weight_version == "v7"
+    spans = ((len(prompt0), len(prompt0) + len(out0)), (len(prompt1), len(prompt1) + len(out1)))
+    assert traj.samples[0].turn_spans == spans and traj.samples[0].turn_indices == (0, 1)
 
     ledger = traj.ledger
     policy_cost = (PRICE_IN * (len(prompt0) + len(prompt1)) + PRICE_OUT * (len(out0) + len(out1))) / 1e6
@@ -327,3 +329,29 @@ def test_bench_episodes_command_prints_rate_and_utilisation(capsys):
     assert rate and float(rate.group(1)) > 0 and util and 0 < float(util.group(1)) <= 100
     assert "correct 8/8" in out
     assert cli.main(["bench", "episodes", "--workers", "0"]) == 2
+
+
+def test_training_samples_drop_the_tokens_of_malformed_turns(tokenizer, catalog):
+    task = arith_task()
+    turns = [
+        '<tool_call>{"name": "python"</tool_call>',
+        CALL("expert", {"question": task.question}),
+        CALL("answer", {"answer": task.answer}),
+    ]
+    engine = ScriptedEngine(tokenizer, turns_script({task.id: turns}))
+    for mode in ("history", "context"):
+        traj = run(run_episode(engine, tokenizer, catalog, task, config(mode=mode)))
+        assert traj.correct and traj.malformed_turns == (True, False, False)
+        kept = traj.training_samples()
+        spans = [
+            (sample, span, turn)
+            for sample in traj.samples
+            for span, turn in zip(sample.turn_spans, sample.turn_indices, strict=True)
+        ]
+        assert [turn for _, _, turn in spans] == [0, 1, 2]
+        assert sum(map(sum, (s.loss_mask for s in kept))) == sum(
+            end - start for _, (start, end), turn in spans if turn != 0
+        )
+        assert len(kept) == (1 if mode == "history" else 2)
+        everything = traj.training_samples(drop_malformed_turns=False)
+        assert [s.loss_mask for s in everything] == [s.loss_mask for s in traj.samples]
