@@ -20,7 +20,9 @@ import pathlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from orchestra_jax.env.domain import write_text_atomic
+from orchestra_jax.env.domain import Action, DomainTask, write_text_atomic
+from orchestra_jax.env.preferences import Preference, PreferenceError
+from orchestra_jax.env.trajectory import Task
 
 
 class TaskFileError(ValueError):
@@ -109,3 +111,33 @@ def domain_dir(task: TaskRecord, tasks_path: str | os.PathLike) -> pathlib.Path:
     if not isinstance(rel, str):
         raise TaskFileError(f"{tasks_path}: task {task.id!r} has no metadata.domain_dir")
     return (pathlib.Path(tasks_path).parent / rel).resolve()
+
+
+def to_task(record: TaskRecord, where: str = "task") -> Task:
+    """The episode's `Task`; a list preference is a vector over `record.tools` (+ outcome, cost, latency)."""
+    try:
+        if isinstance(record.preference, list):
+            preference = Preference.from_vector(record.tools, record.preference)
+        else:
+            preference = Preference.from_json(record.preference or {})
+    except (PreferenceError, ValueError, TypeError) as e:
+        raise TaskFileError(f"{where}: task {record.id!r}: {e}") from None
+    return Task(record.id, record.question, record.answer, record.tools, preference, dict(record.metadata))
+
+
+def load_episode_tasks(path: str | os.PathLike) -> list[Task]:
+    """load_tasks, converted to the episode loop's `Task` values."""
+    return [to_task(r, str(path)) for r in load_tasks(path)]
+
+
+def domain_task(task: TaskRecord | Task) -> DomainTask:
+    """The τ²-style grading view of a synthesised task (metadata written by `orchestra-jax synth`)."""
+    meta = task.metadata
+    if meta.get("evaluator") != "domain":
+        raise TaskFileError(f"task {task.id!r} is not a domain task (metadata.evaluator is {meta.get('evaluator')!r})")
+    try:
+        actions = tuple(Action(a["name"], dict(a["arguments"])) for a in meta["gold_actions"])
+        return DomainTask(task.id, dict(meta.get("user_scenario", {})), actions, tuple(meta.get("communicate_info", ())),
+                          tuple(meta.get("nl_assertions", ())), tuple(meta.get("reward_basis", ("DB", "COMMUNICATE"))))
+    except (KeyError, TypeError) as e:
+        raise TaskFileError(f"task {task.id!r}: malformed domain metadata ({type(e).__name__}: {e})") from None

@@ -20,7 +20,14 @@ from typing import Any
 
 import jsonschema
 
-FIELD_TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": bool}
+from orchestra_jax.env.domain_model import (  # noqa: F401  (re-exported: the domain's data-model checks)
+    FIELD_TYPES,
+    check_data_model,
+    check_database,
+    check_record,
+    record_schema,
+)
+
 TOOL_KINDS = ("read", "search", "update", "create")
 OPERATORS = ("eq", "ne", "in", "not_in", "lt", "le", "gt", "ge")
 EFFECT_SOURCES = ("value", "param", "add_param", "add_value")
@@ -28,93 +35,6 @@ EFFECT_SOURCES = ("value", "param", "add_param", "add_value")
 
 class DomainError(ValueError):
     """A domain folder, data model, tool spec or task that does not hold together; the message names where."""
-
-
-# ----------------------------------------------------------------------------------------------- data model
-
-
-def check_data_model(data_model: Mapping[str, Any]) -> list[str]:
-    """Structural errors of a data model `{"tables": {name: {"key", "description", "fields": {...}}}}`."""
-    tables = data_model.get("tables") if isinstance(data_model, Mapping) else None
-    if not isinstance(tables, Mapping) or not tables:
-        return ["data model: 'tables' must be a non-empty object"]
-    errors: list[str] = []
-    for name, table in tables.items():
-        fields = table.get("fields") if isinstance(table, Mapping) else None
-        if not isinstance(fields, Mapping) or not fields:
-            errors.append(f"table {name}: 'fields' must be a non-empty object")
-            continue
-        key = table.get("key")
-        if key not in fields or fields[key].get("type") != "string":
-            errors.append(f"table {name}: key {key!r} must name a string field")
-        for fname, spec in fields.items():
-            where = f"{name}.{fname}"
-            if not isinstance(spec, Mapping) or spec.get("type") not in FIELD_TYPES:
-                errors.append(f"{where}: type must be one of {sorted(FIELD_TYPES)}")
-                continue
-            if "ref" in spec and spec["ref"] not in tables:
-                errors.append(f"{where}: ref {spec['ref']!r} is not a table")
-            if "enum" in spec:
-                enum = spec["enum"]
-                ok = isinstance(enum, list) and enum and all(_is_type(v, spec["type"]) for v in enum)
-                if not ok:
-                    errors.append(f"{where}: enum must be a non-empty list of {spec['type']} values")
-    return errors
-
-
-def _is_type(value: Any, type_name: str) -> bool:
-    if isinstance(value, bool) and type_name != "boolean":
-        return False
-    return isinstance(value, FIELD_TYPES[type_name])
-
-
-def record_schema(table: Mapping[str, Any]) -> dict:
-    """The JSON schema of one record of a table (every field required, nothing extra)."""
-    properties = {}
-    for fname, spec in table["fields"].items():
-        prop: dict[str, Any] = {"type": [spec["type"], "null"] if spec.get("nullable") else spec["type"]}
-        if "enum" in spec:
-            prop["enum"] = list(spec["enum"]) + ([None] if spec.get("nullable") else [])
-        prop.update({k: spec[k] for k in ("minimum", "maximum") if k in spec})
-        properties[fname] = prop
-    return {"type": "object", "properties": properties, "required": list(properties), "additionalProperties": False}
-
-
-def check_record(data_model: Mapping, db: Mapping, table_name: str, key: str, record: Any) -> list[str]:
-    """Errors of one record: schema, key consistency, references to existing records, unique fields."""
-    table = data_model["tables"][table_name]
-    where = f"{table_name}/{key}"
-    validator = jsonschema.Draft202012Validator(record_schema(table))
-    errors = [f"{where}.{'.'.join(map(str, e.path)) or '(record)'}: {e.message}" for e in validator.iter_errors(record)]
-    if errors:
-        return errors
-    if record[table["key"]] != key:
-        errors.append(f"{where}: field {table['key']} is {record[table['key']]!r}, not its key")
-    for fname, spec in table["fields"].items():
-        value = record[fname]
-        if "ref" in spec and value is not None and value not in db.get(spec["ref"], {}):
-            errors.append(f"{where}.{fname}: no {spec['ref']} record {value!r}")
-        if spec.get("unique") and value is not None:
-            clash = [k for k, r in db.get(table_name, {}).items() if k != key and r.get(fname) == value]
-            if clash:
-                errors.append(f"{where}.{fname}: {value!r} is not unique (also {clash[0]})")
-    return errors
-
-
-def check_database(data_model: Mapping, db: Any) -> list[str]:
-    """Every error of a database against its data model (an empty list when it validates)."""
-    if not isinstance(db, Mapping):
-        return ["database: must be an object of tables"]
-    tables = data_model["tables"]
-    errors = [f"database: unknown table {name!r}" for name in db if name not in tables]
-    for name in tables:
-        records = db.get(name)
-        if not isinstance(records, Mapping):
-            errors.append(f"database: table {name!r} missing or not an object")
-            continue
-        for key, record in records.items():
-            errors += check_record(data_model, db, name, key, record)
-    return errors
 
 
 # ----------------------------------------------------------------------------------------------- tools
@@ -397,6 +317,19 @@ class DomainEnv:
         if self.task is None:
             raise DomainError("this episode has no task to score against")
         return score_episode(self.domain, self.task, self.db, self.actions, agent_messages)
+
+    def catalog(self) -> Any:
+        """The domain's tools as an episode `ToolCatalog` bound to this environment: calls change `self.db`."""
+        from orchestra_jax.env.catalog import Tool, ToolCatalog, ToolResult
+
+        def bind(spec: ToolSpec) -> Tool:
+            async def run(arguments: dict[str, Any], context: Any) -> ToolResult:
+                outcome = self.call(spec.name, arguments)
+                return ToolResult(outcome.observation, error=outcome.error)
+
+            return Tool(spec.name, spec.description, spec.openai_schema()["function"]["parameters"], run)
+
+        return ToolCatalog(tuple(bind(t) for t in self.domain.tools))
 
 
 # ----------------------------------------------------------------------------------------------- files

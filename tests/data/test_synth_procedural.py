@@ -106,3 +106,30 @@ def test_unknown_domain_and_bad_names_fail_early():
         ProceduralBackend.for_domain("airline")
     with pytest.raises(ValueError, match="domain name"):
         stages.synthesize(ProceduralBackend.for_domain("bank"), stages.SynthConfig("Bank!"))
+
+
+def test_jsonl_feeds_the_episode_loop_and_the_catalog_grades(tmp_path):
+    """Our JSONL loads as episode `Task`s; a scripted policy calling gold actions through the episode
+    `ToolCatalog` (async, as the episode loop calls tools) scores 1.0 in the domain environment."""
+    import asyncio
+
+    from orchestra_jax.env.trajectory import Task
+
+    result = run("bank", random.randrange(10**6), num_tasks=12)
+    stages.write_outputs(result, tmp_path)
+    episode_tasks = tasks_lib.load_episode_tasks(tmp_path / "tasks.jsonl")
+    assert episode_tasks and all(isinstance(t, Task) for t in episode_tasks)
+    domain = dl.load_domain(tmp_path / "bank")
+
+    async def play(task: Task) -> dl.EpisodeScore:
+        grading = tasks_lib.domain_task(task)
+        env = dl.DomainEnv(domain, grading)
+        catalog = env.catalog()
+        assert set(catalog.names) == set(task.tools)
+        said = [(await catalog.execute(a.name, dict(a.arguments))).observation for a in grading.actions]
+        return env.score(said)
+
+    for task in episode_tasks:
+        assert asyncio.run(play(task)).reward == 1.0
+    with pytest.raises(tasks_lib.TaskFileError, match="not a domain task"):
+        tasks_lib.domain_task(tasks_lib.TaskRecord("x", "q"))
