@@ -213,11 +213,17 @@ def episode_setup(
     user_backend: str,
     expert_client: Any | None = None,
     expert_aliases: Mapping[str, str] | None = None,
+    hidden_tools: frozenset[str] = HIDDEN_TOOLS,
 ):
-    """`run_episodes(setup=...)` for tau2 tasks: a fresh session, its tools, a user simulator and tau2's grader."""
+    """`run_episodes(setup=...)` for tau2 tasks: a fresh session, its tools, a user simulator and tau2's grader.
+
+    `hidden_tools` defaults to ToolOrchestra's setting (no transfer_to_human_agents); pass frozenset() to offer
+    every domain tool, as tau2-bench itself does.
+    """
 
     async def setup(task: Task, rollout: int) -> EpisodeSetup:
-        session = await asyncio.to_thread(Tau2Session, task.metadata["domain"], task.metadata["tau2_task"])
+        domain, tau2_task = task.metadata["domain"], task.metadata["tau2_task"]
+        session = await asyncio.to_thread(Tau2Session, domain, tau2_task, frozenset(hidden_tools))
         return EpisodeSetup(
             catalog=session_catalog(session, expert_client, expert_aliases),
             user=Tau2User(session, user_client, user_backend),
