@@ -48,7 +48,11 @@ LAYER_NAMES = {
     "up": "mlp.up_proj.weight",
     "down": "mlp.down_proj.weight",
 }
-TOP_NAMES = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight", "lm_head": "lm_head.weight"}
+TOP_NAMES = {
+    "embed": "model.embed_tokens.weight",
+    "final_norm": "model.norm.weight",
+    "lm_head": "lm_head.weight",
+}
 
 
 def hf_name(key: str, layer: int | None) -> str:
@@ -102,18 +106,24 @@ def assemble_params(
         name = hf_name(key, layer)
         w = read(name)
         if w.shape != hf_shape(key, shape):
-            raise CheckpointError(f"tensor {name!r} has shape {w.shape}, config expects {hf_shape(key, shape)}")
+            raise CheckpointError(
+                f"tensor {name!r} has shape {w.shape}, config expects {hf_shape(key, shape)}"
+            )
         return to_ours(key, w, shape)
 
-    params: dict[str, Any] = {"layers": {}}
+    # The embedding first: its transient copies then coincide with the fewest already-placed params.
+    params: dict[str, Any] = {}
+    for key in [k for k in shapes if k != "layers"]:
+        params[key] = jax.device_put(
+            load_one(key, None, shapes[key]).astype(target, copy=False), shardings[key]
+        )
+    params["layers"] = {}
     for key, shape in shapes["layers"].items():
         buffer = np.empty(shape, target)
         for layer in range(config.num_layers):
             buffer[layer] = load_one(key, layer, shape[1:])
-        params["layers"][key] = jax.device_put(buffer, shardings["layers"][key])
+        params["layers"][key] = jax.block_until_ready(jax.device_put(buffer, shardings["layers"][key]))
         del buffer
-    for key in [k for k in shapes if k != "layers"]:
-        params[key] = jax.device_put(load_one(key, None, shapes[key]).astype(target), shardings[key])
     return params
 
 
@@ -216,7 +226,9 @@ def save_pretrained(
         wrong = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(
             jax.tree.map(lambda a, b: a == b, got, expected, is_leaf=lambda x: isinstance(x, tuple)))[0]
             if not _]  # fmt: skip
-        raise CheckpointError(f"{out_dir}: params do not match the config's shapes (at {', '.join(wrong) or 'tree'})")
+        raise CheckpointError(
+            f"{out_dir}: params do not match the config's shapes (at {', '.join(wrong) or 'tree'})"
+        )
     entries = []
     for name, key, layer in _hf_tensors(config, params):
         array = params[key] if layer is None else params["layers"][key]
@@ -243,7 +255,11 @@ def save_pretrained(
     try:
         weight_map, total = {}, 0
         for i, shard in enumerate(shards):
-            file = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            file = (
+                "model.safetensors"
+                if len(shards) == 1
+                else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            )
             total += write_safetensors(tmp / file, [(e[0], e[3], e[4]) for e in shard], produce)
             weight_map.update({e[0]: file for e in shard})
         if len(shards) > 1:

@@ -69,7 +69,11 @@ class SafetensorsFile:
                 begin, end = (int(x) for x in info["data_offsets"])
             except (KeyError, TypeError, ValueError):
                 raise SafetensorsError(f"{self.path}: tensor {name!r}: bad header entry {info!r}") from None
-            if end - begin != dtype.itemsize * int(np.prod(shape)) or begin < 0 or self._data_start + end > size:
+            if (
+                end - begin != dtype.itemsize * int(np.prod(shape))
+                or begin < 0
+                or self._data_start + end > size
+            ):
                 raise SafetensorsError(
                     f"{self.path}: tensor {name!r}: byte range [{begin}, {end}) does not fit its shape or the file"
                 )
@@ -104,7 +108,11 @@ def write_safetensors(
     order = []
     for name, dtype, shape in specs:
         nbytes = np.dtype(dtype).itemsize * int(np.prod(shape))
-        header[name] = {"dtype": CODES[np.dtype(dtype)], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {
+            "dtype": CODES[np.dtype(dtype)],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         order.append((name, np.dtype(dtype), tuple(shape)))
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
@@ -115,6 +123,8 @@ def write_safetensors(
         for name, dtype, shape in order:
             array = np.ascontiguousarray(produce(name))
             if array.dtype != dtype or array.shape != shape:
-                raise ValueError(f"{path}: tensor {name!r} is {array.dtype}{array.shape}, expected {dtype}{shape}")
+                raise ValueError(
+                    f"{path}: tensor {name!r} is {array.dtype}{array.shape}, expected {dtype}{shape}"
+                )
             f.write(memoryview(array.reshape(-1).view(np.uint8)))
     return offset

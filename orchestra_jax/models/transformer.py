@@ -92,7 +92,9 @@ def init_params(config: TransformerConfig, key: jax.Array, dtype: Any = "float32
     return jax.tree.unflatten(treedef, arrays)
 
 
-def init_kv_cache(config: TransformerConfig, batch: int, max_len: int, dtype: Any = "float32") -> dict[str, jax.Array]:
+def init_kv_cache(
+    config: TransformerConfig, batch: int, max_len: int, dtype: Any = "float32"
+) -> dict[str, jax.Array]:
     shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
@@ -253,6 +255,8 @@ def forward(config: TransformerConfig, params: Params, token_ids_BT: jax.Array, 
     """float32 logits [B, T, V]; with `kv_cache=` given, (logits_BTV, updated kv_cache)."""
     hidden_BTD, new_cache = hidden_states(config, params, token_ids_BT, **kwargs)
     w_DV = lm_head_weight(config, params)
-    logits_BTV = jnp.einsum("btd,dv->btv", hidden_BTD, w_DV.astype(hidden_BTD.dtype), preferred_element_type=jnp.float32)
+    logits_BTV = jnp.einsum(
+        "btd,dv->btv", hidden_BTD, w_DV.astype(hidden_BTD.dtype), preferred_element_type=jnp.float32
+    )
     logits_BTV = with_logical_constraint(logits_BTV, ("batch", "seq", "vocab"))
     return logits_BTV if kwargs.get("kv_cache") is None else (logits_BTV, new_cache)

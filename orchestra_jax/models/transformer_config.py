@@ -42,13 +42,17 @@ class TransformerConfig:
         if self.family not in FAMILIES:
             raise ConfigFieldError(f"family {self.family!r} is not one of {FAMILIES}")
         if self.num_heads % self.num_kv_heads:
-            raise ConfigFieldError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+            raise ConfigFieldError(
+                f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"
+            )
         if self.head_dim % 2:
             raise ConfigFieldError(f"head_dim {self.head_dim} must be even for rotary embeddings")
         if self.rope_scaling is not None:
             rope_type = dict(self.rope_scaling).get("rope_type", "default")
             if rope_type not in ROPE_TYPES:
-                raise ConfigFieldError(f"rope_scaling type {rope_type!r} is not supported (choose from {ROPE_TYPES})")
+                raise ConfigFieldError(
+                    f"rope_scaling type {rope_type!r} is not supported (choose from {ROPE_TYPES})"
+                )
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any]:
@@ -65,7 +69,9 @@ class TransformerConfig:
 
     def to_hf_config(self) -> dict[str, Any]:
         """A config.json dict that transformers (4.x and 5.x) reads as this model."""
-        arch = {"qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[self.family]
+        arch = {"qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[
+            self.family
+        ]
         eos: int | list[int] | None = list(self.eos_token_ids) if self.eos_token_ids else None
         if eos is not None and len(eos) == 1:
             eos = eos[0]
@@ -118,7 +124,13 @@ def from_hf_config(hf: dict[str, Any], source: str = "config.json") -> Transform
     family = hf.get("model_type")
     if family not in FAMILIES:
         raise ConfigFieldError(f"{source}: model_type {family!r} is not supported (choose from {FAMILIES})")
-    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+    for field in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+    ):
         if not isinstance(hf.get(field), int):
             raise ConfigFieldError(f"{source}: field {field!r} is missing or not an integer")
     if hf.get("hidden_act", "silu") != "silu":
@@ -191,9 +203,20 @@ PRESETS = {
     "qwen3-14b": lambda v: _qwen3(5120, 17408, 40, 40, tie=False),
     "qwen3-32b": lambda v: _qwen3(5120, 25600, 64, 64, tie=False),
     "smollm2-135m": lambda v: TransformerConfig(
-        family="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
-        num_kv_heads=3, head_dim=64, rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
-        max_position_embeddings=8192, bos_token_id=1, eos_token_ids=(2,),
+        family="llama",
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_layers=30,
+        num_heads=9,
+        num_kv_heads=3,
+        head_dim=64,
+        rope_theta=100000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        max_position_embeddings=8192,
+        bos_token_id=1,
+        eos_token_ids=(2,),
     ),
 }
 

@@ -70,13 +70,19 @@ def test_tiny_gguf_matches_transformers(arch, tmp_path):
     if arch == "llama":
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(tie_word_embeddings=True, **kwargs))
     else:
-        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(head_dim=16, tie_word_embeddings=False, **kwargs))
+        model = transformers.Qwen3ForCausalLM(
+            transformers.Qwen3Config(head_dim=16, tie_word_embeddings=False, **kwargs)
+        )
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(torch.randn_like(p) * 0.2 + (1.0 if "norm" in name else 0.0))
     _write_gguf(model.eval(), tmp_path / "m.gguf", arch)
     config, params = load_pretrained(tmp_path / "m.gguf")
-    assert (config.family, config.tie_word_embeddings, config.head_dim) == (arch, arch == "llama", 8 if arch == "llama" else 16)
+    assert (config.family, config.tie_word_embeddings, config.head_dim) == (
+        arch,
+        arch == "llama",
+        8 if arch == "llama" else 16,
+    )
     ids = np.random.default_rng(seed).integers(0, 89, (1, 10))
     with torch.no_grad():
         ref = model(torch.tensor(ids)).logits.numpy()
@@ -116,7 +122,9 @@ def greedy(config, params, prompt: list[int], steps: int) -> list[int]:
     logits, cache = fwd(config, params, np.array([prompt]), kv_cache=cache)
     out = [int(jnp.argmax(logits[0, -1]))]
     for t in range(len(prompt), len(prompt) + steps - 1):
-        logits, cache = fwd(config, params, np.array([[out[-1]]]), positions_BT=np.array([[t]]), kv_cache=cache)
+        logits, cache = fwd(
+            config, params, np.array([[out[-1]]]), positions_BT=np.array([[t]]), kv_cache=cache
+        )
         out.append(int(jnp.argmax(logits[0, -1])))
     return out
 
@@ -137,7 +145,9 @@ def test_smollm2_greedy_continuation_matches_transformers():
     model.eval()
     prompt = tokenizer("The capital of France is")["input_ids"]
     with torch.no_grad():
-        ref = model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False)[0, len(prompt):].tolist()
+        ref = model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False)[
+            0, len(prompt) :
+        ].tolist()
     config, params = load_pretrained(path)
     assert (config.family, config.num_layers, config.vocab_size) == ("llama", 30, 49152)
     ours = greedy(config, params, prompt, 16)

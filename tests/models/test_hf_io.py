@@ -232,3 +232,73 @@ def test_save_failure_leaves_nothing_half_written(saved_qwen2, tmp_path, monkeyp
         save_pretrained(config, jax.tree.map(lambda x: x + 1, params), tmp_path / "out")
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def _same_tensors(dir_a, dir_b):
+    from orchestra_jax.models.hf_io import _tensor_index
+
+    a, b = _tensor_index(dir_a), _tensor_index(dir_b)
+    assert set(a) == set(b)
+    return all(a[k].read(k).tobytes() == b[k].read(k).tobytes() for k in a)
+
+
+def test_convert_cli_hf_orbax_hf_round_trip(saved_qwen2, tmp_path, capsys):
+    from orchestra_jax.cli import main
+
+    assert main(["convert", "--src", str(saved_qwen2), "--dst", str(tmp_path / "orb"), "--to", "orbax"]) == 0
+    assert (tmp_path / "orb" / "params").is_dir() and (tmp_path / "orb" / "config.json").is_file()
+    assert main(["convert", "--src", str(tmp_path / "orb"), "--dst", str(tmp_path / "back")]) == 0
+    assert "wrote hf checkpoint" in capsys.readouterr().out
+    assert _same_tensors(saved_qwen2, tmp_path / "back")
+    assert (
+        main(["convert", "--src", str(saved_qwen2), "--dst", str(tmp_path / "bf16"), "--dtype", "bfloat16"])
+        == 0
+    )
+    config, params = load_pretrained(tmp_path / "bf16", dtype="bfloat16")
+    assert params["embed"].dtype == jnp.bfloat16
+
+
+def test_convert_training_checkpoint_uses_the_run_config(tmp_path, capsys):
+    from orchestra_jax.cli import main
+    from orchestra_jax.models import get_preset, init_params
+    from orchestra_jax.models.params_io import load_params, save_params
+
+    config = get_preset("qwen3-tiny", vocab_size=72)
+    params = init_params(config, jax.random.key(np.random.randint(1 << 30)))
+    run = tmp_path / "run"
+    save_params(params, run / "ckpt" / "3" / "params")
+    restored = load_params(run / "ckpt" / "3" / "params")
+    assert all(
+        bool(jnp.array_equal(x, y)) for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(restored))
+    )
+    assert main(["convert", "--src", str(run / "ckpt"), "--dst", str(tmp_path / "hf")]) == 2
+    assert "pass --model" in capsys.readouterr().err
+    (run / "config.json").write_text(json.dumps({"model": {"source": "qwen3-tiny"}}))
+    assert main(["convert", "--src", str(run / "ckpt"), "--dst", str(tmp_path / "hf")]) == 0
+    config2, params2 = load_pretrained(tmp_path / "hf")
+    assert config2.vocab_size == 72 and config2.tie_word_embeddings
+    assert all(bool(jnp.array_equal(x, y)) for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(params2)))
+
+
+def test_convert_bad_input_is_one_line(tmp_path, capsys):
+    from orchestra_jax.cli import main
+
+    assert main(["convert", "--src", str(tmp_path / "nope"), "--dst", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "nope: no such file or directory" in err and len(err.splitlines()) == 1
+    (tmp_path / "empty").mkdir()
+    assert main(["convert", "--src", str(tmp_path / "empty"), "--dst", str(tmp_path / "out")]) == 2
+    assert "config.json: missing" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_synthetic_benchmark_checkpoint_loads(tmp_path):
+    from orchestra_jax.models import get_preset
+    from orchestra_jax.models.load_benchmark import write_synthetic_checkpoint
+
+    config = get_preset("qwen2-tiny", vocab_size=200)
+    nbytes = write_synthetic_checkpoint(config, tmp_path / "s", "bfloat16", max_shard_bytes=60_000)
+    assert nbytes == 2 * config.num_params() and len(list((tmp_path / "s").glob("*.safetensors"))) > 1
+    loaded_config, params = load_pretrained(tmp_path / "s", dtype="bfloat16")
+    assert loaded_config == config
+    assert sum(x.size for x in jax.tree.leaves(params)) == config.num_params()

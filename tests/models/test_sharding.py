@@ -13,7 +13,9 @@ from orchestra_jax.models.transformer_config import get_preset
 from orchestra_jax.parallel.mesh import logical_sharding, make_mesh, tree_shardings
 
 # Every sharded dimension divides 8: heads 8, kv heads 8, hidden 64, mlp 128, vocab 128.
-CONFIG = dataclasses.replace(get_preset("qwen3-tiny", vocab_size=128), num_heads=8, num_kv_heads=8, head_dim=8)
+CONFIG = dataclasses.replace(
+    get_preset("qwen3-tiny", vocab_size=128), num_heads=8, num_kv_heads=8, head_dim=8
+)
 
 
 def _loss(params, ids_BT, segments_BT):
@@ -49,7 +51,9 @@ def test_sharded_forward_backward_matches_one_device(reference, shape):
         out_shardings=(None, param_shardings),
     )
     with jax.set_mesh(mesh):
-        loss, grads = step(sharded_params, jax.device_put(ids, batch_sharding), jax.device_put(segments, batch_sharding))
+        loss, grads = step(
+            sharded_params, jax.device_put(ids, batch_sharding), jax.device_put(segments, batch_sharding)
+        )
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
     for (path, g), r in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(ref_grads)):
         np.testing.assert_allclose(g, r, rtol=2e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
@@ -64,6 +68,8 @@ def test_load_pretrained_places_each_tensor_with_its_sharding(reference, tmp_pat
     mesh = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2))
     config, loaded = load_pretrained(tmp_path / "ckpt", mesh=mesh)
     expected = tree_shardings(mesh, T.param_logical_axes(config))
-    for leaf, sharding, ref in zip(jax.tree.leaves(loaded), jax.tree.leaves(expected), jax.tree.leaves(params)):
+    for leaf, sharding, ref in zip(
+        jax.tree.leaves(loaded), jax.tree.leaves(expected), jax.tree.leaves(params)
+    ):
         assert leaf.sharding == sharding
         np.testing.assert_array_equal(leaf, ref)
