@@ -228,8 +228,6 @@ def _slug(text: str) -> str:
 
 
 def run_specs(args: EvalArgs, policy_name: str) -> list[harness.RunSpec]:
-    if not args.max_turns or any(t < 1 for t in args.max_turns):
-        raise EvalUsageError(f"--max-turns {list(args.max_turns)}: give one or more positive turn limits")
     base = args.label or policy_name
     specs = []
     for spec in args.preference:
@@ -364,6 +362,10 @@ def run_eval(args: EvalArgs) -> int:
         raise EvalUsageError(f"--limit {args.limit}: must be at least 1")
     if args.budget_usd is not None and args.budget_usd < 0:
         raise EvalUsageError(f"--budget-usd {args.budget_usd}: must be non-negative")
+    for spec in args.preference:
+        parse_preference(spec)
+    if not args.max_turns or any(t < 1 for t in args.max_turns):
+        raise EvalUsageError(f"--max-turns {list(args.max_turns)}: give one or more positive turn limits")
     outcome = asyncio.run(_evaluate(args))
     write_outputs(args.out, title=args.benchmark)
     run_json = Path(args.out) / "run.json"

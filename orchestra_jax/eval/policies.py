@@ -333,7 +333,7 @@ def tau2_gold_policy(tasks: Sequence[Any]) -> Policy:
     from orchestra_jax.env.scripted import ScriptedEngine
     from orchestra_jax.env.trajectory import parse_request_id
 
-    turns = {task.id: tau2._replay_script(task.metadata["tau2_task"])[0] for task in tasks}
+    turns = {task.id: tau2._replay_script(task.metadata["tau2_task"], frozenset())[0] for task in tasks}
 
     def script(prompt_ids: tuple[int, ...], rid: str) -> str:
         task_id, _, _, turn = parse_request_id(rid)
@@ -349,6 +349,8 @@ async def tau2_gold_setup(task: Any, rollout: int) -> Any:
     from orchestra_jax.env import tau2
     from orchestra_jax.env.episode import EpisodeSetup
 
-    session = await asyncio.to_thread(tau2.Tau2Session, task.metadata["domain"], task.metadata["tau2_task"])
-    _, batches = tau2._replay_script(task.metadata["tau2_task"])
+    # every domain tool is offered, as in env.tau2.replay_gold_actions (some gold answers are a transfer)
+    domain, tau2_task = task.metadata["domain"], task.metadata["tau2_task"]
+    session = await asyncio.to_thread(tau2.Tau2Session, domain, tau2_task, frozenset())
+    _, batches = tau2._replay_script(tau2_task, session.hidden_tools)
     return EpisodeSetup(tau2.session_catalog(session), tau2._ScriptedUser(session, batches), tau2._grader(session))
