@@ -19,7 +19,7 @@ from orchestra_jax import cli, models
 from orchestra_jax.env import tasks_cpu
 from orchestra_jax.env.episode import EpisodeSetup
 from orchestra_jax.env.judge import JudgeConfig
-from orchestra_jax.env.llm_tools import ChatClient, Endpoint
+from orchestra_jax.env.llm_tools import ChatClient
 from orchestra_jax.env.scripted import ScriptedEngine, turns_script
 from orchestra_jax.env.search import LocalRetriever, open_bm25
 from orchestra_jax.env.toolorchestra_tools import ALIASES
