@@ -17,7 +17,6 @@ import asyncio
 import dataclasses
 import hashlib
 import inspect
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
@@ -26,6 +25,7 @@ from orchestra_jax.env.judge import JudgeConfig, judge_answer
 from orchestra_jax.env.ledger import Ledger
 from orchestra_jax.env.preferences import render_instruction
 from orchestra_jax.env.prices import ModelPrice, PriceTable, Usage, default_price_table
+from orchestra_jax.env.tool_pool import ToolPool
 from orchestra_jax.env.trajectory import EpisodeConfig, Sample, Task, Trajectory, Turn, request_id
 from orchestra_jax.models.chat_template import ChatTokens
 from orchestra_jax.models.tokenizer import Tokenizer
@@ -52,39 +52,6 @@ class EpisodeSetup:
     catalog: ToolCatalog
     user: UserSimulator | None = None
     grader: Grader | None = None
-
-
-class ToolPool:
-    """Bounds how many tool calls run at once across all episodes, and measures how busy the pool was."""
-
-    def __init__(self, workers: int = 16) -> None:
-        if workers < 1:
-            raise ValueError(f"tool pool workers={workers}: must be at least 1")
-        self.workers = workers
-        self.busy_s = 0.0
-        self.calls = 0
-        self.running = 0
-        self.peak = 0
-        """Most calls that ran at once."""
-        self._semaphore: asyncio.Semaphore | None = None
-
-    async def run(self, call: Awaitable[ToolResult]) -> ToolResult:
-        if self._semaphore is None:
-            self._semaphore = asyncio.Semaphore(self.workers)
-        async with self._semaphore:
-            start = time.perf_counter()
-            self.running += 1
-            self.peak = max(self.peak, self.running)
-            try:
-                return await call
-            finally:
-                self.running -= 1
-                self.busy_s += time.perf_counter() - start
-                self.calls += 1
-
-    def utilisation(self, wall_s: float) -> float:
-        """Busy worker-seconds over available worker-seconds during `wall_s`."""
-        return self.busy_s / (self.workers * wall_s) if wall_s > 0 else 0.0
 
 
 def policy_prices(prices: PriceTable | None, config: EpisodeConfig) -> PriceTable:
