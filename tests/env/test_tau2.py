@@ -147,3 +147,31 @@ def test_an_unreachable_user_simulator_fails_the_episode_not_the_batch():
 def test_gold_replay_scores_one_on_every_task(domain):
     failures = [t.id for t in tau2.load_tasks(domain) if tau2.replay_gold_actions(domain, t) != 1.0]
     assert failures == []
+
+
+def test_user_simulator_uses_its_phone_tools_through_text_calls():
+    task = random.choice(tau2.load_tasks("telecom"))
+    session = tau2.Tau2Session("telecom", task)
+    replies = iter(
+        [
+            '<tool_call>\n{"name": "check_status_bar", "arguments": {}}\n</tool_call>',
+            '<tool_call>\n{"name": "no_such_tool", "arguments": {}}\n</tool_call>',
+            "My phone shows no service.",
+        ]
+    )
+    seen = []
+
+    class Client:
+        async def chat(self, backend, messages):
+            seen.append(messages)
+            return type("Reply", (), {"text": next(replies), "error": None})()
+
+    user = tau2.Tau2User(session, Client(), "user")
+    assert asyncio.run(user.open()) == "My phone shows no service."
+    kinds = [(type(m).__name__, getattr(m, "requestor", None)) for m in session.messages[1:]]
+    assert kinds == [("UserMessage", None), ("ToolMessage", "user"), ("UserMessage", None)]
+    assert session.messages[1].tool_calls[0].name == "check_status_bar"
+    assert "<scenario>" in seen[0][0]["content"] and "check_status_bar" in seen[0][0]["content"]
+    assert seen[1][-1]["content"].startswith("<tool_response>")
+    assert "no tool 'no_such_tool'" in seen[2][-1]["content"]  # the error is fed back, not logged
+    assert not session.finished
