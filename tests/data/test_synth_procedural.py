@@ -133,3 +133,10 @@ def test_jsonl_feeds_the_episode_loop_and_the_catalog_grades(tmp_path):
         assert asyncio.run(play(task)).reward == 1.0
     with pytest.raises(tasks_lib.TaskFileError, match="not a domain task"):
         tasks_lib.domain_task(tasks_lib.TaskRecord("x", "q"))
+
+
+def test_difficulty_filter_keeps_tasks_solved_sometimes():
+    rng = random.Random()
+    rates = {f"t{i}": rng.choice([0.0, 0.25, 0.5, 1.0]) for i in range(20)}
+    kept, seen = verify.difficulty_filter(list(rates), rates.__getitem__)
+    assert seen == rates and kept == [t for t, r in rates.items() if 0.0 < r < 1.0]

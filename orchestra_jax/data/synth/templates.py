@@ -213,7 +213,7 @@ def _library_factories():
                 "fines": rng.choice([0.0, 0.0, money(rng, 0.5, 40)])}
 
     def book(rng, db, key):
-        return {"book_id": key, "title": f"The {rng.choice(WORDS)} {rng.choice(WORDS)}",
+        return {"book_id": key, "title": "The {} {}".format(*rng.sample(WORDS, 2)),
                 "author": person(rng)[0], "genre": rng.choice(["fiction", "history", "science", "poetry"]),
                 "copies_available": rng.randint(0, 4)}
 
