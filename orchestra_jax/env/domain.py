@@ -85,10 +85,10 @@ def tool_from_dict(d: Mapping[str, Any]) -> ToolSpec:
     if extra:
         raise DomainError(f"tool {d['name']}: unknown fields {sorted(extra)}")
     try:
-        return ToolSpec(**{**d, "preconditions": tuple(d.get("preconditions", ())),
-                           "effects": tuple(d.get("effects", ())), "returns": tuple(d.get("returns", ())),
-                           "match": dict(d.get("match", {}))})
-    except TypeError as e:
+        return ToolSpec(**{**d, "preconditions": tuple(d.get("preconditions") or ()),
+                           "effects": tuple(d.get("effects") or ()), "returns": tuple(d.get("returns") or ()),
+                           "match": dict(d.get("match") or {})})
+    except (TypeError, ValueError) as e:
         raise DomainError(f"tool {d['name']}: {e}") from None
 
 
@@ -96,38 +96,50 @@ def check_tool(data_model: Mapping, tool: ToolSpec) -> list[str]:
     """Errors that make a tool meaningless on this data model (unknown table/field/parameter, bad kind)."""
     where = f"tool {tool.name}"
     tables = data_model["tables"]
+    if not isinstance(tool.description, str):
+        return [f"{where}: description must be a string"]
     if tool.kind not in TOOL_KINDS:
         return [f"{where}: kind {tool.kind!r} is not one of {TOOL_KINDS}"]
-    if tool.table not in tables:
+    if not _named(tool.table, tables):
         return [f"{where}: unknown table {tool.table!r}"]
     fields = tables[tool.table]["fields"]
     params = tool.parameters if isinstance(tool.parameters, Mapping) else {}
     errors = [] if isinstance(tool.parameters, Mapping) else [f"{where}: parameters must be an object"]
     for pname, spec in params.items():
-        if not isinstance(spec, Mapping) or spec.get("type") not in FIELD_TYPES:
-            errors.append(f"{where}: parameter {pname} needs a type in {sorted(FIELD_TYPES)}")
-    if tool.kind in ("read", "update") and tool.key_param not in params:
+        if not isinstance(spec, Mapping) or not _named(spec.get("type"), FIELD_TYPES) or \
+                not isinstance(spec.get("enum", []), list):
+            errors.append(f"{where}: parameter {pname} needs a type in {sorted(FIELD_TYPES)} (and a list enum)")
+    if tool.kind in ("read", "update") and not _named(tool.key_param, params):
         errors.append(f"{where}: key_param {tool.key_param!r} is not a parameter")
     if tool.kind == "search" and not tool.match:
         errors.append(f"{where}: a search needs 'match' (field -> parameter)")
     for fname, pname in tool.match.items():
-        if fname not in fields or pname not in params:
+        if not _named(fname, fields) or not _named(pname, params):
             errors.append(f"{where}: match {fname!r}->{pname!r} needs a field and a parameter")
     for cond in tool.preconditions:
-        if cond.get("field") not in fields or cond.get("op") not in OPERATORS:
-            errors.append(f"{where}: precondition {dict(cond)} needs a known field and op in {OPERATORS}")
-        elif "param" in cond and cond["param"] not in params:
+        if not isinstance(cond, Mapping) or not _named(cond.get("field"), fields) or cond.get("op") not in OPERATORS:
+            errors.append(f"{where}: precondition {cond!r} needs a known field and op in {OPERATORS}")
+        elif "param" in cond and not _named(cond["param"], params):
             errors.append(f"{where}: precondition parameter {cond['param']!r} is not a parameter")
     for effect in tool.effects:
-        sources = [k for k in EFFECT_SOURCES if k in effect]
-        if effect.get("field") not in fields or len(sources) != 1:
-            errors.append(f"{where}: effect {dict(effect)} needs a known field and one of {EFFECT_SOURCES}")
-        elif sources[0] in ("param", "add_param") and effect[sources[0]] not in params:
+        sources = [k for k in EFFECT_SOURCES if k in effect] if isinstance(effect, Mapping) else []
+        if len(sources) != 1 or not _named(effect.get("field"), fields):
+            errors.append(f"{where}: effect {effect!r} needs a known field and one of {EFFECT_SOURCES}")
+        elif sources[0] in ("param", "add_param") and not _named(effect[sources[0]], params):
             errors.append(f"{where}: effect parameter {effect[sources[0]]!r} is not a parameter")
+        elif sources[0] in ("add_param", "add_value") and not isinstance(effect.get("sign", 1), (int, float)):
+            errors.append(f"{where}: effect sign must be 1 or -1")
+        elif sources[0] == "add_value" and not isinstance(effect["add_value"], (int, float)):
+            errors.append(f"{where}: add_value must be a number")
     if tool.writes and not tool.effects:
         errors.append(f"{where}: a {tool.kind} tool needs effects")
-    errors += [f"{where}: returns unknown field {f!r}" for f in tool.returns if f not in fields]
+    errors += [f"{where}: returns unknown field {f!r}" for f in tool.returns if not _named(f, fields)]
     return errors
+
+
+def _named(name: Any, names: Mapping) -> bool:
+    """`name` is a string key of `names` (LLM-written specs may put any JSON value anywhere)."""
+    return isinstance(name, str) and name in names
 
 
 @dataclasses.dataclass(frozen=True)

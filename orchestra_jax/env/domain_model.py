@@ -28,15 +28,21 @@ def check_data_model(data_model: Mapping[str, Any]) -> list[str]:
             errors.append(f"table {name}: 'fields' must be a non-empty object")
             continue
         key = table.get("key")
-        if key not in fields or fields[key].get("type") != "string":
+        if not isinstance(key, str) or not isinstance(fields.get(key), Mapping) or fields[key].get("type") != "string":
             errors.append(f"table {name}: key {key!r} must name a string field")
+        if not isinstance(table.get("key_prefix", ""), str):
+            errors.append(f"table {name}: key_prefix must be a string")
         for fname, spec in fields.items():
             where = f"{name}.{fname}"
-            if not isinstance(spec, Mapping) or spec.get("type") not in FIELD_TYPES:
+            if not isinstance(spec, Mapping) or not isinstance(spec.get("type"), str) or spec["type"] not in FIELD_TYPES:
                 errors.append(f"{where}: type must be one of {sorted(FIELD_TYPES)}")
                 continue
-            if "ref" in spec and spec["ref"] not in tables:
+            if "ref" in spec and (not isinstance(spec["ref"], str) or spec["ref"] not in tables):
                 errors.append(f"{where}: ref {spec['ref']!r} is not a table")
+            for bound in ("minimum", "maximum"):
+                value = spec.get(bound)
+                if bound in spec and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                    errors.append(f"{where}: {bound} must be a number")
             if "enum" in spec:
                 enum = spec["enum"]
                 ok = isinstance(enum, list) and enum and all(_is_type(v, spec["type"]) for v in enum)
@@ -75,10 +81,12 @@ def check_record(data_model: Mapping, db: Mapping, table_name: str, key: str, re
         errors.append(f"{where}: field {table['key']} is {record[table['key']]!r}, not its key")
     for fname, spec in table["fields"].items():
         value = record[fname]
-        if "ref" in spec and value is not None and value not in db.get(spec["ref"], {}):
+        target = db.get(spec["ref"]) if "ref" in spec else None
+        if "ref" in spec and value is not None and (not isinstance(target, Mapping) or value not in target):
             errors.append(f"{where}.{fname}: no {spec['ref']} record {value!r}")
         if spec.get("unique") and value is not None:
-            clash = [k for k, r in db.get(table_name, {}).items() if k != key and r.get(fname) == value]
+            clash = [k for k, r in db.get(table_name, {}).items()
+                     if k != key and isinstance(r, Mapping) and r.get(fname) == value]
             if clash:
                 errors.append(f"{where}.{fname}: {value!r} is not unique (also {clash[0]})")
     return errors

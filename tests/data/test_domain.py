@@ -149,3 +149,42 @@ def test_domain_folder_round_trip_and_errors(tmp_path, rng):
     (tmp_path / "shop" / "db.json").write_text('{"users": \n{')
     with pytest.raises(dl.DomainError, match=r"db.json:2: invalid JSON"):
         dl.load_domain(tmp_path / "shop")
+
+
+JUNK = [None, [], {}, 1, -2.5, True, "x", ["a"], [{}], {"a": []}]
+
+
+def _mutate(value, rng: random.Random):
+    """Replace one random nested value by junk (LLM-written specs can put anything anywhere)."""
+    value = json.loads(json.dumps(value))
+    node = value
+    for _ in range(rng.randint(0, 4)):
+        children = list(node.items()) if isinstance(node, dict) else list(enumerate(node)) if isinstance(node, list) else []
+        children = [(k, v) for k, v in children if isinstance(v, (dict, list)) and v]
+        if not children:
+            break
+        node = rng.choice(children)[1]
+    if isinstance(node, dict) and node:
+        node[rng.choice(sorted(node))] = rng.choice(JUNK)
+    elif isinstance(node, list) and node:
+        node[rng.randrange(len(node))] = rng.choice(JUNK)
+    return value
+
+
+def test_malformed_specs_give_errors_never_exceptions():
+    rng = random.Random()
+    d = shop(rng)
+    raw_tools = [t.to_dict() for t in d.tools]
+    for _ in range(300):
+        model = _mutate(d.data_model, rng)
+        assert isinstance(dl.check_data_model(model), list)
+        if not dl.check_data_model(model):
+            assert isinstance(dl.check_database(model, _mutate(d.db, rng)), list)
+        raw = _mutate(rng.choice(raw_tools), rng)
+        try:
+            tool = dl.tool_from_dict(raw)
+        except dl.DomainError:
+            continue
+        errors = dl.check_tool(d.data_model, tool)
+        if not errors:  # a spec that checks out must also execute without raising
+            dl.execute(d.data_model, {tool.name: tool}, d.db, tool.name, {p: "OR0001" for p in tool.parameters})
