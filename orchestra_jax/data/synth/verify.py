@@ -26,7 +26,8 @@ TASK_DRAFT_SCHEMA = {
     "type": "object",
     "properties": {
         "user_scenario": {"type": "object", "properties": {
-            k: {"type": "string"} for k in ("task_instructions", "reason_for_call", "known_info", "unknown_info")},
+            k: {"type": "string", "minLength": 1 if k == "reason_for_call" else 0}
+            for k in ("task_instructions", "reason_for_call", "known_info", "unknown_info")},
             "required": ["reason_for_call", "known_info"]},
         "actions": {"type": "array", "items": {"type": "object", "properties": {
             "name": {"type": "string"}, "arguments": {"type": "object"}}, "required": ["name", "arguments"]}},
