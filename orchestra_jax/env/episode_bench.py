@@ -1,8 +1,9 @@
 """`orchestra-jax bench episodes`: throughput of the episode loop and its tool pool on the CPU task family.
 
-64 episodes run at once through the real loop, real sandbox, real BM25 and the local expert; the policy is
-the scripted demonstration policy, so the numbers measure the environment (template rendering, parsing,
-tool execution, ledger) rather than a model. Tool-pool utilisation is busy worker-seconds over the pool's
+64 episodes run at once through the real loop, real sandbox, real BM25 and the local expert. By default the
+policy is the scripted demonstration policy, so the numbers measure the environment (template rendering,
+parsing, tool execution, ledger) rather than a model; `--policy embedded` puts a random qwen3-tiny behind the
+embedded JAX sampler instead (64 slots of continuous batching). Tool-pool utilisation is busy worker-seconds over the pool's
 worker-seconds during the run's wall time.
 """
 
@@ -12,6 +13,7 @@ import asyncio
 import dataclasses
 import time
 from collections import Counter
+from typing import Literal
 
 from orchestra_jax.env import tasks_cpu
 from orchestra_jax.env.episode import ToolPool, run_episodes
@@ -33,6 +35,11 @@ class EpisodeBenchArgs:
     """Timed runs after one warm-up run (fresh tasks each run); the best and the mean are printed."""
     expert_share: float = 0.3
     seed: int = 0
+    policy: Literal["scripted", "embedded"] = "scripted"
+    """'scripted': the demonstration policy (measures the environment); 'embedded': a random qwen3-tiny in the
+    embedded JAX sampler with `concurrency` slots (measures the loop with a real engine; its output is noise,
+    so it rarely calls a tool)."""
+    max_new_tokens: int = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,9 +63,14 @@ class EpisodeBenchResult:
 
 async def run_once(args: EpisodeBenchArgs, world, catalog, tokenizer, seed: int) -> EpisodeBenchResult:
     tasks = tasks_cpu.generate_tasks(args.episodes, seed, world=world)
-    engine = tasks_cpu.demonstration_engine(tasks, tokenizer, expert_share=args.expert_share, seed=seed)
+    if args.policy == "scripted":
+        engine = tasks_cpu.demonstration_engine(tasks, tokenizer, expert_share=args.expert_share, seed=seed)
+    else:
+        engine = _embedded_engine(args, tokenizer)
     pool = ToolPool(args.workers)
-    config = EpisodeConfig(max_turns=2, system_prompt=tasks_cpu.SYSTEM_PROMPT)
+    config = EpisodeConfig(
+        max_turns=2, max_new_tokens=args.max_new_tokens, system_prompt=tasks_cpu.SYSTEM_PROMPT, seed=seed
+    )
     start = time.perf_counter()
     trajectories = await run_episodes(
         engine,
@@ -85,6 +97,18 @@ async def run_once(args: EpisodeBenchArgs, world, catalog, tokenizer, seed: int)
     )
 
 
+def _embedded_engine(args: EpisodeBenchArgs, tokenizer):
+    import jax
+
+    from orchestra_jax.models import get_preset, init_params
+    from orchestra_jax.rollout.sampler import EmbeddedEngine
+
+    config = get_preset("qwen3-tiny", vocab_size=tokenizer.vocab_size)
+    config = dataclasses.replace(config, eos_token_ids=tuple(tokenizer.eos_token_ids))
+    params = init_params(config, jax.random.key(args.seed))
+    return EmbeddedEngine(config, params, max_slots=args.concurrency, max_context=1024, seed=args.seed)
+
+
 def run(args: EpisodeBenchArgs) -> int:
     if min(args.episodes, args.concurrency, args.workers, args.repeats) < 1:
         raise ValueError("episodes, concurrency, workers and repeats must be >= 1")
@@ -97,7 +121,7 @@ def run(args: EpisodeBenchArgs) -> int:
     tokenizer = train_small_tokenizer(tasks_cpu.tokenizer_texts(world, tasks) + [prompt], 1024)
     print(
         f"bench episodes: {args.episodes} CPU-family episodes, {args.concurrency} in flight, "
-        f"tool pool of {args.workers}, scripted policy (expert share {args.expert_share:g})"
+        f"tool pool of {args.workers}, {args.policy} policy"
     )
     asyncio.run(run_once(args, world, catalog, tokenizer, args.seed + 1000))  # warm-up: imports, caches
     results = [
