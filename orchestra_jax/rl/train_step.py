@@ -234,7 +234,10 @@ def shard_state(state: TrainState, shardings: TrainState) -> TrainState:
 
 def make_train_step(settings: StepSettings, optimizer: optax.GradientTransformation, mesh: Mesh,
                     params: Any) -> tuple[TrainStep, TrainState]:
-    """Build the sharded initial state from `params` and the compiled step over `mesh`."""
+    """Build the sharded initial state from `params` and the compiled step over `mesh`.
+
+    The state may share buffers with `params`, and the step donates the state: keep a copy of `params`
+    (jnp.copy) if you need them afterwards (e.g. as the KL reference)."""
     with jax.set_mesh(mesh):
         state = init_train_state(settings.model, params, optimizer, settings.algorithm)
         shardings = state_shardings(mesh, settings.model, state, optimizer)

@@ -189,8 +189,10 @@ class Trainer:
         params = self.initial_params()
         optimizer = make_optimizer(cfg.optimizer, cfg.steps)
         settings = step_settings(cfg, self.model)
+        reference = jax.tree.map(jnp.copy, params) if settings.use_reference else None  # the step donates params
         train_step, state = make_train_step(settings, optimizer, self.mesh, params)
-        reference = jax.device_put(params, train_step.shardings.params) if settings.use_reference else None
+        if reference is not None:
+            reference = jax.device_put(reference, train_step.shardings.params)
         logprob_fn = LogprobFn(settings, self.mesh, train_step.shardings.params) if settings.use_reference else None
         checkpointer = Checkpointer(self.run.checkpoints, cfg.checkpoint)
         start = 0
