@@ -86,6 +86,9 @@ class EmbeddedEngine:
         seed: int | None = None,
     ):
         self.config = config
+        # What the jitted steps see: token ids that only the host reads are dropped, so engines that differ
+        # only in eos/bos share compilations.
+        self._step_config = dataclasses.replace(config, eos_token_ids=(), bos_token_id=None)
         self.max_slots = max_slots
         self.max_context = max_context
         self.weight_version = weight_version
@@ -339,7 +342,7 @@ class EmbeddedEngine:
             slots = np.array([slot for slot, _, _ in padded], np.int32)
             with self._mesh_context():
                 self._cache, next_tokens, logprobs = _prefill_step(
-                    self.config, self._compute_dtype, self._params, self._cache, slots, tokens, positions, last,
+                    self._step_config, self._compute_dtype, self._params, self._cache, slots, tokens, positions, last,
                     *self._sampling_rows([item for _, item, _ in padded]),
                 )  # fmt: skip
             next_tokens, logprobs = np.asarray(next_tokens), np.asarray(logprobs)
@@ -355,7 +358,7 @@ class EmbeddedEngine:
                 positions[slot] = len(item.request.prompt_ids) + len(item.output_ids) - 1
         with self._mesh_context():
             self._cache, next_tokens, logprobs = _decode_step(
-                self.config, self._compute_dtype, self._params, self._cache, tokens, positions,
+                self._step_config, self._compute_dtype, self._params, self._cache, tokens, positions,
                 *self._sampling_rows(self._slots),
             )  # fmt: skip
         self.stats["decode_steps"] += 1

@@ -10,13 +10,11 @@ import sys
 import time
 
 import httpx
-import jax
 import numpy as np
 import pytest
 from rollout_helpers import run, start_server
 
-from orchestra_jax.models import transformer
-from orchestra_jax.models.transformer_config import get_preset
+from orchestra_jax import models
 from orchestra_jax.rollout.engine import GenerateRequest, RequestError, SamplingParams
 from orchestra_jax.rollout.sampler import EmbeddedEngine
 from orchestra_jax.rollout.sglang_client import EngineUnavailable, SGLangEngine, read_endpoints
@@ -45,7 +43,7 @@ def _served_tokens(url):
 
 def test_client_balances_over_servers_and_matches_direct_engine(tiny_model, small_tokenizer):
     config, params = tiny_model
-    servers = [start_server(config, params, small_tokenizer, slots=2) for _ in range(2)]
+    servers = [start_server(config, params, small_tokenizer) for _ in range(2)]
     try:
         requests = _requests(np.random.default_rng(), 8, 6)
 
@@ -93,19 +91,19 @@ def test_client_errors(tiny_model, small_tokenizer):
         server.stop()
 
 
-def test_server_killed_mid_request_requests_complete_elsewhere(small_tokenizer, tmp_path):
-    config = get_preset("qwen3-tiny")
-    params = transformer.init_params(config, jax.random.key(0))  # what `serve --random-seed 0` builds
+def test_server_killed_mid_request_requests_complete_elsewhere(tiny_model, small_tokenizer, tmp_path):
+    config, params = tiny_model
+    model_dir = models.save_pretrained(config, params, tmp_path / "model", tokenizer=small_tokenizer)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     doomed = subprocess.Popen(
-        [sys.executable, "-m", "orchestra_jax", "serve", "--model-path", "qwen3-tiny", "--random-seed", "0",
+        [sys.executable, "-m", "orchestra_jax", "serve", "--model-path", str(model_dir),
          "--port", str(port), "--context-length", "128", "--max-running-requests", "4"],
         env=dict(os.environ, XLA_FLAGS=""), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     doomed_url = f"http://127.0.0.1:{port}"
-    survivor = start_server(config, params, small_tokenizer, slots=4)
+    survivor = start_server(config, params, small_tokenizer)
     try:
         deadline = time.monotonic() + 120
         while True:

@@ -9,20 +9,17 @@ import numpy as np
 import pytest
 
 from orchestra_jax.models import transformer
-from orchestra_jax.models.transformer_config import get_preset
 from orchestra_jax.rollout.engine import GenerateRequest, RequestError, RolloutEngine, SamplingParams
 from orchestra_jax.rollout.sampler import EmbeddedEngine
 
-SLOTS, CONTEXT = 4, 64
+SLOTS, CONTEXT = 4, 128  # the shapes of conftest's servers, so compilations are shared across test files
 
 
 @pytest.fixture(scope="module")
-def model():
-    config = dataclasses.replace(get_preset("qwen3-tiny", 256), eos_token_ids=(7,))
-    params = transformer.init_params(config, jax.random.key(np.random.randint(2**31)))
-    # Bigger logits than the 0.02 init gives make sampling decisive enough to exercise top-k/top-p.
-    params = dict(params, embed=params["embed"] * 8)
-    return config, params
+def model(tiny_model):
+    return (
+        tiny_model  # qwen3-tiny over the small tokenizer's vocabulary, embeddings scaled for decisive logits
+    )
 
 
 def _engine(model, **kw):
@@ -30,7 +27,7 @@ def _engine(model, **kw):
     return EmbeddedEngine(config, params, max_slots=SLOTS, max_context=CONTEXT, **kw)
 
 
-def _prompts(n, rng, vocab=256):
+def _prompts(n, rng, vocab=300):
     return [tuple(int(t) for t in rng.integers(8, vocab, size=rng.integers(3, 20))) for _ in range(n)]
 
 
@@ -118,29 +115,35 @@ def test_stops_and_lengths(model):
         )
         stop_token = free.output_ids[4]
         stop_at = free.output_ids.index(stop_token)
-        by_token, by_string, eos, context = await engine.generate(
+        sp = SamplingParams(max_new_tokens=10, seed=1, ignore_eos=True)
+        by_token, by_string, context = await engine.generate(
             [
-                GenerateRequest(
-                    prompt, SamplingParams(max_new_tokens=10, seed=1, stop_token_ids=(stop_token,)), "b"
-                ),
-                GenerateRequest(
-                    prompt, SamplingParams(max_new_tokens=10, seed=1, stop=(f"t{stop_token}",)), "c"
-                ),
-                GenerateRequest(prompt, SamplingParams(max_new_tokens=10, seed=1, ignore_eos=False), "d"),
-                GenerateRequest(prompt, SamplingParams(max_new_tokens=200, seed=1, ignore_eos=True), "e"),
+                GenerateRequest(prompt, dataclasses.replace(sp, stop_token_ids=(stop_token,)), "b"),
+                GenerateRequest(prompt, dataclasses.replace(sp, stop=(f"t{stop_token}",)), "c"),
+                GenerateRequest(prompt, dataclasses.replace(sp, max_new_tokens=200), "e"),
             ]
         )
-        return free, stop_at, by_token, by_string, eos, context
+        config, params = model
+        with_eos = EmbeddedEngine(
+            dataclasses.replace(config, eos_token_ids=(stop_token,)),
+            params,
+            max_slots=SLOTS,
+            max_context=CONTEXT,
+        )
+        eos, ignored = await with_eos.generate(
+            [
+                GenerateRequest(prompt, dataclasses.replace(sp, ignore_eos=False), "d"),
+                GenerateRequest(prompt, sp, "f"),
+            ]
+        )
+        return free, stop_at, by_token, by_string, eos, ignored, context
 
-    free, stop_at, by_token, by_string, eos, context = asyncio.run(run())
+    free, stop_at, by_token, by_string, eos, ignored, context = asyncio.run(run())
     assert free.finish_reason == "length" and len(free.output_ids) == 10
-    for stopped in (by_token, by_string):
+    for stopped in (by_token, by_string, eos):  # stop token id, stop string, the model's eos
         assert stopped.finish_reason == "stop"
         assert stopped.output_ids == free.output_ids[: stop_at + 1]
-    if 7 in free.output_ids:  # eos 7 of the config ends the request unless ignore_eos
-        assert eos.finish_reason == "stop" and eos.output_ids[-1] == 7
-    else:
-        assert eos.output_ids == free.output_ids
+    assert ignored.output_ids == free.output_ids and ignored.finish_reason == "length"
     assert context.finish_reason == "length" and context.prompt_tokens + context.completion_tokens == CONTEXT
 
 

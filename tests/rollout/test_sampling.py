@@ -57,14 +57,14 @@ def test_sampling_frequencies_match_truncated_softmax():
     logits_V = jnp.asarray(rng.normal(size=12), jnp.float32)
     probs = np.asarray(jax.nn.softmax(logits_V / 0.8))
     order = np.argsort(-probs)
-    n = 20000
+    n = 8000
     freq, _, _ = _empirical(logits_V, n, temperature=0.8)
-    np.testing.assert_allclose(freq, probs, atol=0.02)
+    np.testing.assert_allclose(freq, probs, atol=0.03)
 
     freq, tokens, _ = _empirical(logits_V, n, temperature=0.8, top_k=3)
     kept = probs.copy()
     kept[order[3:]] = 0
-    np.testing.assert_allclose(freq, kept / kept.sum(), atol=0.02)
+    np.testing.assert_allclose(freq, kept / kept.sum(), atol=0.03)
 
     top_p = 0.6
     cum = np.cumsum(probs[order])
@@ -73,7 +73,7 @@ def test_sampling_frequencies_match_truncated_softmax():
     assert set(np.flatnonzero(freq)) <= set(nucleus)
     kept = np.zeros_like(probs)
     kept[nucleus] = probs[nucleus]
-    np.testing.assert_allclose(freq, kept / kept.sum(), atol=0.02)
+    np.testing.assert_allclose(freq, kept / kept.sum(), atol=0.03)
 
     min_p = 0.5
     freq, _, _ = _empirical(logits_V, n, temperature=0.8, min_p=min_p)
