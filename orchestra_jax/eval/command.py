@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -173,6 +174,8 @@ def load_examples(args: EvalArgs) -> list[Task]:
             raise EvalUsageError(str(e)) from None
     if args.data is None:
         raise EvalUsageError(f"--data is required for --benchmark {args.benchmark} (the benchmark file)")
+    if args.data == "cpu-family":
+        return []  # generated once the policy is known: a training run fixes the family's world
     on_skip = None if args.strict else _warn
     try:
         if args.benchmark == "frames":
@@ -189,27 +192,43 @@ def load_examples(args: EvalArgs) -> list[Task]:
 
 
 def _load_tasks(args: EvalArgs) -> list[Task]:
-    from orchestra_jax.data.tasks import TaskFileError, load_tasks
-    from orchestra_jax.env import tasks_cpu
+    from orchestra_jax.data.tasks import TaskFileError, load_episode_tasks
 
-    if args.data == "cpu-family":
-        return tasks_cpu.generate_tasks(args.limit or 50, seed=args.task_seed, world=tasks_cpu.make_world(0))
     try:
-        records = load_tasks(args.data)
+        tasks = load_episode_tasks(args.data)
     except TaskFileError as e:
         raise EvalUsageError(str(e)) from None
-    tasks = []
-    for record in records:
-        pref = record.preference
-        try:
-            if isinstance(pref, list):
-                preference = Preference.from_vector(record.tools, pref)
-            else:
-                preference = Preference.from_json(pref or {})
-        except PreferenceError as e:
-            raise EvalUsageError(f"{args.data}: task {record.id!r}: {e}") from None
-        tasks.append(Task(record.id, record.question, record.answer, record.tools, preference, dict(record.metadata)))
-    return tasks
+    return [dataclasses.replace(t, metadata={**t.metadata, "tasks_file": str(args.data)}) for t in tasks]
+
+
+def cpu_family_tasks(args: EvalArgs, world: Any) -> list[Task]:
+    """Held-out CPU-family tasks (seed `--task-seed`) over the world a checkpoint was trained in."""
+    from orchestra_jax.env import tasks_cpu
+
+    return tasks_cpu.generate_tasks(args.limit or 50, seed=args.task_seed, world=world)
+
+
+def domain_setup(task: Task, default: EpisodeSetup) -> EpisodeSetup:
+    """A synthesised domain task (metadata.evaluator 'domain') plays in its own database with the domain's tools
+    and is graded by the domain's evaluator on the final message; other tasks use the toolset's catalog."""
+    if task.metadata.get("evaluator") != "domain":
+        return default
+    from orchestra_jax.data.tasks import domain_dir, domain_task
+    from orchestra_jax.env.domain import DomainEnv
+
+    env = DomainEnv(_domain(str(domain_dir(task, task.metadata["tasks_file"]))), domain_task(task))
+
+    async def grade(answer: str | None) -> bool:
+        return env.score([answer] if answer else []).reward > 0
+
+    return EpisodeSetup(env.catalog(), grader=grade)
+
+
+@functools.cache
+def _domain(directory: str) -> Any:
+    from orchestra_jax.env.domain import load_domain
+
+    return load_domain(directory)
 
 
 def _retriever(args: EvalArgs, tools: ToolsFile):
@@ -254,7 +273,8 @@ def _judge_config(args: EvalArgs, tools: ToolsFile) -> JudgeConfig:
 
 def _setup(args: EvalArgs, tools: ToolsFile, client: Any, toolset: baselines.Toolset | None):
     if args.benchmark != "tau2":
-        return lambda task, rollout: EpisodeSetup(toolset.catalog)
+        default = EpisodeSetup(toolset.catalog)
+        return lambda task, rollout: domain_setup(task, default)
     from orchestra_jax.env import tau2
 
     if args.policy == "tau2-gold":
@@ -268,29 +288,17 @@ def _setup(args: EvalArgs, tools: ToolsFile, client: Any, toolset: baselines.Too
 
 
 async def _evaluate(args: EvalArgs) -> dict[str, Any]:
+    from orchestra_jax.env import tasks_cpu
     from orchestra_jax.env.llm_tools import ChatClient, EndpointError
     from orchestra_jax.eval import policies
 
     tools = load_tools_file(args.tools)
     tasks = load_examples(args)
+    judge_config = _judge_config(args, tools)
     try:
         client = ChatClient(tools.endpoints) if tools.endpoints else None
     except EndpointError as e:
         raise EvalUsageError(str(e)) from None
-    name = "auto"
-    if args.benchmark != "tau2":
-        name = args.toolset
-        if name == "auto":
-            name = "cpu" if args.data == "cpu-family" else ("orchestrator" if client else "basic")
-        try:
-            toolset = baselines.build_toolset(
-                name, client=client, retriever=_retriever(args, tools), alias_map=tools.alias_map, prices=tools.prices
-            )
-        except baselines.ToolsetError as e:
-            raise EvalUsageError(str(e)) from None
-    else:
-        toolset = None
-    judge_config = _judge_config(args, tools)
     try:
         policy = (
             policies.tau2_gold_policy(tasks) if args.policy == "tau2-gold" else policies.load_policy(
@@ -301,6 +309,20 @@ async def _evaluate(args: EvalArgs) -> dict[str, Any]:
         )  # fmt: skip
     except policies.PolicyError as e:
         raise EvalUsageError(str(e)) from None
+    world = tasks_cpu.make_world(policy.training.seed if policy.training is not None else 0)
+    if args.data == "cpu-family":
+        tasks = cpu_family_tasks(args, world)
+    toolset, name = None, "tau2"
+    if args.benchmark != "tau2":
+        name = args.toolset
+        if name == "auto":
+            name = "cpu" if args.data == "cpu-family" else ("orchestrator" if client else "basic")
+        try:
+            toolset = baselines.build_toolset(name, client=client, retriever=_retriever(args, tools),
+                                              alias_map=tools.alias_map, prices=tools.prices, world=world)  # fmt: skip
+        except baselines.ToolsetError as e:
+            raise EvalUsageError(str(e)) from None
+    prices = tasks_cpu.cpu_prices(tools.prices) if name == "cpu" else tools.prices
     episode = EpisodeConfig(
         mode=toolset.mode if toolset else "history",
         max_new_tokens=args.max_new_tokens,
@@ -317,14 +339,15 @@ async def _evaluate(args: EvalArgs) -> dict[str, Any]:
         tokenizer=policy.tokenizer,
         episode=episode,
         setup=_setup(args, tools, client, toolset),
-        prices=tools.prices,
-        judge=harness.reference_judge(judge_config, client, tools.prices),
+        prices=prices,
+        judge=harness.reference_judge(judge_config, client, prices),
     )
     specs = run_specs(args, policy.name)
-    out = Path(args.out)
+    if tasks and toolset is not None:
+        await policies.warm_up(policy, episode.system_prompt, tasks[0].question, toolset.catalog.schemas())
     config = harness.HarnessConfig(args.concurrency, args.limit, args.budget_usd, args.progress)
     try:
-        report = await harness.run_harness(tasks, specs, env, ResultsFile(out / "results.jsonl"), config)
+        report = await harness.run_harness(tasks, specs, env, ResultsFile(Path(args.out) / "results.jsonl"), config)
     finally:
         await policy.close()
         if client is not None:

@@ -46,6 +46,8 @@ class Policy:
     family: str
     """Chat-template family the prompts are rendered with (qwen3 or smollm2)."""
     name: str
+    training: Any = None
+    """The TrainConfig of a training run's checkpoint (its seed fixes the CPU family's world), else None."""
 
     async def close(self) -> None:
         close = getattr(self.engine, "close", None)
@@ -233,43 +235,37 @@ def _checkpoint_dir(path: Path) -> Path | None:
     return None
 
 
-def _run_model_config(run_dir: Path, vocab_size: int) -> Any:
-    """The policy architecture of a training run: its HF config when saved, else the preset its config.json names."""
+def _load_run(path: Path, tokenizer_path: str | None) -> tuple[Any, Any, Tokenizer, str, Any]:
+    """A training run's latest checkpoint, with the model config and tokenizer the trainer itself rebuilds
+    (`rl.environment`): the run's saved tokenizer and the preset sized to it."""
     from orchestra_jax import config as config_lib
-    from orchestra_jax.models import get_preset
-    from orchestra_jax.models.hf_io import read_config
-
-    for folder in (run_dir / "model", run_dir / "hf", run_dir):
-        if (folder / "config.json").is_file():
-            try:
-                return read_config(folder)
-            except Exception:
-                continue
-    try:
-        train = config_lib.load_config(run_dir / "config.json")
-    except Exception as e:
-        raise PolicyError(f"{run_dir}: cannot read the run's config.json ({str(e).splitlines()[0]})") from None
-    try:
-        return get_preset(train.model.source, vocab_size)
-    except ValueError:
-        raise PolicyError(f"{run_dir}: model source {train.model.source!r} is not a preset; save an HF config") from None
-
-
-def _load_checkpoint(path: Path, tokenizer_path: str | None) -> tuple[Any, Any, Tokenizer, str]:
+    from orchestra_jax.rl import environment
     from orchestra_jax.rl.checkpoint import CheckpointError, load_params
 
     ckpt = _checkpoint_dir(path)
-    run_dir = ckpt.parent if ckpt is not None and ckpt.name == "ckpt" else path
+    run_dir = ckpt.parent if ckpt.name == "ckpt" else path
+    try:
+        train = config_lib.load_config(run_dir / "config.json")
+    except config_lib.ConfigError as e:
+        raise PolicyError(f"--policy {path}: not a training run ({e})") from None
     try:
         step, params = load_params(ckpt)
     except CheckpointError as e:
-        raise PolicyError(str(e)) from None
-    if tokenizer_path is None:
-        found = [d for d in (run_dir / "tokenizer", run_dir) if (d / "tokenizer.json").is_file()]
-        tokenizer_path = str(found[0]) if found else None
-    tok = _tokenizer(tokenizer_path, str(path))
-    config = _run_model_config(run_dir, int(params["embed"].shape[0]))
-    return config, params, tok, f"{run_dir.name}@step{step}"
+        raise PolicyError(f"--policy {path}: {e}") from None
+    if tokenizer_path is not None:
+        tok = _tokenizer(tokenizer_path, str(path))
+    elif (run_dir / "tokenizer" / "tokenizer.json").is_file() or train.model.source not in environment.MODEL_PRESETS:
+        try:
+            tok = environment.build_environment(train, run_dir).tokenizer
+        except (ValueError, OSError) as e:
+            raise PolicyError(f"--policy {path}: {str(e).splitlines()[0]}") from None
+    else:
+        raise PolicyError(f"--policy {path}: the run has no tokenizer/ folder; pass --tokenizer")
+    try:
+        model = environment.model_config(train, tok)
+    except ValueError as e:
+        raise PolicyError(f"--policy {path}: {e}") from None
+    return model, params, tok, f"{run_dir.name}@step{step}", train
 
 
 def load_policy(
@@ -302,6 +298,7 @@ def load_policy(
     from orchestra_jax.rollout.sampler import EmbeddedEngine
 
     path = Path(spec)
+    training = None
     if not path.exists():
         raise PolicyError(f"--policy {spec}: no such checkpoint, model directory or .gguf file (or give an http(s) URL)")
     if path.suffix == ".gguf" or (path / "config.json").is_file() and any(path.glob("*.safetensors*")):
@@ -312,7 +309,7 @@ def load_policy(
         tok = _tokenizer(tokenizer_path or (str(path) if path.suffix == ".gguf" or (path / "tokenizer.json").is_file() else None), spec)
         name = path.name
     elif path.is_dir() and _checkpoint_dir(path) is not None:
-        config, params, tok, name = _load_checkpoint(path, tokenizer_path)
+        config, params, tok, name, training = _load_run(path, tokenizer_path)
         params = jax.tree.map(jax.numpy.asarray, params)
     else:
         raise PolicyError(f"--policy {spec}: neither an HF model directory, a .gguf file nor a run with orbax checkpoints")
@@ -320,7 +317,22 @@ def load_policy(
         config, params, max_slots=max_slots, max_context=max_context, weight_version=name,
         detokenize=tok.decode, seed=seed,
     )  # fmt: skip
-    return Policy(engine, tok, _family(config, chat_template), name)
+    return Policy(engine, tok, _family(config, chat_template), name, training)
+
+
+async def warm_up(policy: Policy, system: str, question: str, tools: Sequence[Any] | None) -> None:
+    """Compile the embedded sampler on a real prompt before the clock runs, so the first examples' latency is
+    generation, not XLA compilation (other prompt-length buckets still compile when first met)."""
+    from orchestra_jax.models import chat_template
+    from orchestra_jax.rollout.engine import SamplingParams
+    from orchestra_jax.rollout.sampler import EmbeddedEngine
+
+    if not isinstance(policy.engine, EmbeddedEngine):
+        return
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+    text = chat_template.render(messages, tools or None, True, False, family=policy.family)
+    ids = tuple(policy.tokenizer.encode(text)[: policy.engine.max_context - 4])
+    await policy.engine.generate([GenerateRequest(ids, SamplingParams(max_new_tokens=2, temperature=0.0), "warm-up")])
 
 
 # ------------------------------------------------------------------------------------- τ²-bench gold replay

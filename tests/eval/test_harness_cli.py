@@ -12,10 +12,13 @@ import time
 
 import httpx
 import jax
+import jax.numpy as jnp
 import pytest
 from PIL import Image
 
 from orchestra_jax import cli, models
+from orchestra_jax import config as config_lib
+from orchestra_jax.config import CheckpointConfig
 from orchestra_jax.env import tasks_cpu
 from orchestra_jax.env.episode import EpisodeSetup
 from orchestra_jax.env.judge import JudgeConfig
@@ -26,9 +29,12 @@ from orchestra_jax.env.toolorchestra_tools import ALIASES
 from orchestra_jax.env.trajectory import EpisodeConfig
 from orchestra_jax.eval import baselines, benchmarks, harness
 from orchestra_jax.eval.command import load_tools_file
+from orchestra_jax.eval.policies import PolicyError, load_policy
 from orchestra_jax.eval.results import ResultsFile
 from orchestra_jax.models import chat_template
 from orchestra_jax.models.tokenizer import train_small_tokenizer
+from orchestra_jax.rl.checkpoint import Checkpointer, params_digest
+from orchestra_jax.rl.train_step import TrainState
 
 EXPERT = "local-expert"
 
@@ -172,17 +178,41 @@ def test_eval_command_over_an_endpoint_policy(tmp_path, shared_data, served, mod
     assert code == 0 and "ran 0 (errors 0), resumed 4" in stdout
 
 
-def test_turn_sweep_on_a_checkpoint(tmp_path, model_dir, capsys):
-    """One command sweeps turn limits on the CPU task family with a checkpoint in the embedded sampler."""
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, model_dir):
+    """A training run as `orchestra-jax train` leaves it: config.json, tokenizer/ and an orbax step in ckpt/."""
+    run = tmp_path_factory.mktemp("run")
+    config_lib.save_config(dataclasses.replace(config_lib.test_tiny(), seed=random.randrange(100)), run / "config.json")
+    models.tokenizer.Tokenizer.from_file(model_dir).save(run / "tokenizer")
+    _, params = models.load_pretrained(model_dir)
+    state = TrainState(jnp.int32(7), params, {}, {"mu": jax.tree.map(jnp.zeros_like, params)})
+    checkpointer = Checkpointer(run / "ckpt", CheckpointConfig(every_steps=1, keep=1, async_save=False))
+    checkpointer.save(7, state, {"seed": 0}, force=True)
+    checkpointer.close()
+    return run, params_digest(params)
+
+
+def test_policy_from_a_training_run(run_dir):
+    run, digest = run_dir
+    policy = load_policy(str(run), max_slots=2, max_context=256)
+    assert policy.name == f"{run.name}@step7" and policy.training.seed == config_lib.load_config(run / "config.json").seed
+    assert params_digest(policy.engine._params) == digest
+    with pytest.raises(PolicyError, match="no such checkpoint"):
+        load_policy(str(run / "missing"))
+
+
+def test_turn_sweep_on_a_checkpoint(tmp_path, run_dir, capsys):
+    """One command sweeps turn limits on the CPU task family with a training run's checkpoint (embedded)."""
+    run, _ = run_dir
     out = tmp_path / "sweep"
-    argv = ["eval", "--benchmark", "tasks", "--data", "cpu-family", "--policy", str(model_dir), "--limit", "2",
+    argv = ["eval", "--benchmark", "tasks", "--data", "cpu-family", "--policy", str(run), "--limit", "2",
             "--max-turns", "1", "2", "3", "--max-new-tokens", "8", "--max-context", "1024", "--temperature", "1.0",
             "--preference", "cost", "--out", str(out), "--no-progress"]  # fmt: skip
     code, stdout, err = _main(argv, capsys)
     assert code == 0, err
     summary = json.loads((out / "summary.json").read_text())
     assert sorted(s["max_turns"] for s in summary.values()) == [1, 2, 3]
-    assert {s["group"] for s in summary.values()} == {f"{model_dir.name}/cost"}
+    assert {s["group"] for s in summary.values()} == {f"{run.name}@step7/cost"}
     assert all(s["scored"] == 2 for s in summary.values())
     with Image.open(out / "turns.png") as image:
         assert image.format == "PNG" and image.size[0] > 300
