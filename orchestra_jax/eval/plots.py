@@ -38,24 +38,29 @@ def plot_pareto(summaries: Mapping[str, Mapping[str, Any]], path: str | os.PathL
         ax.legend(loc="lower right")
     ax.set_xlabel("mean cost per task (USD)")
     ax.set_ylabel("accuracy")
+    ax.set_ylim(-0.02, 1.02)
     ax.set_title(title or "accuracy vs cost")
     ax.grid(alpha=0.3)
     return _save(fig, path)
 
 
 def plot_turn_sweep(summaries_by_turns: Mapping[int, Mapping[str, Any]], path: str | os.PathLike, title: str = "") -> Path:
-    """Accuracy (left axis) and mean cost (right axis) against the turn limit."""
+    """Accuracy with its 95% interval (left axis, 0 to 1) and mean cost (right axis, from 0) against the turn limit."""
     turns = sorted(summaries_by_turns)
     accuracy = [summaries_by_turns[t]["accuracy"] for t in turns]
+    low = [a - summaries_by_turns[t]["accuracy_ci95"][0] for t, a in zip(turns, accuracy)]
+    high = [summaries_by_turns[t]["accuracy_ci95"][1] - a for t, a in zip(turns, accuracy)]
     cost = [summaries_by_turns[t]["cost_usd_mean"] for t in turns]
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    ax.plot(turns, accuracy, "o-", color="tab:blue", label="accuracy")
+    ax.errorbar(turns, accuracy, yerr=[low, high], fmt="o-", capsize=3, color="tab:blue", label="accuracy (95% CI)")
     ax.set_xlabel("turn limit")
     ax.set_ylabel("accuracy", color="tab:blue")
+    ax.set_ylim(-0.02, 1.02)
     ax.set_xticks(turns)
     ax2 = ax.twinx()
     ax2.plot(turns, cost, "s--", color="tab:red", label="mean cost")
     ax2.set_ylabel("mean cost per task (USD)", color="tab:red")
+    ax2.set_ylim(bottom=0, top=max(cost) * 1.15 if max(cost) > 0 else 1e-6)
     ax.set_title(title or "accuracy and cost vs turn limit")
     ax.grid(alpha=0.3)
     return _save(fig, path)
