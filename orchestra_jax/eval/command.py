@@ -24,7 +24,7 @@ from orchestra_jax.env.preferences import Preference, PreferenceError
 from orchestra_jax.env.prices import PriceError, PriceTable, default_price_table, price_table_from_json
 from orchestra_jax.env.trajectory import EpisodeConfig, Task
 from orchestra_jax.eval import baselines, benchmarks, harness, plots
-from orchestra_jax.eval.results import ResultsFile, summarize, write_summary
+from orchestra_jax.eval.results import ResultsFile, pass_hat_k, summarize, write_summary
 
 
 class EvalUsageError(ValueError):
@@ -55,6 +55,8 @@ class EvalArgs:
     """Turn limits; several make a sweep (one run each, plotted as accuracy and cost vs turns)."""
     limit: int | None = None
     concurrency: int = 8
+    trials: int = 1
+    """Episodes per example and run; k > 1 adds pass^k to the summary (τ²-bench's metric over trials)."""
     budget_usd: float | None = None
     """Stop starting examples once total spend (policy, tools, judge; earlier runs in --out included) reaches it."""
     label: str | None = None
@@ -345,7 +347,7 @@ async def _evaluate(args: EvalArgs) -> dict[str, Any]:
     specs = run_specs(args, policy.name)
     if tasks and toolset is not None:
         await policies.warm_up(policy, episode.system_prompt, tasks[0].question, toolset.catalog.schemas())
-    config = harness.HarnessConfig(args.concurrency, args.limit, args.budget_usd, args.progress)
+    config = harness.HarnessConfig(args.concurrency, args.limit, args.budget_usd, args.progress, args.trials)
     try:
         report = await harness.run_harness(tasks, specs, env, ResultsFile(Path(args.out) / "results.jsonl"), config)
     finally:
@@ -365,6 +367,8 @@ def write_outputs(out: str | os.PathLike, title: str = "") -> dict[str, dict[str
         summary = summarize(run_rows)
         summary["max_turns"] = run_rows[0].max_turns
         summary["group"] = run_rows[0].group
+        if any(r.trial for r in run_rows):
+            summary["pass_hat_k"] = pass_hat_k(run_rows)
         summaries[label] = summary
     write_summary(out, summaries)
     if summaries:
@@ -381,6 +385,8 @@ def run_eval(args: EvalArgs) -> int:
     """The eval command: run, then write summaries and plots; prints the Markdown table."""
     if args.concurrency < 1:
         raise EvalUsageError(f"--concurrency {args.concurrency}: must be at least 1")
+    if args.trials < 1:
+        raise EvalUsageError(f"--trials {args.trials}: must be at least 1")
     if args.limit is not None and args.limit < 1:
         raise EvalUsageError(f"--limit {args.limit}: must be at least 1")
     if args.budget_usd is not None and args.budget_usd < 0:

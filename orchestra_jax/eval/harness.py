@@ -57,6 +57,8 @@ class HarnessConfig:
     """First N examples of the benchmark (the same N for every run)."""
     budget_usd: float | None = None
     progress: bool = True
+    trials: int = 1
+    """Episodes per (run, example); with k > 1 the summary adds pass^k (τ²-bench's consistency metric)."""
     keep_trajectories: bool = True
     """Append each episode (turns, calls, observations, ledger; no token ids) to trajectories.jsonl."""
 
@@ -117,23 +119,24 @@ def _spend(row: ExampleResult) -> float:
     return row.cost_usd + row.judge_cost_usd
 
 
-def _trajectory_id(run: RunSpec, task: Task) -> str:
-    return f"{run.label}/{task.id}"
+def _trajectory_id(run: RunSpec, task_id: str, trial: int) -> str:
+    return f"{run.label}/{task_id}" + (f"#{trial}" if trial else "")
 
 
 async def _play(
-    env: EvalEnvironment, run: RunSpec, task: Task, pool: ToolPool
+    env: EvalEnvironment, run: RunSpec, task: Task, pool: ToolPool, trial: int = 0
 ) -> tuple[ExampleResult, Trajectory | None]:
     if run.preference is not None:
         task = dataclasses.replace(task, preference=run.preference)
     config = dataclasses.replace(env.episode, max_turns=run.max_turns)
-    base = dict(id=task.id, run=run.label, group=run.group, max_turns=run.max_turns, trajectory_id=_trajectory_id(run, task))
+    base = dict(id=task.id, run=run.label, group=run.group, max_turns=run.max_turns, trial=trial,
+                trajectory_id=_trajectory_id(run, task.id, trial))  # fmt: skip
     try:
-        parts = env.setup(task, 0)
+        parts = env.setup(task, trial)
         parts = await parts if inspect.isawaitable(parts) else parts
         trajectory = await run_episode(
             env.engine, env.tokenizer, parts.catalog, task, config,
-            prices=env.prices, user=parts.user, grader=parts.grader, pool=pool,
+            rollout=trial, prices=env.prices, user=parts.user, grader=parts.grader, pool=pool,
         )  # fmt: skip
     except Exception as e:  # a task its environment cannot set up (a tool the catalog lacks, a bad tau2 task)
         message = str(e).splitlines()[0] if str(e) else ""
@@ -167,9 +170,9 @@ async def _play(
     return row, trajectory
 
 
-def _append_trajectory(path: Path, run: RunSpec, trajectory: Trajectory) -> None:
+def _append_trajectory(path: Path, row: ExampleResult, trajectory: Trajectory) -> None:
     record = {k: v for k, v in trajectory.to_json().items() if k != "samples"}
-    record = {"trajectory_id": f"{run.label}/{trajectory.task_id}", "run": run.label, **record}
+    record = {"trajectory_id": row.trajectory_id, "run": row.run, "trial": row.trial, **record}
     with path.open("a", encoding="utf-8") as f:
         f.write(json.dumps(record, ensure_ascii=False) + "\n")
         f.flush()
@@ -213,16 +216,22 @@ async def run_harness(
     config: HarnessConfig = HarnessConfig(),
 ) -> HarnessReport:
     """Play every (run, task) pair not yet scored in `results`, at most `config.concurrency` at once."""
-    if config.concurrency < 1:
-        raise ValueError(f"concurrency={config.concurrency}: must be at least 1")
+    if config.concurrency < 1 or config.trials < 1:
+        raise ValueError(f"concurrency={config.concurrency} and trials={config.trials}: must be at least 1")
     labels = [r.label for r in runs]
     if len(set(labels)) != len(labels):
         raise ValueError(f"run labels must be unique, got {labels}")
     tasks = list(tasks[: config.limit] if config.limit is not None else tasks)
     earlier = results.read()
-    done = {(r.run, r.id) for r in earlier if r.status == "ok"}
-    todo = [(run, task) for run in runs for task in tasks if (run.label, task.id) not in done]
-    skipped = len(runs) * len(tasks) - len(todo)
+    done = {(r.run, r.id, r.trial) for r in earlier if r.status == "ok"}
+    todo = [
+        (run, task, trial)
+        for run in runs
+        for task in tasks
+        for trial in range(config.trials)
+        if (run.label, task.id, trial) not in done
+    ]
+    skipped = len(runs) * len(tasks) * config.trials - len(todo)
     progress = _Progress(len(todo), config.progress, sum(_spend(r) for r in earlier))
     trajectories = results.path.with_name("trajectories.jsonl")
     pool = ToolPool(env.tool_workers)
@@ -234,14 +243,14 @@ async def run_harness(
         return config.budget_usd is not None and progress.spent >= config.budget_usd
 
     async def worker() -> None:
-        for run, task in queue:
+        for run, task, trial in queue:
             if over_budget():
                 stopped.append("budget")
                 return
-            row, trajectory = await _play(env, run, task, pool)
+            row, trajectory = await _play(env, run, task, pool, trial)
             results.append(row)
             if config.keep_trajectories and trajectory is not None:
-                _append_trajectory(trajectories, run, trajectory)
+                _append_trajectory(trajectories, row, trajectory)
             counts["ran"] += 1
             counts["errors"] += row.status != "ok"
             progress.update(row)
@@ -262,12 +271,13 @@ async def run_harness(
 
 
 def summaries_by_run(rows: Iterable[ExampleResult]) -> dict[str, list[ExampleResult]]:
-    """Rows grouped by run label, in first-seen order; a pair scored twice (an error, then ok) keeps its last row."""
+    """Rows grouped by run label, in first-seen order; an (example, trial) played twice (an error, then ok) keeps
+    its last row."""
     latest: dict[tuple[str, str], ExampleResult] = {}
     for row in rows:
-        latest[(row.run, row.id)] = row
+        latest[(row.run, row.id, row.trial)] = row
     out: dict[str, list[ExampleResult]] = {}
-    for (run, _), row in latest.items():
+    for (run, _, _), row in latest.items():
         out.setdefault(run, []).append(row)
     return out
 

@@ -39,6 +39,8 @@ class ExampleResult:
     group: str = ""
     """The curve of a turn-limit sweep: runs that differ only in `max_turns` share it."""
     finish_reason: str = ""
+    trial: int = 0
+    """Which of the k episodes of this (run, example) it is, when the run plays several (pass^k)."""
 
 
 class ResultsFile:
@@ -116,18 +118,37 @@ def summarize(results: Iterable[ExampleResult]) -> dict[str, Any]:
     }
 
 
+def pass_hat_k(results: Iterable[ExampleResult]) -> dict[int, float]:
+    """τ²-bench's pass^k for k = 1..n: the mean over examples of C(c, k) / C(n, k), where an example had n scored
+    trials of which c were correct (the chance that k trials drawn without replacement all succeed). Examples
+    with fewer scored trials than the most-tried one are left out, so every k averages the same examples."""
+    trials: dict[str, list[bool]] = {}
+    for r in results:
+        if r.status == "ok":
+            trials.setdefault(r.id, []).append(bool(r.correct))
+    if not trials:
+        return {}
+    n = max(len(t) for t in trials.values())
+    full = [t for t in trials.values() if len(t) == n]
+    return {k: sum(math.comb(sum(t), k) / math.comb(n, k) for t in full) / len(full) for k in range(1, n + 1)}
+
+
 def markdown_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
     """One row per run label: accuracy ± interval, cost, latency, turns, tool use."""
+    trials = any(s.get("pass_hat_k") for s in rows.values())
     lines = [
-        "| run | n | accuracy (95% CI) | mean cost $ | total cost $ | mean latency s | turns | tool use |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | n | accuracy (95% CI) | mean cost $ | total cost $ | mean latency s | turns | tool use |"
+        + (" pass^k |" if trials else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|" if trials else ""),
     ]
     for label, s in rows.items():
         low, high = s["accuracy_ci95"]
         tools = ", ".join(f"{k} {v:.0%}" for k, v in s["tool_share"].items()) or "none"
+        passes = ", ".join(f"^{k} {v:.1%}" for k, v in (s.get("pass_hat_k") or {}).items())
         lines.append(
             f"| {label} | {s['scored']} | {s['accuracy']:.1%} ({low:.1%}-{high:.1%}) | {s['cost_usd_mean']:.5f} | "
             f"{s['cost_usd_total']:.4f} | {s['latency_s_mean']:.2f} | {s['turns_mean']:.2f} | {tools} |"
+            + (f" {passes or '-'} |" if trials else "")
         )
     return "\n".join(lines) + "\n"
 

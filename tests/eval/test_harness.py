@@ -2,7 +2,9 @@
 errors kept apart from wrong answers, a judge served on loopback, and summaries recomputed by hand."""
 
 import asyncio
+import itertools
 import json
+import math
 import random
 import re
 import socket
@@ -17,11 +19,11 @@ from orchestra_jax.env.llm_tools import ChatClient, Endpoint
 from orchestra_jax.env.prices import ModelPrice
 from orchestra_jax.env.scripted import ScriptedEngine, turns_script
 from orchestra_jax.env.search import BackgroundServer
-from orchestra_jax.env.trajectory import EpisodeConfig
+from orchestra_jax.env.trajectory import EpisodeConfig, parse_request_id
 from orchestra_jax.eval import baselines, benchmarks, harness
 from orchestra_jax.eval.command import write_outputs
 from orchestra_jax.eval.policies import OpenAIEngine, chatml_messages
-from orchestra_jax.eval.results import ResultsFile, summarize
+from orchestra_jax.eval.results import ExampleResult, ResultsFile, pass_hat_k, summarize
 from orchestra_jax.models import chat_template
 from orchestra_jax.models.tokenizer import train_small_tokenizer
 
@@ -260,3 +262,59 @@ def test_chatml_messages_round_trip():
     ]
     text = chat_template.render(messages, None, add_generation_prompt=True, enable_thinking=False)
     assert chatml_messages(text) == messages
+
+
+def test_pass_hat_k_by_enumeration():
+    n = random.randint(2, 5)
+    outcomes = {f"ex{i}": [random.random() < 0.6 for _ in range(n)] for i in range(7)}
+    rows = [
+        ExampleResult(id=i, correct=c, cost_usd=0.0, latency_s=0.0, turns=1, trial=t)
+        for i, trials in outcomes.items()
+        for t, c in enumerate(trials)
+    ]
+    rows.append(ExampleResult(id="broken", correct=True, cost_usd=0.0, latency_s=0.0, turns=1, status="error"))
+    got = pass_hat_k(rows)
+    assert sorted(got) == list(range(1, n + 1))
+    for k in range(1, n + 1):
+        # all k-subsets of each example's trials: the share whose trials all succeeded
+        by_hand = [
+            sum(all(c) for c in itertools.combinations(trials, k)) / math.comb(n, k) for trials in outcomes.values()
+        ]
+        assert got[k] == pytest.approx(sum(by_hand) / len(by_hand))
+    assert got[1] == pytest.approx(sum(map(sum, outcomes.values())) / (7 * n))
+
+
+def test_trials_give_pass_hat_k(tmp_path, world, toolset, tokenizer):
+    tasks = tasks_cpu.generate_tasks(3, seed=random.randrange(10**6), world=world)
+    wins = {(t.id, trial): random.random() < 0.5 for t in tasks for trial in range(3)}
+
+    def script(prompt_ids, rid):
+        task_id, _, trial, _ = parse_request_id(rid)
+        task = next(t for t in tasks if t.id == task_id)
+        return CALL("answer", {"answer": task.answer if wins[(task_id, trial)] else "wrong"})
+
+    env = environment(ScriptedEngine(tokenizer, script), tokenizer, toolset)
+    store = ResultsFile(tmp_path / "results.jsonl")
+    config = harness.HarnessConfig(concurrency=3, progress=False, trials=3)
+    report = run(harness.run_harness(tasks, [harness.RunSpec("k", "k", 2)], env, store, config))
+    assert report.ran == 9
+    rows = store.read()
+    assert {(r.id, r.trial): r.correct for r in rows} == wins
+    assert len({r.trajectory_id for r in rows}) == 9
+    summary = write_outputs(tmp_path)["k"]
+    assert summary["pass_hat_k"] == pytest.approx(pass_hat_k(rows))
+    assert summary["pass_hat_k"][3] == pytest.approx(sum(all(wins[(t.id, i)] for i in range(3)) for t in tasks) / 3)
+    assert "pass^k" in (tmp_path / "summary.md").read_text()
+
+
+def test_unreachable_judge_is_an_error(tmp_path, tokenizer):
+    task = harness.example_task(benchmarks.EvalExample("q1", "Who wrote it?", "Ann Smith"))
+    script = turns_script({"q1": ["Probably Ann."]})
+    client = ChatClient({"judge": Endpoint("judge", f"http://127.0.0.1:{_closed_port()}/v1", "j", max_retries=1)})
+    prices = tasks_cpu.cpu_prices().with_models({"judge": ModelPrice(1.0, 2.0)})
+    judge = harness.reference_judge(JudgeConfig(backend="judge"), client, prices)
+    env = environment(ScriptedEngine(tokenizer, script), tokenizer, baselines.no_tools(), judge, prices)
+    store = ResultsFile(tmp_path / "results.jsonl")
+    run(harness.run_harness([task], [harness.RunSpec("j", "j", 1)], env, store, harness.HarnessConfig(progress=False)))
+    (row,) = store.read()
+    assert row.status == "error" and row.error.startswith("judge: endpoint 'judge' unreachable")
