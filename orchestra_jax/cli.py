@@ -131,6 +131,18 @@ def bench_rollout(argv: Sequence[str]) -> int:
     return bench.run(args)
 
 
+def bench_train(argv: Sequence[str]) -> int:
+    """Train-step tokens/s (tiny and 135M shapes) next to a transformers fwd+bwd+AdamW step, same batch."""
+    from orchestra_jax.rl import bench_train as bench
+
+    args = parse(bench.TrainBenchArgs, argv, "orchestra-jax bench train")
+    try:
+        bench.check_args(args)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return bench.run(args)
+
+
 def bench_load(argv: Sequence[str]) -> int:
     """load_pretrained of a synthetic ~1B checkpoint in a fresh process: seconds and peak host RSS."""
     from orchestra_jax.models import load_benchmark
@@ -252,6 +264,7 @@ BENCHMARKS: dict[str, tuple[str, Handler]] = {
     "load": ("load_pretrained of a synthetic 1B checkpoint: load time and peak host RSS", bench_load),
     "logprob": ("naive vs fused LM-head log-prob: peak memory and time, fwd and fwd+bwd", bench_logprob),
     "rollout": ("embedded sampler decode tok/s vs transformers generate, TTFT, weight-sync time", bench_rollout),
+    "train": ("train-step tokens/s (tiny, 135M) vs a transformers fwd+bwd+AdamW step on the same batch", bench_train),
     "episodes": ("64 concurrent CPU-family episodes: episodes/s and tool-pool utilisation", bench_episodes),
 }
 

@@ -1,0 +1,121 @@
+"""`orchestra-jax bench train`: train-step tokens/s of our jitted step next to a PyTorch reference step.
+
+Both sides get the same weights (a random transformers model, saved and loaded by models.load_pretrained),
+the same batch of token ids, and do the same work: forward, backward of the mean token NLL, one AdamW update,
+in float32 on the CPU. Our side is the RL train step with unit advantages (whose gradient is the NLL's, see
+sft.py), so the number measures the step training actually runs. Timings exclude the first (compiling) call.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from orchestra_jax.config import MeshConfig
+from orchestra_jax.models.transformer_config import get_preset
+from orchestra_jax.parallel.mesh import make_mesh
+from orchestra_jax.rl.batching import Sample, pack
+from orchestra_jax.rl.losses import PolicyLossConfig
+from orchestra_jax.rl.train_step import StepSettings, make_train_step
+
+
+@dataclass(frozen=True)
+class TrainBenchArgs:
+    models: tuple[str, ...] = ("qwen3-tiny", "smollm2-135m")
+    """Model presets (random weights). qwen3-tiny gets a 2048-id vocabulary, like the CPU demo's."""
+    batch: int = 8
+    seq_len: int = 256
+    repeats: int = 3
+    torch_reference: bool = True
+    seed: int = 0
+
+
+def _hf_model(name: str, seed: int):
+    import torch
+    import transformers
+
+    model = get_preset(name, vocab_size=2048 if "tiny" in name else None)
+    hf_config = model.to_hf_config()
+    config_cls = transformers.AutoConfig.for_model(hf_config["model_type"], **{
+        k: v for k, v in hf_config.items() if k not in ("model_type", "architectures")
+    })
+    torch.manual_seed(seed)
+    return model, transformers.AutoModelForCausalLM.from_config(config_cls, dtype=torch.float32)
+
+
+def _time(fn, repeats: int) -> float:
+    fn()  # compile / warm up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+def bench_model(name: str, args: TrainBenchArgs) -> dict:
+    import torch
+
+    from orchestra_jax.models import load_pretrained
+
+    model, hf = _hf_model(name, args.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.save_pretrained(tmp)
+        model, params = load_pretrained(tmp)
+    rng = np.random.default_rng(args.seed)
+    ids_BT = rng.integers(0, model.vocab_size, (args.batch, args.seq_len))
+    samples = [Sample(row, np.ones(args.seq_len, np.int32), 1.0) for row in ids_BT]
+    batch = pack(samples, micro_batch_size=args.batch, max_row_len=args.seq_len)
+    tokens = args.batch * (args.seq_len - 1)
+
+    mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+    settings = StepSettings(model=model, loss=PolicyLossConfig(kl_coef=0.0, dual_clip=None))
+    optimizer = optax.adamw(1e-5, weight_decay=0.01)
+    step, state = make_train_step(settings, optimizer, mesh, jax.tree.map(jnp.copy, params))
+    holder = {"state": state}
+
+    def jax_step():
+        holder["state"], metrics = step(holder["state"], batch.arrays)
+        return metrics
+
+    jax_s = _time(jax_step, args.repeats)
+    result = {"model": name, "params": model.num_params(), "batch": args.batch, "seq_len": args.seq_len,
+              "jax_tokens_per_s": round(tokens / jax_s, 1), "jax_step_s": round(jax_s, 3)}
+    if args.torch_reference:
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+        ids = torch.tensor(ids_BT, dtype=torch.long)
+        torch_opt = torch.optim.AdamW(hf.parameters(), lr=1e-5, weight_decay=0.01)
+        hf.train()
+
+        def torch_step():
+            torch_opt.zero_grad(set_to_none=True)
+            loss = hf(input_ids=ids, labels=ids).loss
+            loss.backward()
+            torch_opt.step()
+
+        torch_s = _time(torch_step, args.repeats)
+        result.update(torch_tokens_per_s=round(tokens / torch_s, 1), torch_step_s=round(torch_s, 3),
+                      speedup=round(torch_s / jax_s, 2))
+    return result
+
+
+def run(args: TrainBenchArgs) -> int:
+    rows = [bench_model(name, args) for name in args.models]
+    print(f"{'model':<14} {'params':>11} {'jax tok/s':>10} {'torch tok/s':>12} {'speedup':>8}")
+    for r in rows:
+        print(f"{r['model']:<14} {r['params']:>11,} {r['jax_tokens_per_s']:>10.1f} "
+              f"{r.get('torch_tokens_per_s', float('nan')):>12.1f} {r.get('speedup', float('nan')):>7.2f}x")
+    print(json.dumps({"bench": "train", "batch": args.batch, "seq_len": args.seq_len, "results": rows}))
+    return 0
+
+
+def check_args(args: TrainBenchArgs) -> None:
+    for name in args.models:
+        get_preset(name)
+    if args.batch < 1 or args.seq_len < 2 or args.repeats < 1:
+        raise ValueError(f"batch={args.batch}, seq_len={args.seq_len}, repeats={args.repeats}: must be positive (seq_len >= 2)")
