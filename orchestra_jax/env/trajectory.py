@@ -52,7 +52,7 @@ class Task:
             question=str(data["question"]),
             answer=data.get("answer"),
             tools=tuple(data.get("tools", ())),
-            preference=Preference.from_json(data.get("preference", {})),
+            preference=Preference.from_json(data.get("preference") or {}),
             metadata=dict(data.get("metadata", {})),
         )
 
