@@ -19,7 +19,7 @@ CONFIG = dataclasses.replace(
 
 
 def _loss(params, ids_BT, segments_BT):
-    logits_BTV = T.forward(CONFIG, params, ids_BT, segment_ids_BT=segments_BT, remat="dots")
+    logits_BTV = T.forward(CONFIG, params, ids_BT, segment_ids_BT=segments_BT)
     logp_BTV = jax.nn.log_softmax(logits_BTV)
     targets_BT = jnp.roll(ids_BT, -1, axis=1)
     return -jnp.mean(jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1))
@@ -35,7 +35,14 @@ def reference():
     return params, ids, segments, loss, grads
 
 
-@pytest.mark.parametrize("shape", [(1, 4, 2), (2, 2, 2), (1, 1, 8)])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (1, 4, 2),
+        pytest.param((2, 2, 2), marks=pytest.mark.slow),
+        pytest.param((1, 1, 8), marks=pytest.mark.slow),
+    ],
+)
 def test_sharded_forward_backward_matches_one_device(reference, shape):
     if jax.device_count() < 8:
         pytest.skip("needs 8 (fake) devices")
