@@ -135,6 +135,8 @@ def from_hf_config(hf: dict[str, Any], source: str = "config.json") -> Transform
             raise ConfigFieldError(f"{source}: field {field!r} is missing or not an integer")
     if hf.get("hidden_act", "silu") != "silu":
         raise ConfigFieldError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (only 'silu')")
+    if hf.get("use_sliding_window") or any(t != "full_attention" for t in hf.get("layer_types") or ()):
+        raise ConfigFieldError(f"{source}: sliding-window attention layers are not supported")
     if hf.get("mlp_bias"):
         raise ConfigFieldError(f"{source}: mlp_bias=true is not supported")
     if family != "qwen2" and hf.get("attention_bias"):

@@ -94,3 +94,25 @@ def test_presets_and_config_errors():
         get_preset("nope")
     with pytest.raises(ConfigFieldError, match="num_kv_heads"):
         TransformerConfig("llama", 10, 8, 8, 1, num_heads=3, num_kv_heads=2, head_dim=4)
+
+
+def test_hf_config_round_trip_and_hub_style_fields():
+    from orchestra_jax.models.transformer_config import PRESETS, from_hf_config
+
+    for name in PRESETS:
+        config = get_preset(name)
+        assert from_hf_config(config.to_hf_config()) == config, name
+    hub_llama32 = {  # transformers 4.x / Hub layout: rope_theta beside rope_scaling, eos a list
+        "model_type": "llama", "vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192,
+        "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8, "rope_theta": 500000.0,
+        "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "tie_word_embeddings": True, "eos_token_id": [128001, 128008, 128009], "bos_token_id": 128000,
+    }  # fmt: skip
+    config = from_hf_config(hub_llama32)
+    assert (config.head_dim, config.rope_theta, config.eos_token_ids) == (64, 5e5, (128001, 128008, 128009))
+    assert config.rope_scaling_dict["factor"] == 32.0 and 1.2e9 < config.num_params() < 1.3e9
+    with pytest.raises(ConfigFieldError, match="x.json: .*'yarn'"):
+        from_hf_config(dict(hub_llama32, rope_scaling={"type": "yarn", "factor": 4.0}), source="x.json")
+    with pytest.raises(ConfigFieldError, match="x.json: field 'num_hidden_layers'"):
+        from_hf_config({k: v for k, v in hub_llama32.items() if k != "num_hidden_layers"}, source="x.json")
