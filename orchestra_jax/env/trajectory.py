@@ -183,6 +183,8 @@ class Trajectory:
             "error": self.error,
             "tool_counts": dict(self.tool_counts),
             "format_errors": self.format_errors,
+            "malformed_turns": list(self.malformed_turns),
+            "weight_versions": list(self.weight_versions),
             "preference": list(self.preference),
             "tool_names": list(self.tool_names),
             "ledger": self.ledger.to_json(),
@@ -202,10 +204,55 @@ class Trajectory:
                     "loss_mask": list(s.loss_mask),
                     "behaviour_logprobs": list(s.behaviour_logprobs),
                     "weight_version": s.weight_version,
+                    "turn_spans": [list(span) for span in s.turn_spans],
+                    "turn_indices": list(s.turn_indices),
                 }
                 for s in self.samples
             ],
         }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Trajectory:
+        """Inverse of `to_json` (notebooks and SFT read trajectories back from JSONL)."""
+        turns = tuple(
+            Turn(
+                t["text"],
+                tuple((c["name"], c["arguments"]) for c in t["calls"]),
+                tuple(t["observations"]),
+                tuple(t["format_errors"]),
+                t.get("user_reply"),
+            )
+            for t in data["turns"]
+        )
+        samples = tuple(
+            Sample(
+                tuple(s["token_ids"]),
+                tuple(s["loss_mask"]),
+                tuple(s["behaviour_logprobs"]),
+                s["weight_version"],
+                tuple(tuple(span) for span in s.get("turn_spans", ())),
+                tuple(s.get("turn_indices", ())),
+            )
+            for s in data["samples"]
+        )
+        return cls(
+            task_id=data["task_id"],
+            group_id=data["group_id"],
+            samples=samples,
+            weight_version=data["weight_version"],
+            ledger=Ledger.from_json(data["ledger"]),
+            correct=data["correct"],
+            answer=data["answer"],
+            tool_counts=dict(data["tool_counts"]),
+            turns=turns,
+            format_errors=data["format_errors"],
+            malformed_turns=tuple(data.get("malformed_turns", ())),
+            preference=tuple(data["preference"]),
+            tool_names=tuple(data["tool_names"]),
+            finish_reason=data["finish_reason"],
+            error=data.get("error"),
+            weight_versions=tuple(data.get("weight_versions", ())),
+        )
 
 
 def request_id(task_id: str, group_id: int, rollout: int, turn: int) -> str:

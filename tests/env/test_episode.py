@@ -13,7 +13,7 @@ from orchestra_jax.env.episode import ToolPool, run_episode, run_episodes
 from orchestra_jax.env.preferences import Preference, render_instruction
 from orchestra_jax.env.prices import PriceTable
 from orchestra_jax.env.scripted import ScriptedEngine, turns_script
-from orchestra_jax.env.trajectory import EpisodeConfig, Task, parse_request_id, request_id
+from orchestra_jax.env.trajectory import EpisodeConfig, Task, Trajectory, parse_request_id, request_id
 from orchestra_jax.models import chat_template
 from orchestra_jax.models.tokenizer import train_small_tokenizer
 
@@ -140,7 +140,8 @@ def test_history_episode_token_exact_with_real_sandbox_and_ledger(tokenizer, cat
     assert ledger.tool_latency_s > 0 and ledger.policy_latency_s >= 0
     assert traj.preference == pytest.approx(tuple(task.preference.vector(tasks_cpu.TOOL_NAMES)))
     assert traj.format_errors == 0 and traj.malformed_turns == (False, False)
-    json.dumps(traj.to_json())
+    again = Trajectory.from_json(json.loads(json.dumps(traj.to_json())))
+    assert again == traj
 
 
 def test_malformed_calls_are_error_observations_with_format_flags(tokenizer, catalog):
