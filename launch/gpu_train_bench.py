@@ -1,0 +1,120 @@
+"""Train-step throughput and MFU on one accelerator, for Qwen3-0.6B and Qwen3-1.7B shapes (random weights).
+
+    python launch/gpu_train_bench.py [--models qwen3-0.6b qwen3-1.7b] [--batch 8] [--seq-len 2048] [--steps 5]
+
+The step is the RL train step the trainer runs (fused log-prob kernel, GRPO loss, AdamW, fp32 params with
+bf16 compute, full remat by default). In the same run it measures the matmul ceiling: a bf16
+[n, n] x [n, n] matmul's achieved FLOP/s. It prints one JSON line per model with tokens/s, model FLOP/s,
+MFU against that measured ceiling and against the card's dense bf16 peak (when the card is known).
+
+FLOPs per trained token: 6 x (non-embedding params + LM head) + 6 x layers x seq_len x heads x head_dim
+(causal attention, fwd+bwd; half the dense score matrix), i.e. the PaLM accounting with the causal discount.
+Remat recomputation is not counted as useful work (MFU, not HFU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from orchestra_jax.config import MeshConfig
+from orchestra_jax.models.transformer import init_params
+from orchestra_jax.models.transformer_config import get_preset
+from orchestra_jax.parallel.mesh import make_mesh
+from orchestra_jax.rl.batching import Sample, pack
+from orchestra_jax.rl.losses import PolicyLossConfig
+from orchestra_jax.rl.train_step import StepSettings, make_train_step
+
+# Dense bf16 peak FLOP/s by device kind substring (vendor figures, no sparsity).
+PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "TPU v5p": 459e12, "TPU v5 lite": 197e12,
+         "TPU v4": 275e12}
+
+
+def matmul_ceiling(n: int = 8192, repeats: int = 20) -> float:
+    """Achieved FLOP/s of a bf16 n x n x n matmul on this device (best of `repeats` timed calls)."""
+    key_a, key_b = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(key_a, (n, n), jnp.bfloat16)
+    b = jax.random.normal(key_b, (n, n), jnp.bfloat16)
+    matmul = jax.jit(lambda x, y: x @ y)
+    matmul(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def flops_per_token(model, seq_len: int) -> float:
+    d, v = model.hidden_size, model.vocab_size
+    dense = model.num_params() - v * d + d * v  # embedding lookup is free; the (tied) LM head is a matmul
+    attention = 6 * model.num_layers * seq_len * model.num_heads * model.head_dim
+    return 6 * dense + attention
+
+
+def bench(name: str, args: argparse.Namespace, ceiling: float, peak: float | None) -> dict:
+    model = get_preset(name)
+    params = init_params(model, jax.random.key(0), dtype="float32")
+    mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+    settings = StepSettings(model=model, loss=PolicyLossConfig(kl_coef=0.0), compute_dtype="bfloat16",
+                            remat=args.remat, logprob_impl=args.logprob_impl)
+    step, state = make_train_step(settings, optax.adamw(1e-6, weight_decay=0.01), mesh, params)
+    rng = np.random.default_rng(0)
+    samples = [Sample(rng.integers(0, model.vocab_size, args.seq_len), np.ones(args.seq_len, np.int32),
+                      float(rng.normal())) for _ in range(args.batch * args.micro_batches)]
+    batch = pack(samples, micro_batch_size=args.batch, max_row_len=args.seq_len).arrays
+    start = time.perf_counter()
+    state, metrics = step(state, batch)  # compile + first step
+    compile_s = time.perf_counter() - start
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        state, metrics = step(state, batch)  # returns floats: the device work is finished
+        times.append(time.perf_counter() - start)
+    step_s = float(np.median(times))
+    tokens = args.batch * args.micro_batches * (args.seq_len - 1)
+    model_flops = flops_per_token(model, args.seq_len) * tokens / step_s
+    return {
+        "model": name, "params": model.num_params(), "device": jax.devices()[0].device_kind,
+        "batch": args.batch, "micro_batches": args.micro_batches, "seq_len": args.seq_len, "remat": args.remat,
+        "compile_s": round(compile_s, 1), "step_s": round(step_s, 4), "tokens_per_s": round(tokens / step_s, 1),
+        "model_tflops": round(model_flops / 1e12, 1), "matmul_ceiling_tflops": round(ceiling / 1e12, 1),
+        "mfu_vs_measured_ceiling": round(model_flops / ceiling, 3),
+        "mfu_vs_spec_peak": round(model_flops / peak, 3) if peak else None,
+        "loss_finite": bool(np.isfinite(metrics["loss"])), "skipped": metrics["skipped"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["qwen3-0.6b", "qwen3-1.7b"])
+    parser.add_argument("--batch", type=int, default=8, help="rows per micro-batch")
+    parser.add_argument("--micro-batches", type=int, default=1)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--remat", default="full", choices=["none", "full", "dots"])
+    parser.add_argument("--logprob-impl", default="auto", choices=["auto", "pallas", "reference"])
+    parser.add_argument("--matmul-n", type=int, default=8192)
+    args = parser.parse_args(argv)
+    kind = jax.devices()[0].device_kind
+    peak = next((v for k, v in PEAKS.items() if k.lower() in kind.lower()), None)
+    ceiling = matmul_ceiling(args.matmul_n)
+    print(json.dumps({"device": kind, "backend": jax.default_backend(), "matmul_ceiling_tflops": round(ceiling / 1e12, 1),
+                      "spec_peak_tflops": peak and peak / 1e12}), flush=True)
+    for name in args.models:
+        try:
+            print(json.dumps(bench(name, args, ceiling, peak)), flush=True)
+        except Exception as e:  # one model failing (e.g. out of memory) must not hide the other's figures
+            print(json.dumps({"model": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
