@@ -287,7 +287,10 @@ def test_64_concurrent_episodes_in_flight_without_deadlock(tokenizer, catalog, w
     def script(prompt_ids, rid):
         task_id, _, _, turn = parse_request_id(rid)
         task = by_id[task_id]
-        tool = "search" if task.metadata["kind"] == "fact" else "expert"
+        if task.metadata["kind"] == "fact":
+            tool = "search"
+        else:  # every fourth task runs real sandboxed code
+            tool = "python" if int(task_id.rsplit("-", 1)[1]) % 4 == 0 else "expert"
         return tasks_cpu.first_call(task, tool) if turn == 0 else CALL("answer", {"answer": task.answer})
 
     engine = ScriptedEngine(tokenizer, script, delay_s=0.05)
@@ -298,7 +301,8 @@ def test_64_concurrent_episodes_in_flight_without_deadlock(tokenizer, catalog, w
         )
     )
     assert engine.max_in_flight == 64
-    assert all(t.correct for t in trajs) and pool.calls == 128
+    assert all(t.correct for t in trajs) and pool.calls == 128 and pool.peak == 8
+    assert sum(t.tool_counts["python"] for t in trajs) == 16
 
 
 def test_group_rollouts_share_a_group_id_and_differ_in_seed(tokenizer, catalog, world):
