@@ -176,10 +176,11 @@ class Trainer:
                 tb.scalars({"sft/nll": metrics["nll"], "sft/grad_norm": metrics["grad_norm"]}, i)
                 if i % 20 == 0 or i == cfg.algorithm.sft_steps - 1:
                     self.echo(f"sft step {i}: nll {metrics['nll']:.4f}")
+                    tb.flush()
 
             state, _ = sft_train(step, state, samples, steps=cfg.algorithm.sft_steps, batch_size=cfg.algorithm.sft_batch_size,
                                  micro_batch_size=cfg.algorithm.micro_batch_size, max_row_len=cfg.rollout.max_context,
-                                 seed=cfg.seed)
+                                 seed=cfg.seed, on_step=on_step)
         return jax.device_get(state.params)
 
     # ---- the RL loop ----------------------------------------------------------------------------------------------
