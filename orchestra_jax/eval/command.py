@@ -200,7 +200,18 @@ def _load_tasks(args: EvalArgs) -> list[Task]:
         tasks = load_episode_tasks(args.data)
     except TaskFileError as e:
         raise EvalUsageError(str(e)) from None
-    return [dataclasses.replace(t, metadata={**t.metadata, "tasks_file": str(args.data)}) for t in tasks]
+    out = []
+    for task in tasks:
+        metadata = {**task.metadata, "tasks_file": str(args.data)}
+        if metadata.get("evaluator") == "domain" and "system_prompt" not in metadata:
+            from orchestra_jax.data.tasks import domain_dir
+
+            try:
+                metadata["system_prompt"] = _domain(str(domain_dir(task, args.data))).policy
+            except ValueError as e:
+                raise EvalUsageError(str(e).splitlines()[0]) from None
+        out.append(dataclasses.replace(task, metadata=metadata))
+    return out
 
 
 def cpu_family_tasks(args: EvalArgs, world: Any) -> list[Task]:

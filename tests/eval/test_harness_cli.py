@@ -206,7 +206,7 @@ def test_turn_sweep_on_a_checkpoint(tmp_path, run_dir, capsys):
     run, _ = run_dir
     out = tmp_path / "sweep"
     argv = ["eval", "--benchmark", "tasks", "--data", "cpu-family", "--policy", str(run), "--limit", "2",
-            "--max-turns", "1", "2", "3", "--max-new-tokens", "8", "--max-context", "1024", "--temperature", "1.0",
+            "--max-turns", "1", "2", "3", "--max-new-tokens", "8", "--max-context", "1024", "--temperature", "1.0", "--concurrency", "2",
             "--preference", "cost", "--out", str(out), "--no-progress"]  # fmt: skip
     code, stdout, err = _main(argv, capsys)
     assert code == 0, err
