@@ -192,7 +192,7 @@ class SGLangEngine:
                 await asyncio.sleep(self.backoff_s)
                 continue
             server.failures = 0
-            completion = _completion(request, response.json(), time.perf_counter() - start)
+            completion = _completion(request, response.json(), time.perf_counter() - start, self.weight_version)
             if completion.finish_reason == "abort":
                 self.resubmissions += 1
                 last_error = f"{server.url}: aborted"
@@ -223,8 +223,10 @@ def _message(response: httpx.Response) -> str:
     return str(body)[:300]
 
 
-def _completion(request: GenerateRequest, body: dict, latency_s: float) -> Completion:
-    """Parse SGLang's /generate response (meta_info.output_token_logprobs: [[logprob, id, text|None], ...])."""
+def _completion(request: GenerateRequest, body: dict, latency_s: float, version: str) -> Completion:
+    """Parse SGLang's /generate response (meta_info.output_token_logprobs: [[logprob, id, text|None], ...]).
+
+    A server that reports no weight_version (sglang-jax 0.1) gets the version this client last synced."""
     meta = body.get("meta_info", {})
     output_ids = tuple(int(t) for t in body.get("output_ids", ()))
     logprob_rows = meta.get("output_token_logprobs") or []
@@ -242,7 +244,7 @@ def _completion(request: GenerateRequest, body: dict, latency_s: float) -> Compl
         finish_reason=reason if reason in ("stop", "length", "abort") else "stop",
         prompt_tokens=int(meta.get("prompt_tokens", len(request.prompt_ids))),
         completion_tokens=int(meta.get("completion_tokens", len(output_ids))),
-        weight_version=str(meta.get("weight_version", "unknown")),
+        weight_version=str(meta.get("weight_version") or version),
         latency_s=float(meta.get("e2e_latency", latency_s)),
         cached_tokens=int(meta.get("cached_tokens", 0)),
     )
