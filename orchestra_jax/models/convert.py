@@ -100,43 +100,85 @@ def _cast(tree: Any, dtype: str) -> Any:
     return jnp.asarray(tree).astype(dtype)
 
 
-def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str = "hf", dtype: str | None = None,
-            model: str | None = None) -> pathlib.Path:  # fmt: skip
-    """Write `src` to `dst` as a HF directory (`to="hf"`) or an orbax export (`to="orbax"`)."""
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+    "chat_template.jinja", "vocab.json", "merges.txt",
+)  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class CopiedTokenizer:
+    """Tokenizer files copied verbatim from a directory (anything with `save(dir)` suits save_pretrained)."""
+
+    directory: pathlib.Path
+
+    def save(self, out_dir: str | os.PathLike) -> None:
+        for name in TOKENIZER_FILES:
+            if (self.directory / name).is_file():
+                shutil.copyfile(self.directory / name, pathlib.Path(out_dir) / name)
+
+
+def find_tokenizer(src: str | os.PathLike) -> Any:
+    """The tokenizer that belongs with `src`: its HF files, a GGUF's vocabulary, or a training run's tokenizer/."""
+    src = pathlib.Path(src)
+    if src.suffix == ".gguf":
+        from orchestra_jax.models.tokenizer import Tokenizer, TokenizerError
+
+        try:
+            return Tokenizer.from_file(src)
+        except TokenizerError:
+            return None
+    for folder in [src, *src.parents][:4]:
+        for candidate in (folder, folder / "tokenizer"):
+            if (candidate / "tokenizer.json").is_file():
+                return CopiedTokenizer(candidate)
+    return None
+
+
+def convert(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    to: str = "hf",
+    dtype: str | None = None,
+    model: str | None = None,
+) -> tuple[TransformerConfig, Any, pathlib.Path]:
+    """Write `src` (with its tokenizer files when found) to `dst` as a HF directory or an orbax export."""
     if to not in ("hf", "orbax"):
         raise ValueError(f"--to {to!r}: choose hf or orbax")
-    config, params = load_any(src, dtype=dtype, model=model)
-    if to == "hf":
-        return hf_io.save_pretrained(config, params, dst)
-    return _write_orbax(config, params, pathlib.Path(dst))
-
-
-def _write_orbax(config: TransformerConfig, params: Any, dst: pathlib.Path) -> pathlib.Path:
-    """`dst/params` (orbax) and `dst/config.json` (HF), built in a temporary sibling and renamed into place."""
-    if dst.exists():
+    dst = pathlib.Path(dst)
+    if to == "orbax" and dst.exists():
         raise hf_io.CheckpointError(f"{dst}: already exists")
+    config, params = load_any(src, dtype=dtype, model=model)
+    tokenizer = find_tokenizer(src)
+    if to == "hf":
+        hf_io.save_pretrained(config, params, dst, tokenizer=tokenizer)
+    else:
+        _write_orbax(config, params, dst, tokenizer)
+    return config, params, dst
+
+
+def _write_orbax(config: TransformerConfig, params: Any, dst: pathlib.Path, tokenizer: Any) -> None:
+    """`dst/params` (orbax), `dst/config.json` (HF) and tokenizer files, built in a temporary sibling, renamed."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     try:
+        os.chmod(tmp, 0o755)
         params_io.save_params(params, tmp / "params")
         (tmp / "config.json").write_text(json.dumps(config.to_hf_config(), indent=2))
+        if tokenizer is not None:
+            tokenizer.save(tmp)
         os.replace(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return dst
 
 
 def run_convert(args: ConvertArgs) -> int:
     """The CLI entry: convert and print one line describing the result."""
-    config, params = load_any(args.src, dtype=args.dtype, model=args.model)
-    out = pathlib.Path(args.dst)
-    if args.to == "hf":
-        hf_io.save_pretrained(config, params, out)
-    else:
-        _write_orbax(config, params, out)
+    config, params, out = convert(args.src, args.dst, to=args.to, dtype=args.dtype, model=args.model)
     dtype = jnp.dtype(params["embed"].dtype).name
+    tokenizer = "with tokenizer" if (out / "tokenizer.json").is_file() else "no tokenizer found"
     print(
-        f"wrote {args.to} checkpoint {out} ({config.family}, {config.num_params() / 1e6:.2f}M params, {dtype})"
+        f"wrote {args.to} checkpoint {out} ({config.family}, {config.num_params() / 1e6:.2f}M params, {dtype}, {tokenizer})"
     )
     return 0

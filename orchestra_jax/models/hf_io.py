@@ -253,6 +253,7 @@ def save_pretrained(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the export from a server running as another user
         weight_map, total = {}, 0
         for i, shard in enumerate(shards):
             file = (

@@ -245,11 +245,14 @@ def _same_tensors(dir_a, dir_b):
 def test_convert_cli_hf_orbax_hf_round_trip(saved_qwen2, tmp_path, capsys):
     from orchestra_jax.cli import main
 
-    assert main(["convert", "--src", str(saved_qwen2), "--dst", str(tmp_path / "orb"), "--to", "orbax"]) == 0
+    src = _copy(saved_qwen2, tmp_path / "src")
+    (src / "tokenizer.json").write_text('{"model": "stand-in"}')  # tokenizer files travel verbatim
+    assert main(["convert", "--src", str(src), "--dst", str(tmp_path / "orb"), "--to", "orbax"]) == 0
     assert (tmp_path / "orb" / "params").is_dir() and (tmp_path / "orb" / "config.json").is_file()
     assert main(["convert", "--src", str(tmp_path / "orb"), "--dst", str(tmp_path / "back")]) == 0
     assert "wrote hf checkpoint" in capsys.readouterr().out
     assert _same_tensors(saved_qwen2, tmp_path / "back")
+    assert (tmp_path / "back" / "tokenizer.json").read_text() == '{"model": "stand-in"}'
     assert (
         main(["convert", "--src", str(saved_qwen2), "--dst", str(tmp_path / "bf16"), "--dtype", "bfloat16"])
         == 0
