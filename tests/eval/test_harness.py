@@ -16,12 +16,14 @@ from orchestra_jax.env import tasks_cpu
 from orchestra_jax.env.episode import EpisodeSetup
 from orchestra_jax.env.judge import JudgeConfig
 from orchestra_jax.env.llm_tools import ChatClient, Endpoint
+from orchestra_jax.env.preferences import Preference
 from orchestra_jax.env.prices import ModelPrice
 from orchestra_jax.env.scripted import ScriptedEngine, turns_script
-from orchestra_jax.env.search import BackgroundServer
+from orchestra_jax.env.search import BackgroundServer, BM25Index, LocalRetriever
 from orchestra_jax.env.trajectory import EpisodeConfig, parse_request_id
 from orchestra_jax.eval import baselines, benchmarks, harness
 from orchestra_jax.eval.command import write_outputs
+from orchestra_jax.eval.inputs import EvalUsageError, parse_preference
 from orchestra_jax.eval.policies import OpenAIEngine, chatml_messages
 from orchestra_jax.eval.results import ExampleResult, ResultsFile, pass_hat_k, summarize
 from orchestra_jax.models import chat_template
@@ -318,3 +320,43 @@ def test_unreachable_judge_is_an_error(tmp_path, tokenizer):
     run(harness.run_harness([task], [harness.RunSpec("j", "j", 1)], env, store, harness.HarnessConfig(progress=False)))
     (row,) = store.read()
     assert row.status == "error" and row.error.startswith("judge: endpoint 'judge' unreachable")
+
+
+def test_baseline_toolsets_are_the_seed_table_rows(world, tokenizer, tmp_path):
+    assert baselines.no_tools().catalog.names == ()
+    retriever = LocalRetriever(BM25Index.build(world.passages()))
+    basic = baselines.build_toolset("basic", retriever=retriever)
+    assert basic.catalog.names == ("search", "python") and basic.mode == "history"
+    assert baselines.build_toolset("basic").catalog.names == ("python",)
+    with pytest.raises(baselines.ToolsetError, match="needs model endpoints"):
+        baselines.build_toolset("orchestrator")
+    client = ChatClient({"m": Endpoint("m", "http://127.0.0.1:9/v1", "m")})
+    orchestrator = baselines.build_toolset("orchestrator", client=client, retriever=retriever)
+    assert orchestrator.catalog.names == ("enhance_reasoning", "answer", "search") and orchestrator.mode == "context"
+    # the basic row really runs code: a scripted model computes with Python, then answers in text
+    a, b = random.randrange(100, 999), random.randrange(100, 999)
+    task = harness.example_task(benchmarks.EvalExample("m1", f"What is {a} * {b}?", str(a * b)))
+    script = turns_script({"m1": [CALL("python", {"code": f"print({a} * {b})"}), f"<answer>{a * b}</answer>"]})
+    env = environment(ScriptedEngine(tokenizer, script), tokenizer, basic)
+    store = ResultsFile(tmp_path / "results.jsonl")
+    run(harness.run_harness([task], [harness.RunSpec("b", "b", 3)], env, store, harness.HarnessConfig(progress=False)))
+    (row,) = store.read()
+    assert row.correct and row.tool_calls == {"python": 1} and row.judge_method == "exact" and row.cost_usd > 0
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("cost", Preference(outcome=1.0, cost=1.0)),
+        ("outcome=0.5,latency=0.25,tool.search=1", Preference((("search", 1.0),), 0.5, 0.0, 0.25)),
+        ("task", None),
+    ],
+)
+def test_preference_specs(spec, expected):
+    assert parse_preference(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["cost=2", "speed=1", "outcome", "cost=abc"])
+def test_bad_preference_specs(spec):
+    with pytest.raises(EvalUsageError, match="--preference"):
+        parse_preference(spec)

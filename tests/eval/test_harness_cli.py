@@ -28,7 +28,7 @@ from orchestra_jax.env.search import LocalRetriever, open_bm25
 from orchestra_jax.env.toolorchestra_tools import ALIASES
 from orchestra_jax.env.trajectory import EpisodeConfig
 from orchestra_jax.eval import baselines, benchmarks, harness
-from orchestra_jax.eval.command import load_tools_file
+from orchestra_jax.eval.inputs import load_tools_file
 from orchestra_jax.eval.policies import PolicyError, load_policy
 from orchestra_jax.eval.results import ResultsFile
 from orchestra_jax.models import chat_template
