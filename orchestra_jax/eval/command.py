@@ -273,7 +273,10 @@ async def _evaluate(args: EvalArgs) -> dict[str, Any]:
     specs = run_specs(args, policy.name)
     if tasks and toolset is not None:
         await policies.warm_up(policy, episode.system_prompt, tasks[0].question, toolset.catalog.schemas())
-    config = harness.HarnessConfig(args.concurrency, args.limit, args.budget_usd, args.progress, args.trials)
+    config = harness.HarnessConfig(
+        concurrency=args.concurrency, limit=args.limit, budget_usd=args.budget_usd, progress=args.progress,
+        trials=args.trials,
+    )  # fmt: skip
     try:
         report = await harness.run_harness(tasks, specs, env, ResultsFile(Path(args.out) / "results.jsonl"), config)
     finally:
@@ -311,6 +314,8 @@ def run_eval(args: EvalArgs) -> int:
     """The eval command: run, then write summaries and plots; prints the Markdown table."""
     if args.concurrency < 1:
         raise EvalUsageError(f"--concurrency {args.concurrency}: must be at least 1")
+    if args.policy == "tau2-gold" and args.benchmark != "tau2":
+        raise EvalUsageError("--policy tau2-gold replays τ² gold actions: use it with --benchmark tau2")
     if args.trials < 1:
         raise EvalUsageError(f"--trials {args.trials}: must be at least 1")
     if args.limit is not None and args.limit < 1:
