@@ -110,6 +110,44 @@ def transformers_decode(model_dir: str, prompts: list, new_tokens: int, repeats:
     return len(prompts) * (new_tokens - 1) / max(full - first, 1e-9)
 
 
+def prefix_reuse(
+    config: TransformerConfig, params: Any, episodes: int = 4, turns: int = 4
+) -> dict[str, float]:
+    """Prefill tokens and wall time of multi-turn episodes (each turn's prompt = the previous prompt + its
+    completion + a 48-token tool response), with and without reusing a finished turn's KV."""
+    rng = np.random.default_rng(0)
+    sp = SamplingParams(max_new_tokens=16, temperature=0.0, ignore_eos=True)
+    first = [tuple(int(t) for t in rng.integers(0, config.vocab_size, size=160)) for _ in range(episodes)]
+    responses = [[tuple(int(t) for t in rng.integers(0, config.vocab_size, size=48)) for _ in range(turns)]
+                 for _ in range(episodes)]  # fmt: skip
+    context = 160 + turns * (16 + 48) + 1
+
+    async def run_all(reuse: bool) -> tuple[int, float]:
+        engine = EmbeddedEngine(config, params, max_slots=episodes, max_context=context, prefix_reuse=reuse)
+
+        async def episode(e: int) -> None:
+            prompt = first[e]
+            for turn in range(turns):
+                [c] = await engine.generate([GenerateRequest(prompt, sp, f"{e}-{turn}")])
+                prompt = prompt + c.output_ids + responses[e][turn]
+
+        await asyncio.gather(*(episode(e) for e in range(episodes)))  # compile
+        engine.stats["prefill_tokens"] = 0
+        engine.flush_cache()
+        start = time.perf_counter()
+        await asyncio.gather(*(episode(e) for e in range(episodes)))
+        return engine.stats["prefill_tokens"], time.perf_counter() - start
+
+    with_tokens, with_s = asyncio.run(run_all(True))
+    without_tokens, without_s = asyncio.run(run_all(False))
+    return {
+        "prefill_with": with_tokens,
+        "prefill_without": without_tokens,
+        "wall_with": with_s,
+        "wall_without": without_s,
+    }
+
+
 def sync_time(config: TransformerConfig, dtype: str) -> Any:
     """Export + the HTTP update handshake against an in-process `serve` of the same shape -> SyncReport."""
     import socket
@@ -183,6 +221,11 @@ def run(args: RolloutBenchArgs) -> int:
                 hf_rate = transformers_decode(model_dir, prompts, args.new_tokens, args.repeats)
                 row += f"  {hf_rate:>9.1f}  {rate / hf_rate:>5.2f}x"
             print(row, flush=True)
+    reuse = prefix_reuse(config, params)
+    saved = 1 - reuse["prefill_with"] / reuse["prefill_without"]
+    print(f"prefix reuse, 4 episodes x 4 turns: prefilled {reuse['prefill_with']} tokens instead of "
+          f"{reuse['prefill_without']} ({saved:.0%} saved); wall {reuse['wall_with']:.2f}s vs "
+          f"{reuse['wall_without']:.2f}s", flush=True)  # fmt: skip
     syncs = ([("smollm2-135m", models.get_preset("smollm2-135m"), "float32")] if args.sync_135m else []) + (
         [("synthetic-1b", SYNTHETIC_1B, "bfloat16")] if args.sync_1b else []
     )
