@@ -23,6 +23,7 @@ from orchestra_jax.parallel.mesh import with_logical_constraint
 
 Params = dict[str, Any]
 REMAT_POLICIES = ("none", "full", "dots")
+ATTENTION_CHUNK = 1024
 
 
 def _layer_shapes(config: TransformerConfig) -> dict[str, tuple[tuple[int, ...], tuple[str | None, ...]]]:
@@ -146,7 +147,9 @@ def _rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight.astype(x.dtype) * normed.astype(x.dtype)
 
 
-def _attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: jax.Array) -> jax.Array:
+def _attention_block(
+    q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: jax.Array
+) -> jax.Array:
     b, t, n, h = q_BTNH.shape
     kv = k_BSKH.shape[2]
     q_BTKGH = q_BTNH.reshape(b, t, kv, n // kv, h)
@@ -159,7 +162,46 @@ def _attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS
     return out_BTKGH.reshape(b, t, n, h)
 
 
-def _layer(config: TransformerConfig, x_BTD, p, cos_BTH, sin_BTH, mask_BTS, cache_kv, write_BT):
+def _attention_mask(
+    index_BT, positions_BT, segments_BT, key_segments_BS, key_len: int, cached: bool
+) -> jax.Array:
+    """Which keys each query sees: cache slots <= its position, or earlier tokens of its own segment."""
+    keys_S = jnp.arange(key_len)
+    if cached:
+        return keys_S[None, None, :] <= positions_BT[:, :, None]
+    mask_BTS = keys_S[None, None, :] <= index_BT[:, :, None]
+    if segments_BT is not None:
+        mask_BTS = mask_BTS & (segments_BT[:, :, None] == key_segments_BS[:, None, :])
+    return mask_BTS
+
+
+def _attention(
+    q_BTNH, k_BSKH, v_BSKH, queries, key_segments_BS, cached: bool, chunk: int | None
+) -> jax.Array:
+    """Attention over all keys; above `chunk` queries it runs query block by query block (each rematerialised),
+    so the [T, S] scores never exist at once, in the forward or the backward pass."""
+    key_len = k_BSKH.shape[1]
+
+    def block(q_BTNH, index_BT, positions_BT, segments_BT):
+        mask_BTS = _attention_mask(index_BT, positions_BT, segments_BT, key_segments_BS, key_len, cached)
+        return _attention_block(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
+
+    b, t = q_BTNH.shape[:2]
+    if chunk is None or t <= chunk:
+        return block(q_BTNH, *queries)
+    pad = (-t) % chunk
+    n = (t + pad) // chunk
+
+    def blocks(x):  # [B, T, ...] -> [n, B, chunk, ...]; padded query rows are computed and dropped
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)
+
+    xs = (blocks(q_BTNH), *(None if x is None else blocks(x) for x in queries))
+    out_nBCNH = jax.lax.map(jax.checkpoint(lambda xs: block(*xs)), xs)
+    return jnp.moveaxis(out_nBCNH, 0, 1).reshape(b, n * chunk, *q_BTNH.shape[2:])[:, :t]
+
+
+def _layer(config: TransformerConfig, x_BTD, p, cos_BTH, sin_BTH, attend, cache_kv, write_BT):
     """One decoder block; returns the new residual stream and the layer's (updated) K/V cache or None."""
     dtype = x_BTD.dtype
     eps = config.rms_norm_eps
@@ -184,7 +226,7 @@ def _layer(config: TransformerConfig, x_BTD, p, cos_BTH, sin_BTH, mask_BTS, cach
         keys_BSKH = k_cache_BSKH.at[rows_BT, write_BT].set(k_BTKH.astype(k_cache_BSKH.dtype), mode="drop")
         values_BSKH = v_cache_BSKH.at[rows_BT, write_BT].set(v_BTKH.astype(v_cache_BSKH.dtype), mode="drop")
         new_cache = (keys_BSKH, values_BSKH)
-    attn_BTNH = _attention(q_BTNH, keys_BSKH, values_BSKH, mask_BTS)
+    attn_BTNH = attend(q_BTNH, keys_BSKH, values_BSKH)
     x_BTD = x_BTD + jnp.einsum("btnh,nhd->btd", attn_BTNH, p["o"].astype(dtype))
     x_BTD = with_logical_constraint(x_BTD, ("batch", "seq", "embed"))
     h_BTD = _rms_norm(x_BTD, p["mlp_norm"], eps)
@@ -193,16 +235,6 @@ def _layer(config: TransformerConfig, x_BTD, p, cos_BTH, sin_BTH, mask_BTS, cach
     act_BTF = with_logical_constraint(jax.nn.silu(gate_BTF) * up_BTF, ("batch", "seq", "mlp"))
     x_BTD = x_BTD + jnp.einsum("btf,fd->btd", act_BTF, p["down"].astype(dtype))
     return with_logical_constraint(x_BTD, ("batch", "seq", "embed")), new_cache
-
-
-def _attention_mask(positions_BT, segment_ids_BT, cache_len: int | None) -> jax.Array:
-    if cache_len is not None:
-        return jnp.arange(cache_len)[None, None, :] <= positions_BT[:, :, None]
-    t = positions_BT.shape[1]
-    mask_BTS = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool))[None], (positions_BT.shape[0], t, t))
-    if segment_ids_BT is not None:
-        mask_BTS = mask_BTS & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
-    return mask_BTS
 
 
 def hidden_states(
@@ -215,8 +247,12 @@ def hidden_states(
     kv_cache: dict[str, jax.Array] | None = None,
     compute_dtype: Any = None,
     remat: str = "none",
+    attention_chunk: int | None = ATTENTION_CHUNK,
 ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
-    """Final-normed hidden states [B, T, D] (so the log-prob kernel can fuse the LM head) and the new cache."""
+    """Final-normed hidden states [B, T, D] (so the log-prob kernel can fuse the LM head) and the new cache.
+
+    `attention_chunk`: above this many tokens, attention runs in query blocks of this size (None: never).
+    """
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat {remat!r} is not one of {REMAT_POLICIES}")
     token_ids_BT = jnp.asarray(token_ids_BT)
@@ -231,15 +267,21 @@ def hidden_states(
     angles_BTH = positions_BT[:, :, None].astype(jnp.float32) * jnp.asarray(rope_inv_freq(config))
     angles_BTH = jnp.concatenate([angles_BTH, angles_BTH], axis=-1)
     cos_BTH, sin_BTH = jnp.cos(angles_BTH), jnp.sin(angles_BTH)
-    cache_len = None if kv_cache is None else kv_cache["k"].shape[2]
-    mask_BTS = _attention_mask(positions_BT, segment_ids_BT, cache_len)
+    segment_ids_BT = None if segment_ids_BT is None else jnp.asarray(segment_ids_BT)
     write_BT = positions_BT
     if kv_cache is not None and segment_ids_BT is not None:
-        write_BT = jnp.where(jnp.asarray(segment_ids_BT) == 0, cache_len, positions_BT)  # pads: dropped write
+        write_BT = jnp.where(segment_ids_BT == 0, kv_cache["k"].shape[2], positions_BT)  # pads: dropped write
+    index_BT = jnp.broadcast_to(jnp.arange(t)[None], (b, t))
+    queries = (index_BT, positions_BT, None if kv_cache is not None else segment_ids_BT)
+
+    def attend(q_BTNH, k_BSKH, v_BSKH):
+        return _attention(
+            q_BTNH, k_BSKH, v_BSKH, queries, segment_ids_BT, kv_cache is not None, attention_chunk
+        )
 
     def body(x_BTD, xs):
         layer_params, cache_kv = xs
-        return _layer(config, x_BTD, layer_params, cos_BTH, sin_BTH, mask_BTS, cache_kv, write_BT)
+        return _layer(config, x_BTD, layer_params, cos_BTH, sin_BTH, attend, cache_kv, write_BT)
 
     if remat == "full":
         body = jax.checkpoint(body, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)

@@ -12,7 +12,7 @@ from orchestra_jax.models import transformer as T
 from orchestra_jax.models.transformer_config import ConfigFieldError, TransformerConfig, get_preset
 
 FAMILIES = ["qwen3-tiny", "llama-tiny", "qwen2-tiny"]
-fwd = jax.jit(T.forward, static_argnums=0, static_argnames=("remat", "compute_dtype"))
+fwd = jax.jit(T.forward, static_argnums=0, static_argnames=("remat", "compute_dtype", "attention_chunk"))
 
 
 def _model(name, seed, vocab=97):
@@ -40,6 +40,27 @@ def test_padded_prefill_skips_pad_cache_writes():
     nxt, _ = fwd(config, params, ids[1:, 3:4], kv_cache=jax.tree.map(lambda c: c[:, 1:], cache),
                        positions_BT=jnp.array([[3]]))  # fmt: skip
     assert _rel_err(nxt[0, 0], fwd(config, params, ids[1:, :4])[0, 3]) < 1e-5
+
+
+def test_query_chunked_attention_matches_whole_attention():
+    seed = np.random.randint(1 << 30)
+    config, params = _model("qwen2-tiny", seed)
+    ids = jax.random.randint(jax.random.key(seed), (2, 13), 0, config.vocab_size)
+    segments = jnp.array([[1] * 6 + [2] * 7, [1] * 9 + [0] * 4])
+    positions = jnp.array([list(range(6)) + list(range(7)), list(range(13))])
+    kwargs = dict(positions_BT=positions, segment_ids_BT=segments)
+    whole = fwd(config, params, ids, attention_chunk=None, **kwargs)
+    assert _rel_err(fwd(config, params, ids, attention_chunk=4, **kwargs), whole) < 1e-5
+    cache = T.init_kv_cache(config, batch=2, max_len=16)
+    chunked, _ = fwd(config, params, ids, attention_chunk=4, kv_cache=cache, segment_ids_BT=segments)
+    assert _rel_err(chunked[1, :9], whole[1, :9]) < 1e-5
+
+    def loss(p, chunk):
+        return jnp.mean(T.forward(config, p, ids, attention_chunk=chunk, **kwargs)[..., :3] ** 2)
+
+    g_whole, g_chunked = (jax.jit(jax.grad(loss), static_argnums=1)(params, c) for c in (None, 4))
+    for a, b in zip(jax.tree.leaves(g_whole), jax.tree.leaves(g_chunked)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def _loss(config, params, ids, remat):
