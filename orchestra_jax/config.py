@@ -92,8 +92,10 @@ class RewardConfig:
     min_group_std: float = 0.1
     drop_invalid_answers: bool = True
     drop_malformed_turns: bool = True
-    fixed_preference: tuple[float, float, float] = (1.0, 1.0, 0.0)
-    """(outcome, cost, latency) weights used when env.preference_sampling is 'fixed' (tool weights 0)."""
+    fixed_outcome: float = 1.0
+    """Preference weights used when env.preference_sampling is 'fixed' (every tool weight is 0 then)."""
+    fixed_cost: float = 1.0
+    fixed_latency: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -261,8 +263,24 @@ def validate(config: TrainConfig, num_devices: int | None = None) -> TrainConfig
 
 
 def cpu_demo() -> TrainConfig:
-    """The embedded CPU default: a tiny policy, the local CPU task family, local tools; ~15 min on 2 cores."""
-    return TrainConfig()
+    """The embedded CPU default: a tiny policy, the local CPU task family, local tools; ~15 min on 2 cores.
+
+    A tiny Qwen3 and a small BPE, an SFT warm start on scripted demonstrations (which use the expensive expert
+    30% of the time), then GRPO under a cost-preferring preference (outcome 1, cost 1): accuracy should rise
+    and the expert's share, hence cost, fall. Learning rates are a tiny model's, not the paper's 1e-6.
+    """
+    return TrainConfig(
+        name="cpu-demo",
+        steps=30,
+        model=ModelConfig(source="qwen3-tiny"),
+        rollout=RolloutConfig(max_slots=32, max_new_tokens=64, max_context=1024),
+        env=EnvConfig(max_turns=3, concurrency=32, preference_sampling="fixed"),
+        reward=RewardConfig(fixed_outcome=1.0, fixed_cost=1.0, fixed_latency=0.0),
+        algorithm=AlgorithmConfig(prompts_per_step=8, group_size=4, micro_batch_size=8, kl_coef=1e-3,
+                                  sft_steps=80, sft_lr=5e-3, sft_batch_size=16, sft_demonstrations=192),
+        optimizer=OptimizerConfig(lr=2e-4, schedule="constant"),
+        checkpoint=CheckpointConfig(every_steps=10, keep=2),
+    )
 
 
 def test_tiny() -> TrainConfig:
@@ -275,7 +293,7 @@ def test_tiny() -> TrainConfig:
         env=EnvConfig(max_turns=2, concurrency=8, preference_sampling="fixed"),
         # Cost and latency weights 0: both read the wall clock (sandbox seconds), which would break bitwise resume.
         # No group filter, so even an untrained policy's (all-zero) rewards make an update.
-        reward=RewardConfig(fixed_preference=(1.0, 0.0, 0.0), min_group_std=0.0, drop_invalid_answers=False),
+        reward=RewardConfig(fixed_cost=0.0, fixed_latency=0.0, min_group_std=0.0, drop_invalid_answers=False),
         algorithm=AlgorithmConfig(prompts_per_step=2, group_size=4, micro_batch_size=8),
         optimizer=OptimizerConfig(lr=1e-3),
         checkpoint=CheckpointConfig(every_steps=1, keep=2, async_save=False),

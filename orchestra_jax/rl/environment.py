@@ -39,7 +39,7 @@ class Environment:
 
 def preference_distribution(config: TrainConfig, tool_names: tuple[str, ...]) -> PreferenceDistribution:
     kind = config.env.preference_sampling
-    outcome, cost, latency = (float(x) for x in config.reward.fixed_preference)
+    outcome, cost, latency = config.reward.fixed_outcome, config.reward.fixed_cost, config.reward.fixed_latency
     fixed = Preference(tuple((n, 0.0) for n in tool_names), outcome, cost, latency)
     return PreferenceDistribution(kind=kind, fixed=fixed, tool_keep_prob=0.0)
 
