@@ -294,14 +294,14 @@ def cmd_synth(argv: Sequence[str]) -> int:
 
 def cmd_serve(argv: Sequence[str]) -> int:
     """Serve a model over SGLang's HTTP API (and OpenAI's) from the embedded JAX sampler."""
-    from orchestra_jax.rollout import server
+    from orchestra_jax.rollout import serve
 
-    args = parse(server.ServeArgs, argv, "orchestra-jax serve")
+    args = parse(serve.ServeArgs, argv, "orchestra-jax serve")
     try:
-        served = server.load_served_model(args)
+        served = serve.load_served_model(args)
     except (ValueError, OSError) as e:
         raise UsageError(str(e).splitlines()[0]) from None
-    server.serve(args, served)
+    serve.serve(args, served)
     return 0
 
 
