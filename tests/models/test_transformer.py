@@ -55,6 +55,14 @@ def test_query_chunked_attention_matches_whole_attention():
     chunked, _ = fwd(config, params, ids, attention_chunk=4, kv_cache=cache, segment_ids_BT=segments)
     assert _rel_err(chunked[1, :9], whole[1, :9]) < 1e-5
 
+
+@pytest.mark.slow
+def test_query_chunked_attention_gradients_match():
+    seed = np.random.randint(1 << 30)
+    config, params = _model("qwen2-tiny", seed)
+    ids = jax.random.randint(jax.random.key(seed), (2, 13), 0, config.vocab_size)
+    kwargs = dict(segment_ids_BT=jnp.array([[1] * 6 + [2] * 7, [1] * 9 + [0] * 4]))
+
     def loss(p, chunk):
         return jnp.mean(T.forward(config, p, ids, attention_chunk=chunk, **kwargs)[..., :3] ** 2)
 
