@@ -11,6 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -37,6 +38,8 @@ def plot_pareto(summaries: Mapping[str, Mapping[str, Any]], path: str | os.PathL
         ax.step([c for c, _ in front], [a for _, a in front], where="post", linestyle="--", color="grey", label="Pareto front")
         ax.legend(loc="lower right")
     ax.set_xlabel("mean cost per task (USD)")
+    ax.xaxis.set_major_locator(MaxNLocator(5))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:.3g}"))
     ax.set_ylabel("accuracy")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(title or "accuracy vs cost")
@@ -60,6 +63,7 @@ def plot_turn_sweep(summaries_by_turns: Mapping[int, Mapping[str, Any]], path: s
     ax2 = ax.twinx()
     ax2.plot(turns, cost, "s--", color="tab:red", label="mean cost")
     ax2.set_ylabel("mean cost per task (USD)", color="tab:red")
+    ax2.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:.3g}"))
     ax2.set_ylim(bottom=0, top=max(cost) * 1.15 if max(cost) > 0 else 1e-6)
     ax.set_title(title or "accuracy and cost vs turn limit")
     ax.grid(alpha=0.3)
