@@ -110,6 +110,8 @@ class EmbeddedEngine:
         self._slots: list[_Live | None] = [None] * max_slots
         self._slot_tokens: list[list[int]] = [[] for _ in range(max_slots)]  # tokens whose KV the row holds
         self._slot_used = np.zeros(max_slots)  # last release time, to evict the oldest prefix first
+        self._weights_epoch = 0  # counts weight updates (a version string may repeat)
+        self._slot_epoch = [0] * max_slots  # weights the row's KV was computed with
         self._pending: deque[_Live] = deque()
         self._loop_task: asyncio.Task | None = None
         self._running = asyncio.Event()
@@ -138,8 +140,8 @@ class EmbeddedEngine:
         return list(await asyncio.gather(*(item.future for item in live)))
 
     async def update_weights(self, params: Any, version: str) -> None:
-        """Swap weights between decode steps. Requests in flight finish on the new weights; cached prefixes
-        (KV of the old weights) are dropped."""
+        """Swap weights between decode steps. Requests in flight finish on the new weights (tagged with the
+        new version); KV computed with the old weights is never reused as a prefix."""
         old = jax.tree.structure(self._params)
         if jax.tree.structure(params) != old:
             raise ValueError("update_weights: parameter tree differs from the served model's")
@@ -150,7 +152,7 @@ class EmbeddedEngine:
                 )
         self._params = self._place_params(params)
         self.weight_version = version
-        self.flush_cache()
+        self._weights_epoch += 1
 
     async def health(self) -> bool:
         """False once the device loop has failed (the error is in `failure`)."""
@@ -240,13 +242,15 @@ class EmbeddedEngine:
             self._slots[slot] = item
             item.cached_tokens = reuse
             self._slot_tokens[slot] = list(prompt)
+            self._slot_epoch[slot] = self._weights_epoch  # a request spanning an update is never reused
             admitted.append((slot, item, reuse))
         return admitted
 
     def _reuse_score(self, slot: int, prompt: Sequence[int]) -> tuple[int, float]:
         """(reusable prefix length, recency): the longest shared prefix wins, then the row freed longest ago.
         At least one prompt token is always prefilled, since its logits give the first output token."""
-        reuse = _common_prefix(self._slot_tokens[slot], prompt) if self.prefix_reuse else 0
+        same_weights = self._slot_epoch[slot] == self._weights_epoch
+        reuse = _common_prefix(self._slot_tokens[slot], prompt) if self.prefix_reuse and same_weights else 0
         return min(reuse, len(prompt) - 1), -self._slot_used[slot]
 
     def _take_token(self, slot: int, token: int, logprob: float) -> None:

@@ -188,6 +188,7 @@ def test_update_weights_changes_outputs_and_version(model):
 
     before, after, version = asyncio.run(run())
     assert (before.weight_version, after.weight_version, version) == ("v0", "v1", "v1")
+    assert after.cached_tokens == 0  # the prompt's KV from the old weights is not reused
     assert not np.allclose(before.logprobs, after.logprobs, atol=1e-3)
     expected = _teacher_forced_logprobs(config, other, prompt, after.output_ids, 1.0)
     np.testing.assert_allclose(after.logprobs, expected, atol=1e-4)
