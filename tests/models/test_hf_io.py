@@ -120,7 +120,7 @@ def test_logits_match_transformers(family, tmp_path):
         assert _rel_err(step[1, 0], full_c[t]) <= 1e-5
 
 
-@pytest.mark.parametrize("family", ["qwen3", "qwen2"])
+@pytest.mark.parametrize("family", ["qwen3", "llama", "qwen2"])
 def test_round_trip_is_bit_exact_and_loads_in_transformers(family, tmp_path):
     seed = np.random.randint(1 << 30)
     model = _hf_model(family, seed)
