@@ -1,5 +1,6 @@
 """The policy: a pure-functional Qwen3/Llama/Qwen2 transformer, its HF and GGUF checkpoint mappings, tokenizer and chat template."""
 
+from orchestra_jax.models.flax_module import TransformerLM
 from orchestra_jax.models.hf_io import CheckpointError, load_pretrained, save_pretrained
 from orchestra_jax.models.transformer import (
     forward,
@@ -16,6 +17,7 @@ __all__ = [
     "load_pretrained",
     "save_pretrained",
     "TransformerConfig",
+    "TransformerLM",
     "forward",
     "from_hf_config",
     "get_preset",
