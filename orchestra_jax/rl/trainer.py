@@ -16,7 +16,6 @@ import dataclasses
 import signal
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -53,9 +52,8 @@ class _Stop:
 
 def step_settings(config: TrainConfig, model: Any, *, sft: bool = False) -> StepSettings:
     algorithm = config.algorithm
-    loss = PolicyLossConfig() if sft else PolicyLossConfig.from_algorithm(algorithm)
-    if sft:
-        loss = PolicyLossConfig(kl_coef=0.0, entropy_coef=0.0, tis_cap=None)
+    # SFT: unit advantages, no KL/entropy/IS terms (see sft.py for why that is the NLL gradient).
+    loss = PolicyLossConfig(kl_coef=0.0, entropy_coef=0.0, tis_cap=None) if sft else PolicyLossConfig.from_algorithm(algorithm)
     return StepSettings(
         model=model,
         loss=loss,
@@ -332,6 +330,3 @@ def train(config: TrainConfig, *, echo: Any = print) -> int:
     """Run (or resume) a whole training job; returns the process exit status (0, or 143 after SIGTERM)."""
     return Trainer(config, echo=echo).train()
 
-
-def run_root(config: TrainConfig) -> Path:
-    return Path(config.run_dir or f"runs/{config.name}")

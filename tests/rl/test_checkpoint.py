@@ -11,7 +11,7 @@ from orchestra_jax.config import CheckpointConfig, MeshConfig
 from orchestra_jax.models.transformer import init_params
 from orchestra_jax.models.transformer_config import get_preset
 from orchestra_jax.parallel.mesh import make_mesh
-from orchestra_jax.rl.checkpoint import CheckpointError, Checkpointer, load_params, param_count, params_digest
+from orchestra_jax.rl.checkpoint import Checkpointer, CheckpointError, load_params, param_count, params_digest
 from orchestra_jax.rl.losses import PolicyLossConfig
 from orchestra_jax.rl.train_step import StepSettings, make_train_step
 

@@ -15,7 +15,7 @@ from orchestra_jax.parallel.mesh import make_mesh
 from orchestra_jax.rl.batching import Sample, pack
 from orchestra_jax.rl.losses import PolicyLossConfig
 from orchestra_jax.rl.optimizer import make_optimizer
-from orchestra_jax.rl.train_step import StepSettings, make_train_step
+from orchestra_jax.rl.train_step import LogprobFn, StepSettings, make_train_step
 
 VOCAB = 96
 
@@ -39,7 +39,10 @@ def run_step(settings, mesh, params, batch, ref=None, optimizer=None):
     # Plain SGD where updates are compared: Adam's first step is lr * sign(g), ill-conditioned for tiny g.
     optimizer = optimizer or optax.sgd(0.5)
     step, state = make_train_step(settings, optimizer, mesh, jax.tree.map(jnp.copy, params))
-    state, metrics = step(state, batch.arrays, ref)
+    arrays = dict(batch.arrays)
+    if ref is not None:
+        arrays["ref_logprobs"] = LogprobFn(settings, mesh, step.shardings.params)(ref, arrays)
+    state, metrics = step(state, arrays)
     return jax.device_get(state.params), metrics
 
 
