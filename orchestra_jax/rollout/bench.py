@@ -176,7 +176,10 @@ def sync_time(config: TransformerConfig, dtype: str) -> Any:
 
             async def go():
                 client = SGLangEngine(
-                    [f"http://127.0.0.1:{sock.getsockname()[1]}"], config=config, sync_root=root
+                    [f"http://127.0.0.1:{sock.getsockname()[1]}"],
+                    config=config,
+                    sync_root=root,
+                    verbose=False,
                 )
                 try:
                     await client.update_weights(new_params, "bench-1")
