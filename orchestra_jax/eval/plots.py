@@ -30,7 +30,7 @@ def plot_pareto(summaries: Mapping[str, Mapping[str, Any]], path: str | os.PathL
     for label, s in summaries.items():
         cost, acc = s["cost_usd_mean"], s["accuracy"]
         low, high = s["accuracy_ci95"]
-        ax.errorbar(cost, acc, yerr=[[acc - low], [high - acc]], fmt="o", capsize=3)
+        ax.errorbar(cost, acc, yerr=[[max(0.0, acc - low)], [max(0.0, high - acc)]], fmt="o", capsize=3)
         ax.annotate(label, (cost, acc), textcoords="offset points", xytext=(5, 5), fontsize=8)
         points.append((cost, acc))
     front = pareto_front(points)
@@ -51,8 +51,8 @@ def plot_turn_sweep(summaries_by_turns: Mapping[int, Mapping[str, Any]], path: s
     """Accuracy with its 95% interval (left axis, 0 to 1) and mean cost (right axis, from 0) against the turn limit."""
     turns = sorted(summaries_by_turns)
     accuracy = [summaries_by_turns[t]["accuracy"] for t in turns]
-    low = [a - summaries_by_turns[t]["accuracy_ci95"][0] for t, a in zip(turns, accuracy)]
-    high = [summaries_by_turns[t]["accuracy_ci95"][1] - a for t, a in zip(turns, accuracy)]
+    low = [max(0.0, a - summaries_by_turns[t]["accuracy_ci95"][0]) for t, a in zip(turns, accuracy)]
+    high = [max(0.0, summaries_by_turns[t]["accuracy_ci95"][1] - a) for t, a in zip(turns, accuracy)]
     cost = [summaries_by_turns[t]["cost_usd_mean"] for t in turns]
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     ax.errorbar(turns, accuracy, yerr=[low, high], fmt="o-", capsize=3, color="tab:blue", label="accuracy (95% CI)")

@@ -1,5 +1,6 @@
 """Benchmark loaders over the shared reference data; resumable results; summary numbers recomputed by hand."""
 
+import dataclasses
 import json
 import random
 
@@ -79,6 +80,19 @@ def test_wilson_interval_known_values():
     low, high = wilson_interval(8, 10)
     assert low == pytest.approx(0.4902, abs=1e-3) and high == pytest.approx(0.9433, abs=1e-3)
     assert wilson_interval(0, 0) == (0.0, 0.0)
+    for n in range(1, 60):  # the interval holds the observed proportion, all-right and all-wrong included
+        for k in (0, n // 2, n):
+            low, high = wilson_interval(k, n)
+            assert 0.0 <= low <= k / n <= high <= 1.0
+
+
+def test_plots_take_perfect_and_zero_accuracy(tmp_path):
+    rows = [ExampleResult(id=f"e{i}", correct=True, cost_usd=0.01, latency_s=1.0, turns=1) for i in range(10)]
+    wrong = [dataclasses.replace(r, correct=False) for r in rows]
+    summaries = {"all right": summarize(rows), "all wrong": summarize(wrong)}
+    plots.plot_pareto(summaries, tmp_path / "pareto.png")
+    plots.plot_turn_sweep({1: summaries["all wrong"], 2: summaries["all right"]}, tmp_path / "turns.png")
+    assert (tmp_path / "pareto.png").stat().st_size > 0 and (tmp_path / "turns.png").stat().st_size > 0
 
 
 def test_results_file_resumes_after_torn_write(tmp_path):
