@@ -228,12 +228,23 @@ def cmd_sft(argv: Sequence[str]) -> int:
 
 
 def cmd_inspect(argv: Sequence[str]) -> int:
-    """`inspect checkpoint RUN_DIR`: latest step, parameter count and a SHA-256 over every parameter array."""
+    """`inspect checkpoint RUN_DIR`: latest step, parameter count and a SHA-256 over every parameter array.
+    `inspect curves RUN_DIR [OUT.png]`: draw the run's curves from its TensorBoard events (default RUN_DIR/curves.png)."""
+    usage = "usage: orchestra-jax inspect checkpoint RUN_DIR | inspect curves RUN_DIR [OUT.png]"
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage)
+        return 0
+    if len(argv) in (2, 3) and argv[0] == "curves":
+        from orchestra_jax.rl.metrics import plot_run
+
+        out = argv[2] if len(argv) == 3 else f"{argv[1].rstrip('/')}/curves.png"
+        try:
+            print(plot_run(argv[1], out))
+        except (FileNotFoundError, KeyError, ValueError) as e:
+            raise UsageError(str(e).splitlines()[0]) from None
+        return 0
     if len(argv) != 2 or argv[0] != "checkpoint":
-        if argv and argv[0] in ("-h", "--help"):
-            print("usage: orchestra-jax inspect checkpoint RUN_DIR")
-            return 0
-        raise UsageError("usage: orchestra-jax inspect checkpoint RUN_DIR")
+        raise UsageError(usage)
     from orchestra_jax.rl import commands
     from orchestra_jax.rl.checkpoint import CheckpointError
 
@@ -334,7 +345,7 @@ COMMANDS: dict[str, tuple[str, Handler]] = {
     "config": ("print the resolved run configuration (preset + overrides) as JSON", cmd_config),
     "train": ("multi-objective GRPO/PPO training (no flags: the CPU demo); --dry-run prints the plan", cmd_train),
     "sft": ("supervised training on demonstration trajectories (JSONL) with the RL train step", cmd_sft),
-    "inspect": ("inspect checkpoint RUN_DIR: latest step, parameter count, SHA-256 of the params", cmd_inspect),
+    "inspect": ("inspect checkpoint RUN_DIR (step, parameter count, SHA-256) | inspect curves RUN_DIR", cmd_inspect),
     "convert": ("convert checkpoints between HF directories, GGUF (read only) and orbax params", cmd_convert),
     "synth": ("synthesise a verified tool-use domain and its tasks (procedural or LLM teacher)", cmd_synth),
     "serve": ("serve a model over SGLang's native and OpenAI HTTP APIs (embedded JAX sampler)", cmd_serve),

@@ -53,6 +53,8 @@ def plot_run(run_dir: str | os.PathLike, out_png: str | os.PathLike, *, smooth: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if not (Path(run_dir) / "tb").is_dir():
+        raise FileNotFoundError(f"{run_dir}: no tb/ directory (not a run directory)")
     scalars = read_scalars(Path(run_dir) / "tb")
     if not scalars:
         raise FileNotFoundError(f"{run_dir}: no TensorBoard scalars under tb/")
