@@ -137,7 +137,14 @@ class EmbeddedEngine:
             live.append(_Live(request, loop.create_future(), sampling.seed_words(seed), time.perf_counter()))
         self._pending.extend(live)
         self._ensure_loop()
-        return list(await asyncio.gather(*(item.future for item in live)))
+        try:
+            return list(await asyncio.gather(*(item.future for item in live)))
+        except asyncio.CancelledError:  # the caller gave up: free the slots instead of decoding for nobody
+            for item in live:
+                item.aborted = True
+            self._pending = deque(p for p in self._pending if not p.aborted)
+            self._finish_aborted()
+            raise
 
     async def update_weights(self, params: Any, version: str) -> None:
         """Swap weights between decode steps. Requests in flight finish on the new weights (tagged with the

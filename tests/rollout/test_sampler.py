@@ -233,3 +233,23 @@ def test_abort_finishes_running_request(model):
 
     [done] = asyncio.run(run())
     assert done.finish_reason == "abort" and 1 <= done.completion_tokens < 40
+
+
+def test_cancelled_caller_frees_its_slot(model):
+    rng = np.random.default_rng()
+    prompt = _prompts(1, rng)[0]
+
+    async def run():
+        engine = _engine(model)
+        long = SamplingParams(max_new_tokens=100, ignore_eos=True)
+        task = asyncio.ensure_future(engine.generate([GenerateRequest(prompt, long, "gone")]))
+        while engine.stats["decode_steps"] < 2:
+            await asyncio.sleep(0.005)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert engine.num_running == 0
+        return await engine.generate([GenerateRequest(prompt, SamplingParams(max_new_tokens=2), "next")])
+
+    [done] = asyncio.run(run())
+    assert done.completion_tokens >= 1
