@@ -32,8 +32,17 @@ from orchestra_jax.models.tokenizer import train_small_tokenizer
 CALL = tasks_cpu.tool_call_text
 
 
-def run(coro):
-    return asyncio.run(coro)
+def run(coro, client=None):
+    """Run `coro` in a fresh event loop; close `client`'s connections in that loop."""
+
+    async def main():
+        try:
+            return await coro
+        finally:
+            if client is not None:
+                await client.close()
+
+    return asyncio.run(main())
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +247,8 @@ def test_frames_and_hle_with_a_local_judge(tmp_path, shared_data, tokenizer, ben
         judge = harness.reference_judge(JudgeConfig(backend="judge", prompt=prompt), client, prices)
         env = environment(ScriptedEngine(tokenizer, script), tokenizer, toolset, judge, prices)
         store = ResultsFile(tmp_path / "results.jsonl")
-        run(harness.run_harness(tasks, [harness.RunSpec("j", "j", 2)], env, store, harness.HarnessConfig(progress=False)))
+        config = harness.HarnessConfig(progress=False)
+        run(harness.run_harness(tasks, [harness.RunSpec("j", "j", 2)], env, store, config), client)
     rows = {r.id: r for r in store.read()}
     judge_cost = (100 * 1.0 + 10 * 2.0) / 1e6
     for task, kind in zip(tasks, kinds):
@@ -317,7 +327,7 @@ def test_unreachable_judge_is_an_error(tmp_path, tokenizer):
     judge = harness.reference_judge(JudgeConfig(backend="judge"), client, prices)
     env = environment(ScriptedEngine(tokenizer, script), tokenizer, baselines.no_tools(), judge, prices)
     store = ResultsFile(tmp_path / "results.jsonl")
-    run(harness.run_harness([task], [harness.RunSpec("j", "j", 1)], env, store, harness.HarnessConfig(progress=False)))
+    run(harness.run_harness([task], [harness.RunSpec("j", "j", 1)], env, store, harness.HarnessConfig(progress=False)), client)
     (row,) = store.read()
     assert row.status == "error" and row.error.startswith("judge: endpoint 'judge' unreachable")
 

@@ -91,6 +91,7 @@ def served(model_dir):
     finally:
         process.terminate()
         process.wait(timeout=30)
+        process.stderr.close()
 
 
 def tools_file(path, url):
@@ -128,8 +129,15 @@ def test_multihop_bm25_and_a_served_expert(tmp_path, shared_data, served, model_
         judge=harness.reference_judge(JudgeConfig(methods=("exact", "normalized"))),
     )
     store = ResultsFile(tmp_path / "out" / "results.jsonl")
-    report = asyncio.run(harness.run_harness(tasks, [harness.RunSpec("o", "o", 3)], env, store,
-                                             harness.HarnessConfig(progress=False)))  # fmt: skip
+
+    async def play():
+        try:
+            return await harness.run_harness(tasks, [harness.RunSpec("o", "o", 3)], env, store,
+                                             harness.HarnessConfig(progress=False))  # fmt: skip
+        finally:
+            await client.close()
+
+    report = asyncio.run(play())
     assert (report.ran, report.errors) == (2, 0)
     trajectories = [json.loads(x) for x in (tmp_path / "out" / "trajectories.jsonl").read_text().splitlines()]
     titles = {p.title for p in benchmarks.load_multihop_corpus(shared_data / "multihop" / "hotpotqa_train_corpus.json")}
