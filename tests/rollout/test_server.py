@@ -123,7 +123,10 @@ def test_abort_request_ends_a_running_generation(server):
     while httpx.get(server.url + "/get_server_info").json()["num_running_requests"] == 0:
         assert time.monotonic() < deadline
         time.sleep(0.01)
+    # Hold it in its slot (a warm engine decodes 100 tokens faster than a round trip), then abort it.
+    assert post(server.url, "/pause_generation", {"mode": "in_place"}).status_code == 200
     assert post(server.url, "/abort_request", {"rid": "x1"}).json()["num_aborted"] == 1
+    assert post(server.url, "/continue_generation").status_code == 200
     sender.join(timeout=60)
     meta = result["response"].json()["meta_info"]
     assert meta["finish_reason"]["type"] == "abort" and meta["completion_tokens"] < 100
