@@ -172,7 +172,7 @@ def test_update_weights_changes_outputs_and_version(model):
     rng = np.random.default_rng()
     prompt = _prompts(1, rng)[0]
     other = transformer.init_params(config, jax.random.key(int(rng.integers(2**31))))
-    other = dict(other, embed=other["embed"] * 8)
+    other = dict(other, embed=other["embed"] * 2)  # less peaked than the served model: log-probs differ
 
     async def run():
         engine = _engine(model, weight_version="v0")
