@@ -22,7 +22,7 @@ def test_client_update_weights_changes_outputs_and_tags_versions(
     config, params = tiny_model
     rng = np.random.default_rng()
     new_params = transformer.init_params(config, jax.random.key(int(rng.integers(2**31))))
-    new_params = dict(new_params, embed=new_params["embed"] * 8)
+    new_params = dict(new_params, embed=new_params["embed"] * 2)  # less peaked: log-probs visibly change
     servers = [
         start_server(config, params, small_tokenizer, load_weights=models.load_pretrained) for _ in range(2)
     ]
