@@ -192,7 +192,9 @@ class SGLangEngine:
                 await asyncio.sleep(self.backoff_s)
                 continue
             server.failures = 0
-            completion = _completion(request, response.json(), time.perf_counter() - start, self.weight_version)
+            completion = _completion(
+                request, response.json(), time.perf_counter() - start, self.weight_version
+            )
             if completion.finish_reason == "abort":
                 self.resubmissions += 1
                 last_error = f"{server.url}: aborted"

@@ -49,7 +49,9 @@ def default_sync_root() -> pathlib.Path:
     return base / f"orchestra-jax-weights-{os.getuid()}"
 
 
-def export_weights(config: Any, params: Any, root: str | os.PathLike, version: str, keep: int = 2) -> pathlib.Path:
+def export_weights(
+    config: Any, params: Any, root: str | os.PathLike, version: str, keep: int = 2
+) -> pathlib.Path:
     """Write `params` as an HF checkpoint under root/weights-<version> and drop all but the newest `keep`.
 
     models.save_pretrained streams one tensor at a time into size-bounded shards and renames a finished
