@@ -13,13 +13,19 @@ from orchestra_jax.rollout.server import ServedModel, create_app
 
 
 class ServerThread:
-    """uvicorn in a daemon thread on a free 127.0.0.1 port; `stop()` shuts it down."""
+    """uvicorn in a daemon thread on a free 127.0.0.1 port; `stop()` shuts it down.
+
+    log_config=None: uvicorn's logging dictConfig closes existing handlers, and absl's (imported with orbax)
+    then closes the stream it holds, a pytest capture file of an earlier test phase.
+    """
 
     def __init__(self, app):
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="error", timeout_graceful_shutdown=1))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, log_level="error", log_config=None, timeout_graceful_shutdown=1)
+        )
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
