@@ -74,8 +74,15 @@ def sample_next(
         lambda: jnp.ones(scaled_BV.shape, bool),
     )
     vocab = logits_BV.shape[-1]
-    gumbel_BV = jax.vmap(lambda key: jax.random.gumbel(key, (vocab,), jnp.float32))(keys_B)
-    sampled_B = jnp.argmax(jnp.where(mask_BV, scaled_BV + gumbel_BV, -jnp.inf), axis=-1)
-    tokens_B = jnp.where(greedy_B, jnp.argmax(logits_BV, axis=-1), sampled_B).astype(jnp.int32)
+
+    def gumbel_max() -> jax.Array:
+        gumbel_BV = jax.vmap(lambda key: jax.random.gumbel(key, (vocab,), jnp.float32))(keys_B)
+        return jnp.argmax(jnp.where(mask_BV, scaled_BV + gumbel_BV, -jnp.inf), axis=-1)
+
+    # An all-greedy batch skips drawing B x V Gumbel noise.
+    sampled_B = jax.lax.cond(jnp.all(greedy_B), lambda: jnp.zeros(greedy_B.shape, jnp.int32), gumbel_max)
+    tokens_B = jnp.where(greedy_B, jnp.argmax(logits_BV, axis=-1), sampled_B.astype(jnp.int32)).astype(
+        jnp.int32
+    )
     logprob_B = jnp.take_along_axis(logprobs_BV, tokens_B[:, None], axis=-1)[:, 0]
     return tokens_B, logprob_B
