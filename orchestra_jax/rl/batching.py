@@ -52,8 +52,9 @@ class PackedBatch:
 
 
 def bucket_length(n: int, minimum: int = 32) -> int:
-    """The next power of two >= n (at least `minimum`)."""
-    return max(minimum, 1 << max(n - 1, 0).bit_length())
+    """The next of ..., 256, 384, 512, 768, 1024, ... >= n (at least `minimum`): few compiled row lengths, and
+    at most 1.5x padding (attention cost grows with the square of the row length)."""
+    return max(minimum, _bucket_count(n))
 
 
 def _bucket_count(n: int) -> int:
