@@ -18,8 +18,6 @@ from typing import Literal
 from orchestra_jax.env import tasks_cpu
 from orchestra_jax.env.episode import ToolPool, run_episodes
 from orchestra_jax.env.trajectory import EpisodeConfig
-from orchestra_jax.models import chat_template
-from orchestra_jax.models.tokenizer import train_small_tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,10 +113,7 @@ def run(args: EpisodeBenchArgs) -> int:
     world = tasks_cpu.make_world(args.seed)
     catalog = tasks_cpu.cpu_catalog(world)
     tasks = tasks_cpu.generate_tasks(64, args.seed, world=world)
-    prompt = chat_template.render(
-        [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}], catalog.schemas(), True, False
-    )
-    tokenizer = train_small_tokenizer(tasks_cpu.tokenizer_texts(world, tasks) + [prompt], 1024)
+    tokenizer = tasks_cpu.family_tokenizer(world, catalog, tasks, 1024)
     print(
         f"bench episodes: {args.episodes} CPU-family episodes, {args.concurrency} in flight, "
         f"tool pool of {args.workers}, {args.policy} policy"

@@ -31,12 +31,14 @@ from orchestra_jax.env.catalog import Tool, ToolCatalog, ToolContext, ToolResult
 from orchestra_jax.env.episode import run_episodes
 from orchestra_jax.env.judge import JudgeConfig, judge_answer
 from orchestra_jax.env.llm_tools import approx_tokens
-from orchestra_jax.env.preferences import PreferenceDistribution, preference_for_task
+from orchestra_jax.env.preferences import PreferenceDistribution, preference_for_task, render_instruction
 from orchestra_jax.env.prices import ModelPrice, PriceTable, Usage, default_price_table
 from orchestra_jax.env.sandbox import run_python
 from orchestra_jax.env.scripted import ScriptedEngine
 from orchestra_jax.env.search import BM25Index, LocalRetriever, Passage, make_search_tool
 from orchestra_jax.env.trajectory import EpisodeConfig, Task, Trajectory, parse_request_id
+from orchestra_jax.models import chat_template
+from orchestra_jax.models.tokenizer import Tokenizer, train_small_tokenizer
 
 TOOL_NAMES = ("python", "search", "expert", "answer")
 EXPERT_MODEL = "cpu-expert"
@@ -427,3 +429,19 @@ def tokenizer_texts(world: World, tasks: Sequence[Task]) -> list[str]:
         tools = ["expert", "python" if task.metadata["kind"] == "arith" else "search"]
         texts.extend(first_call(task, tool) for tool in tools)
     return texts
+
+
+def family_tokenizer(
+    world: World, catalog: ToolCatalog, tasks: Sequence[Task], vocab_size: int, *, prompts: int = 16,
+    repeats: int = 8, out_dir: Any = None,
+) -> Tokenizer:
+    """The family's small BPE: its texts plus whole rendered prompts (tool schemas, preference lines), repeated
+    so the BPE learns their long constant stretches as few tokens."""
+    texts = tokenizer_texts(world, tasks)
+    for task in tasks[:prompts]:
+        user = f"{task.question}\n{render_instruction(task.preference)}"
+        messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+        prompt = chat_template.render(messages, tools=catalog.schemas(), add_generation_prompt=True,
+                                      enable_thinking=False)
+        texts += [prompt] * repeats
+    return train_small_tokenizer(texts, vocab_size, out_dir=out_dir)

@@ -16,11 +16,10 @@ from typing import Any
 from orchestra_jax.config import ConfigError, TrainConfig
 from orchestra_jax.env import tasks_cpu
 from orchestra_jax.env.catalog import ToolCatalog
-from orchestra_jax.env.preferences import Preference, PreferenceDistribution, render_instruction
+from orchestra_jax.env.preferences import Preference, PreferenceDistribution
 from orchestra_jax.env.prices import PriceTable
 from orchestra_jax.env.trajectory import EpisodeConfig, Task
-from orchestra_jax.models import chat_template
-from orchestra_jax.models.tokenizer import Tokenizer, train_small_tokenizer
+from orchestra_jax.models.tokenizer import Tokenizer
 from orchestra_jax.models.transformer_config import PRESETS as MODEL_PRESETS
 from orchestra_jax.models.transformer_config import TransformerConfig, get_preset
 
@@ -60,20 +59,6 @@ def demonstration_tasks(config: TrainConfig, env: Environment) -> list[Task]:
     )
 
 
-def _tokenizer_texts(world: Any, catalog: ToolCatalog) -> list[str]:
-    """The family's texts plus whole rendered prompts (tool schemas, preference lines), repeated so the BPE
-    learns their long constant stretches as few tokens."""
-    tasks = tasks_cpu.generate_tasks(400, seed=12345, world=world)
-    texts = tasks_cpu.tokenizer_texts(world, tasks)
-    for task in tasks[:16]:
-        user = f"{task.question}\n{render_instruction(task.preference)}"
-        messages = [{"role": "system", "content": tasks_cpu.SYSTEM_PROMPT}, {"role": "user", "content": user}]
-        prompt = chat_template.render(messages, tools=catalog.schemas(), add_generation_prompt=True,
-                                      enable_thinking=False)
-        texts += [prompt] * 8
-    return texts
-
-
 def build_environment(config: TrainConfig, run_root: Path) -> Environment:
     """World, catalog, prices and tokenizer for `config.env.tasks` (trained or re-read from run_root/tokenizer)."""
     if config.env.tasks != "cpu-family":
@@ -87,7 +72,8 @@ def build_environment(config: TrainConfig, run_root: Path) -> Environment:
     elif (tokenizer_dir / "tokenizer.json").is_file():
         tokenizer = Tokenizer.from_file(tokenizer_dir)
     else:
-        tokenizer = train_small_tokenizer(_tokenizer_texts(world, catalog), CPU_TOKENIZER_VOCAB, out_dir=tokenizer_dir)
+        tasks = tasks_cpu.generate_tasks(400, seed=12345, world=world)
+        tokenizer = tasks_cpu.family_tokenizer(world, catalog, tasks, CPU_TOKENIZER_VOCAB, out_dir=tokenizer_dir)
     names = tuple(t.name for t in catalog.tools)
     family = "qwen3"
     if source not in MODEL_PRESETS and "smollm" in str(source).lower():

@@ -15,7 +15,6 @@ from orchestra_jax.env.prices import PriceTable
 from orchestra_jax.env.scripted import ScriptedEngine, turns_script
 from orchestra_jax.env.trajectory import EpisodeConfig, Task, Trajectory, parse_request_id, request_id
 from orchestra_jax.models import chat_template
-from orchestra_jax.models.tokenizer import train_small_tokenizer
 
 CALL = tasks_cpu.tool_call_text
 PRICE_IN, PRICE_OUT = 0.7, 1.9
@@ -38,10 +37,7 @@ def catalog(world):
 @pytest.fixture(scope="module")
 def tokenizer(world, catalog):
     tasks = tasks_cpu.generate_tasks(16, seed=1, world=world)
-    prompt = chat_template.render(
-        [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}], catalog.schemas(), True, False
-    )
-    return train_small_tokenizer(tasks_cpu.tokenizer_texts(world, tasks) + [prompt], 700)
+    return tasks_cpu.family_tokenizer(world, catalog, tasks, 700)
 
 
 def config(**kw):

@@ -13,8 +13,6 @@ from orchestra_jax.env.episode import run_episodes
 from orchestra_jax.env.preferences import PreferenceDistribution
 from orchestra_jax.env.scripted import ScriptedEngine
 from orchestra_jax.env.trajectory import EpisodeConfig, parse_request_id
-from orchestra_jax.models import chat_template
-from orchestra_jax.models.tokenizer import train_small_tokenizer
 
 
 def run(coro):
@@ -34,10 +32,7 @@ def catalog(world):
 @pytest.fixture(scope="module")
 def tokenizer(world, catalog):
     tasks = tasks_cpu.generate_tasks(24, seed=5, world=world)
-    prompt = chat_template.render(
-        [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}], catalog.schemas(), True, False
-    )
-    return train_small_tokenizer(tasks_cpu.tokenizer_texts(world, tasks) + [prompt], 700)
+    return tasks_cpu.family_tokenizer(world, catalog, tasks, 700)
 
 
 def test_tasks_are_seeded_and_answers_are_right(world):

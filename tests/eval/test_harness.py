@@ -27,7 +27,6 @@ from orchestra_jax.eval.inputs import EvalUsageError, parse_preference
 from orchestra_jax.eval.policies import OpenAIEngine, chatml_messages
 from orchestra_jax.eval.results import ExampleResult, ResultsFile, pass_hat_k, summarize
 from orchestra_jax.models import chat_template
-from orchestra_jax.models.tokenizer import train_small_tokenizer
 
 CALL = tasks_cpu.tool_call_text
 
@@ -58,10 +57,7 @@ def toolset(world):
 @pytest.fixture(scope="module")
 def tokenizer(world, toolset):
     tasks = tasks_cpu.generate_tasks(8, seed=1, world=world)
-    prompt = chat_template.render(
-        [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}], toolset.catalog.schemas(), True, False
-    )
-    return train_small_tokenizer(tasks_cpu.tokenizer_texts(world, tasks) + [prompt, "The answer is"], 600)
+    return tasks_cpu.family_tokenizer(world, toolset.catalog, tasks, 600)
 
 
 def environment(engine, tokenizer, toolset, judge=None, prices=None):
