@@ -20,18 +20,24 @@ from orchestra_jax.kernels import logprob_pallas as pk
 from orchestra_jax.kernels import logprob_reference as ref
 
 
-def _backend(impl: str, temperature: float) -> tuple[Callable, Callable]:
+def _backend(impl: str, temperature: float, with_entropy: bool = True) -> tuple[Callable, Callable]:
+    """(stats_fn, grads_fn) for an implementation. grads_fn takes mean_z = g_entropy = None when the loss has
+    no entropy term; the reference path then skips that work, the Pallas kernels get zeros."""
     kind = dispatch.resolve_impl(impl)
     if kind == "reference":
         return (
-            functools.partial(ref.reference_stats, temperature=temperature),
+            functools.partial(ref.reference_stats, temperature=temperature, with_entropy=with_entropy),
             functools.partial(ref.reference_grads, temperature=temperature),
         )
     interpret = kind == "interpret"
-    return (
-        functools.partial(pk.pallas_stats, temperature=temperature, interpret=interpret),
-        functools.partial(pk.pallas_grads, temperature=temperature, interpret=interpret),
-    )
+
+    def grads(hidden_TH, w_HV, targets_T, lse_T, mean_z_T, g_logprob_T, g_entropy_T):
+        if g_entropy_T is None:
+            mean_z_T, g_entropy_T = jnp.zeros_like(lse_T), jnp.zeros_like(lse_T)
+        args = (hidden_TH, w_HV, targets_T, lse_T, mean_z_T, g_logprob_T, g_entropy_T)
+        return pk.pallas_grads(*args, temperature=temperature, interpret=interpret)
+
+    return functools.partial(pk.pallas_stats, temperature=temperature, interpret=interpret), grads
 
 
 def _check(hidden_TH, w_HV, targets_T, temperature) -> None:
@@ -50,21 +56,25 @@ def _check(hidden_TH, w_HV, targets_T, temperature) -> None:
         raise ValueError(f"fused_logprob: temperature must be > 0, got {temperature}")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _fused(hidden_TH, w_HV, targets_T, temperature, impl):
-    return _fused_fwd(hidden_TH, w_HV, targets_T, temperature, impl)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _fused(hidden_TH, w_HV, targets_T, temperature, impl, with_entropy):
+    return _fused_fwd(hidden_TH, w_HV, targets_T, temperature, impl, with_entropy)[0]
 
 
-def _fused_fwd(hidden_TH, w_HV, targets_T, temperature, impl):
-    stats_fn, _ = _backend(impl, temperature)
+def _fused_fwd(hidden_TH, w_HV, targets_T, temperature, impl, with_entropy):
+    """Outputs logprob, or (logprob, entropy) when with_entropy (static): without it, neither pass touches the
+    first moment u or the entropy term of ∂z."""
+    stats_fn, _ = _backend(impl, temperature, with_entropy)
     logprob_T, entropy_T, lse_T, mean_z_T = lm.finish_stats(stats_fn(hidden_TH, w_HV, targets_T))
+    if not with_entropy:
+        return logprob_T, (hidden_TH, w_HV, targets_T, lse_T, None)
     return (logprob_T, entropy_T), (hidden_TH, w_HV, targets_T, lse_T, mean_z_T)
 
 
-def _fused_bwd(temperature, impl, residuals, cotangents):
+def _fused_bwd(temperature, impl, with_entropy, residuals, cotangents):
     hidden_TH, w_HV, targets_T, lse_T, mean_z_T = residuals
-    g_logprob_T, g_entropy_T = cotangents
-    _, grads_fn = _backend(impl, temperature)
+    g_logprob_T, g_entropy_T = cotangents if with_entropy else (cotangents, None)
+    _, grads_fn = _backend(impl, temperature, with_entropy)
     dh_TH, dw_HV = grads_fn(hidden_TH, w_HV, targets_T, lse_T, mean_z_T, g_logprob_T, g_entropy_T)
     return dh_TH, dw_HV, None
 
@@ -89,8 +99,9 @@ def fused_logprob(
     hidden_TH, w_HV, targets_T = jnp.asarray(hidden_TH), jnp.asarray(w_HV), jnp.asarray(targets_T)
     _check(hidden_TH, w_HV, targets_T, temperature)
     dispatch.resolve_impl(impl)
-    logprob_T, entropy_T = _fused(hidden_TH, w_HV, targets_T.astype(jnp.int32), float(temperature), impl)
-    return (logprob_T, entropy_T) if return_entropy else logprob_T
+    return _fused(
+        hidden_TH, w_HV, targets_T.astype(jnp.int32), float(temperature), impl, bool(return_entropy)
+    )
 
 
 def sharded_fused_logprob(

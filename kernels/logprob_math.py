@@ -51,18 +51,49 @@ def rescale(
 
 
 def tile_stats(
-    z_RC: jnp.ndarray, cols_C: jnp.ndarray, targets_R: jnp.ndarray, num_cols: int
+    z_RC: jnp.ndarray,
+    cols_C: jnp.ndarray,
+    targets_R: jnp.ndarray | None,
+    num_cols: int | None,
+    *,
+    with_entropy: bool = True,
 ) -> tuple[jnp.ndarray, ...]:
-    """Summary of one fp32 tile of scaled logits; columns with index >= num_cols are padding and ignored."""
-    valid_RC = jnp.broadcast_to(cols_C[None, :] < num_cols, z_RC.shape)
-    m_R = jnp.max(jnp.where(valid_RC, z_RC, -jnp.inf), axis=1)
-    d_RC = jnp.where(valid_RC, z_RC - m_R[:, None], 0.0)
-    e_RC = jnp.where(valid_RC, jnp.exp(d_RC), 0.0)
+    """Summary of one fp32 tile of scaled logits.
+
+    Columns with index >= num_cols are padding and ignored; num_cols=None promises a tile without padding, so
+    the masks (a select on every element) are left out of the program. with_entropy=False leaves u = 0.
+    targets_R=None leaves tz = 0, for callers that take it from `target_logits` instead.
+    """
+    hit_RC = None if targets_R is None else cols_C[None, :] == targets_R[:, None]
+    if num_cols is None:
+        m_R = jnp.max(z_RC, axis=1)
+        d_RC = z_RC - m_R[:, None]
+        e_RC = jnp.exp(d_RC)
+    else:
+        valid_RC = jnp.broadcast_to(cols_C[None, :] < num_cols, z_RC.shape)
+        m_R = jnp.max(jnp.where(valid_RC, z_RC, -jnp.inf), axis=1)
+        d_RC = jnp.where(valid_RC, z_RC - m_R[:, None], 0.0)
+        e_RC = jnp.where(valid_RC, jnp.exp(d_RC), 0.0)
+        hit_RC = None if hit_RC is None else hit_RC & valid_RC
     s_R = jnp.sum(e_RC, axis=1)
-    u_R = jnp.sum(e_RC * d_RC, axis=1)
-    hit_RC = valid_RC & (cols_C[None, :] == targets_R[:, None])
-    tz_R = jnp.sum(jnp.where(hit_RC, z_RC, 0.0), axis=1)
+    u_R = jnp.sum(e_RC * d_RC, axis=1) if with_entropy else jnp.zeros_like(s_R)
+    tz_R = jnp.zeros_like(s_R) if hit_RC is None else jnp.sum(jnp.where(hit_RC, z_RC, 0.0), axis=1)
     return m_R, s_R, u_R, tz_R
+
+
+def target_logits(
+    hidden_TH: jnp.ndarray, w_HV: jnp.ndarray, targets_T: jnp.ndarray, temperature: float
+) -> jnp.ndarray:
+    """tz = h_t · W[:, target_t] / τ (0 where the target lies outside W's columns), from a gather of T columns.
+
+    Inside a GPU tile the per-tile hit mask of `tile_stats` is free; under XLA on CPU it becomes one more
+    [T, chunk] array written and read per chunk, which this row-wise dot avoids.
+    """
+    num_cols = w_HV.shape[1]
+    inside_T = (targets_T >= 0) & (targets_T < num_cols)
+    w_HT = jnp.take(w_HV, jnp.clip(targets_T, 0, num_cols - 1), axis=1)
+    tz_T = jnp.einsum("th,ht->t", hidden_TH, w_HT, preferred_element_type=jnp.float32) * (1.0 / temperature)
+    return jnp.where(inside_T, tz_T, 0.0)
 
 
 def finish_stats(stats: tuple[jnp.ndarray, ...]) -> tuple[jnp.ndarray, ...]:
@@ -81,15 +112,24 @@ def tile_logit_grad(
     z_RC: jnp.ndarray,
     cols_C: jnp.ndarray,
     targets_R: jnp.ndarray,
-    num_cols: int,
+    num_cols: int | None,
     lse_R: jnp.ndarray,
-    mean_z_R: jnp.ndarray,
+    mean_z_R: jnp.ndarray | None,
     g_logprob_R: jnp.ndarray,
-    g_entropy_R: jnp.ndarray,
+    g_entropy_R: jnp.ndarray | None,
 ) -> jnp.ndarray:
-    """∂L/∂z for one tile (fp32, zero in padding columns); multiply by 1/τ for ∂L/∂(h·W)."""
-    valid_RC = cols_C[None, :] < num_cols
-    p_RC = jnp.where(valid_RC, jnp.exp(z_RC - lse_R[:, None]), 0.0)
-    onehot_RC = (valid_RC & (cols_C[None, :] == targets_R[:, None])).astype(jnp.float32)
-    centred_RC = jnp.where(valid_RC, z_RC - mean_z_R[:, None], 0.0)
-    return g_logprob_R[:, None] * (onehot_RC - p_RC) - g_entropy_R[:, None] * p_RC * centred_RC
+    """∂L/∂z for one tile (fp32, zero in padding columns); multiply by 1/τ for ∂L/∂(h·W).
+
+    num_cols=None: the tile has no padding (no masks). mean_z_R = g_entropy_R = None: no entropy term.
+    """
+    p_RC = jnp.exp(z_RC - lse_R[:, None])
+    hit_RC = cols_C[None, :] == targets_R[:, None]
+    if num_cols is not None:
+        valid_RC = cols_C[None, :] < num_cols
+        p_RC = jnp.where(valid_RC, p_RC, 0.0)
+        hit_RC = hit_RC & valid_RC
+    dz_RC = jnp.where(hit_RC, g_logprob_R[:, None], 0.0) - g_logprob_R[:, None] * p_RC
+    if g_entropy_R is None:
+        return dz_RC
+    # Padding columns hold finite logits and p = 0 there, so the entropy term needs no mask of its own.
+    return dz_RC - g_entropy_R[:, None] * p_RC * (z_RC - mean_z_R[:, None])

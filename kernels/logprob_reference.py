@@ -22,6 +22,22 @@ def default_chunk(rows: int) -> int:
     return max(512, min(8192, CHUNK_ELEMENTS // max(rows, 1) // 128 * 128))
 
 
+def chunk_plan(rows: int, num_cols: int, chunk: int | None = None) -> tuple[int, int, bool]:
+    """(chunk width, chunk count, exact) for a scan over num_cols columns.
+
+    Without an explicit chunk, a divisor of num_cols within 2x of default_chunk(rows) is preferred (the one
+    nearest in ratio): then the chunks tile the columns exactly and the padding masks are dropped statically.
+    Qwen3's V = 151936 = 2^7 · 1187 has no multiple-of-128 divisor near 2048, but 2374 = V / 64 divides it.
+    """
+    if chunk is None:
+        target = default_chunk(rows)
+        divisors = [d for d in range(max(1, target // 2), 2 * target + 1) if num_cols % d == 0]
+        chunk = min(divisors, key=lambda d: max(d / target, target / d), default=target)
+    size = min(chunk, num_cols)
+    count = -(-num_cols // size)
+    return size, count, count * size == num_cols
+
+
 def naive_logprob(
     hidden_TH: jnp.ndarray,
     w_HV: jnp.ndarray,
@@ -39,23 +55,23 @@ def naive_logprob(
     return logprob_T, -jnp.sum(jnp.exp(logp_TV) * logp_TV, axis=-1)
 
 
-def _chunk_geometry(num_cols: int, chunk: int) -> tuple[int, int]:
-    size = min(chunk, num_cols)
-    return size, -(-num_cols // size)
+def _chunk(w_HV: jnp.ndarray, i: jnp.ndarray, size: int, exact: bool):
+    """Chunk i of the columns, their indices, its first column, and num_cols for the tile maths (None: exact).
 
-
-def _chunk(w_HV: jnp.ndarray, i: jnp.ndarray, size: int) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
-    """Chunk i of the columns, their indices and its first column. The last chunk is shifted left to stay in bounds; the
-    columns it shares with chunk i−1 get the sentinel index V (treated as padding), so none counts twice."""
+    When the chunks do not tile the columns, the last one is shifted left to stay in bounds; the columns it
+    shares with chunk i−1 get the sentinel index V (treated as padding), so none counts twice."""
     num_cols = w_HV.shape[1]
-    start = jnp.minimum(i * size, num_cols - size)
+    start = i * size if exact else jnp.minimum(i * size, num_cols - size)
     w_HC = jax.lax.dynamic_slice_in_dim(w_HV, start, size, axis=1)
     cols_C = start + jnp.arange(size)
-    return w_HC, jnp.where(cols_C >= i * size, cols_C, num_cols), start
+    if exact:
+        return w_HC, cols_C, start, None
+    return w_HC, jnp.where(cols_C >= i * size, cols_C, num_cols), start, num_cols
 
 
-def _scaled_logits(hidden_TH, w_HC, temperature):
-    return jnp.dot(hidden_TH, w_HC, preferred_element_type=jnp.float32) * (1.0 / temperature)
+def _scaled(x, temperature):
+    # τ = 1 is static: skip a pass over the tile.
+    return x if temperature == 1.0 else x * (1.0 / temperature)
 
 
 def reference_stats(
@@ -65,19 +81,22 @@ def reference_stats(
     *,
     temperature: float,
     chunk: int | None = None,
+    with_entropy: bool = True,
 ) -> tuple[jnp.ndarray, ...]:
-    """The (m, s, u, tz) summary of each row of h·W / τ over this shard's columns (see logprob_math)."""
-    num_cols = w_HV.shape[1]
-    size, count = _chunk_geometry(num_cols, chunk or default_chunk(hidden_TH.shape[0]))
+    """The (m, s, u, tz) summary of each row of h·W / τ over this shard's columns (see logprob_math).
+
+    with_entropy=False leaves u = 0 (entropy and mean_z from finish_stats are then meaningless)."""
+    size, count, exact = chunk_plan(hidden_TH.shape[0], w_HV.shape[1], chunk)
     targets_T = targets_T.astype(jnp.int32)
 
     def body(stats, i):
-        w_HC, cols_C, _ = _chunk(w_HV, i, size)
-        z_TC = _scaled_logits(hidden_TH, w_HC, temperature)
-        return lm.merge_stats(stats, lm.tile_stats(z_TC, cols_C, targets_T, num_cols)), None
+        w_HC, cols_C, _, num_cols = _chunk(w_HV, i, size, exact)
+        z_TC = _scaled(jnp.dot(hidden_TH, w_HC, preferred_element_type=jnp.float32), temperature)
+        tile = lm.tile_stats(z_TC, cols_C, None, num_cols, with_entropy=with_entropy)
+        return lm.merge_stats(stats, tile), None
 
-    stats, _ = jax.lax.scan(body, lm.empty_stats(hidden_TH.shape[0]), jnp.arange(count))
-    return stats
+    (m_T, s_T, u_T, _), _ = jax.lax.scan(body, lm.empty_stats(hidden_TH.shape[0]), jnp.arange(count))
+    return m_T, s_T, u_T, lm.target_logits(hidden_TH, w_HV, targets_T, temperature)
 
 
 def reference_grads(
@@ -85,32 +104,34 @@ def reference_grads(
     w_HV: jnp.ndarray,
     targets_T: jnp.ndarray,
     lse_T: jnp.ndarray,
-    mean_z_T: jnp.ndarray,
+    mean_z_T: jnp.ndarray | None,
     g_logprob_T: jnp.ndarray,
-    g_entropy_T: jnp.ndarray,
+    g_entropy_T: jnp.ndarray | None,
     *,
     temperature: float,
     chunk: int | None = None,
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """(∂L/∂h, ∂L/∂W) for this shard's columns, recomputing each logit chunk; fp32 accumulation."""
-    num_cols = w_HV.shape[1]
-    size, count = _chunk_geometry(num_cols, chunk or default_chunk(hidden_TH.shape[0]))
+    """(∂L/∂h, ∂L/∂W) for this shard's columns, recomputing each logit chunk; fp32 accumulation.
+
+    mean_z_T = g_entropy_T = None: the loss has no entropy term, and its per-element work is skipped."""
+    size, count, exact = chunk_plan(hidden_TH.shape[0], w_HV.shape[1], chunk)
     targets_T = targets_T.astype(jnp.int32)
     compute = hidden_TH.dtype
 
     def body(carry, i):
         dh_TH, dw_HV = carry
-        w_HC, cols_C, start = _chunk(w_HV, i, size)
-        z_TC = _scaled_logits(hidden_TH, w_HC, temperature)
+        w_HC, cols_C, start, num_cols = _chunk(w_HV, i, size, exact)
+        z_TC = _scaled(jnp.dot(hidden_TH, w_HC, preferred_element_type=jnp.float32), temperature)
         dz_TC = lm.tile_logit_grad(
             z_TC, cols_C, targets_T, num_cols, lse_T, mean_z_T, g_logprob_T, g_entropy_T
         )
-        dz_TC = (dz_TC * (1.0 / temperature)).astype(compute)
+        dz_TC = _scaled(dz_TC, temperature).astype(compute)
         dh_TH = dh_TH + jnp.dot(dz_TC, w_HC.T, preferred_element_type=jnp.float32)
         dw_HC = jnp.dot(hidden_TH.T, dz_TC, preferred_element_type=jnp.float32)
-        # Overlapping columns of the shifted last chunk have dz = 0, so adding (not overwriting) is exact.
-        old_HC = jax.lax.dynamic_slice_in_dim(dw_HV, start, size, axis=1)
-        dw_HV = jax.lax.dynamic_update_slice_in_dim(dw_HV, old_HC + dw_HC, start, axis=1)
+        if not exact:
+            # Overlapping columns of the shifted last chunk have dz = 0, so adding (not overwriting) is exact.
+            dw_HC = dw_HC + jax.lax.dynamic_slice_in_dim(dw_HV, start, size, axis=1)
+        dw_HV = jax.lax.dynamic_update_slice_in_dim(dw_HV, dw_HC, start, axis=1)
         return (dh_TH, dw_HV), None
 
     init = (jnp.zeros(hidden_TH.shape, jnp.float32), jnp.zeros(w_HV.shape, jnp.float32))

@@ -142,3 +142,57 @@ def test_works_under_jit_and_rejects_bad_input():
         fused_logprob(h, w, targets, impl="bogus")
     with pytest.raises(ValueError, match="use impl='interpret' on CPU"):
         fused_logprob(h, w, targets, impl="pallas")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_entropy_off_gives_the_same_logprobs_and_gradients(impl):
+    # return_entropy=False is a static path (no first moment, no entropy term in ∂z): it must change nothing else.
+    h, w, targets, g_lp, _ = random_case(np.random.SeedSequence().entropy % 2**32, 19, 24, 260)
+
+    def loss(h, w, with_entropy):
+        out = fused_logprob(h, w, targets, temperature=0.8, return_entropy=with_entropy, impl=impl)
+        return jnp.sum((out[0] if with_entropy else out) * g_lp)
+
+    off = jax.value_and_grad(loss, argnums=(0, 1))(h, w, False)
+    on = jax.value_and_grad(loss, argnums=(0, 1))(h, w, True)
+    want = float64_reference(h, w, targets, 0.8, g_lp, jnp.zeros_like(g_lp))
+    assert rel_err(fused_logprob(h, w, targets, temperature=0.8, impl=impl), want[0]) <= 1e-5
+    for a, b, c in zip((off[0], *off[1]), (on[0], *on[1]), (np.sum(want[0] * np.asarray(g_lp)), *want[2:])):
+        assert rel_err(a, b) <= 1e-6 and rel_err(a, c) <= 1e-5
+
+
+def test_chunk_plan_prefers_an_exact_divisor():
+    assert ref.chunk_plan(8192, 151936) == (2374, 64, True)  # Qwen3: V / 64
+    assert ref.chunk_plan(8192, 150001) == (
+        2048,
+        74,
+        False,
+    )  # no divisor near 2048: masked, shifted last chunk
+    assert ref.chunk_plan(3, 300) == (300, 1, True)
+    assert ref.chunk_plan(3, 300, chunk=128) == (128, 3, False)
+
+
+@pytest.mark.parametrize("chunk", [100, 128])  # 100 divides V = 300 (exact path, no masks); 128 does not
+@pytest.mark.parametrize("with_entropy", [True, False])
+def test_reference_exact_and_masked_chunks(chunk, with_entropy):
+    h, w, targets, g_lp, g_ent = random_case(np.random.SeedSequence().entropy % 2**32, 10, 16, 300)
+    stats = ref.reference_stats(h, w, targets, temperature=0.9, chunk=chunk, with_entropy=with_entropy)
+    logp, entropy, lse, mean_z = lm.finish_stats(stats)
+    if not with_entropy:
+        mean_z, g_ent = None, jnp.zeros_like(g_lp)
+    dh, dw = ref.reference_grads(
+        h, w, targets, lse, mean_z, g_lp, None if mean_z is None else g_ent, temperature=0.9, chunk=chunk
+    )
+    want = float64_reference(h, w, targets, 0.9, g_lp, g_ent)
+    got = (logp, entropy, dh, dw) if with_entropy else (logp, dh, dw)
+    for a, b in zip(got, want if with_entropy else (want[0], *want[2:])):
+        assert rel_err(a, b) <= 1e-5
+
+
+def test_target_logits_ignore_targets_outside_the_shard():
+    h, w, targets, _, _ = random_case(np.random.SeedSequence().entropy % 2**32, 6, 8, 40)
+    shifted = targets + jnp.asarray([0, 40, -1, 0, 100, 0])  # rows 1, 2, 4 point outside [0, 40)
+    tz = lm.target_logits(h, w, shifted, 2.0)
+    full = np.asarray(h @ w / 2.0)
+    want = [full[i, int(shifted[i])] if 0 <= int(shifted[i]) < 40 else 0.0 for i in range(6)]
+    np.testing.assert_allclose(np.asarray(tz), want, rtol=1e-5, atol=1e-6)
