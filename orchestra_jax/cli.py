@@ -231,7 +231,7 @@ def cmd_inspect(argv: Sequence[str]) -> int:
     """`inspect checkpoint RUN_DIR`: latest step, parameter count and a SHA-256 over every parameter array.
     `inspect curves RUN_DIR [OUT.png]`: draw the run's curves from its TensorBoard events (default RUN_DIR/curves.png)."""
     usage = "usage: orchestra-jax inspect checkpoint RUN_DIR | inspect curves RUN_DIR [OUT.png]"
-    if argv and argv[0] in ("-h", "--help"):
+    if any(a in ("-h", "--help") for a in argv):
         print(usage)
         return 0
     if len(argv) in (2, 3) and argv[0] == "curves":

@@ -35,6 +35,11 @@ from orchestra_jax.rollout.engine import GenerateRequest, RolloutEngine, Samplin
 Grader = Callable[[str | None], Awaitable[bool]]
 
 
+
+def system_message(system_prompt: str, preference: Any) -> dict[str, str]:
+    """The system turn of every episode: the instructions, then the user's preference."""
+    return {"role": "system", "content": f"{system_prompt}\n\n{render_instruction(preference)}"}
+
 class UserSimulator(Protocol):
     """The other side of a dialogue (tau2): `reply` answers the agent's text; None means the user is done.
 
@@ -137,8 +142,7 @@ class _Episode:
         self.eos_ids = tuple(tokenizer.eos_token_ids)
 
     def system_message(self) -> dict[str, str]:
-        system = self.task.metadata.get("system_prompt", self.config.system_prompt)
-        return {"role": "system", "content": f"{system}\n\n{render_instruction(self.task.preference)}"}
+        return system_message(self.task.metadata.get("system_prompt", self.config.system_prompt), self.task.preference)
 
     async def start_history(self) -> None:
         question = self.task.question

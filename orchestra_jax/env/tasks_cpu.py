@@ -28,17 +28,17 @@ from typing import Any
 import numpy as np
 
 from orchestra_jax.env.catalog import Tool, ToolCatalog, ToolContext, ToolResult, error_result
-from orchestra_jax.env.episode import run_episodes
+from orchestra_jax.env.episode import run_episodes, system_message
 from orchestra_jax.env.judge import JudgeConfig, judge_answer
 from orchestra_jax.env.llm_tools import approx_tokens
-from orchestra_jax.env.preferences import PreferenceDistribution, preference_for_task, render_instruction
+from orchestra_jax.env.preferences import PreferenceDistribution, preference_for_task
 from orchestra_jax.env.prices import ModelPrice, PriceTable, Usage, default_price_table
 from orchestra_jax.env.sandbox import run_python
 from orchestra_jax.env.scripted import ScriptedEngine
 from orchestra_jax.env.search import BM25Index, LocalRetriever, Passage, make_search_tool
 from orchestra_jax.env.trajectory import EpisodeConfig, Task, Trajectory, parse_request_id
 from orchestra_jax.models import chat_template
-from orchestra_jax.models.tokenizer import Tokenizer, train_small_tokenizer
+from orchestra_jax.models.tokenizer import QWEN3_ADDED_TOKENS, Tokenizer, train_small_tokenizer
 
 TOOL_NAMES = ("python", "search", "expert", "answer")
 EXPERT_MODEL = "cpu-expert"
@@ -433,15 +433,39 @@ def tokenizer_texts(world: World, tasks: Sequence[Task]) -> list[str]:
 
 def family_tokenizer(
     world: World, catalog: ToolCatalog, tasks: Sequence[Task], vocab_size: int, *, prompts: int = 16,
-    repeats: int = 8, out_dir: Any = None,
+    repeats: int = 8, out_dir: Any = None, digits_per_token: int = 3,
 ) -> Tokenizer:
     """The family's small BPE: its texts plus whole rendered prompts (tool schemas, preference lines), repeated
-    so the BPE learns their long constant stretches as few tokens."""
+    so the BPE learns their frequent words. The prompts' constant stretches become one token each
+    (`constant_phrases`): a Qwen3 system turn with four tool schemas is ~450 BPE tokens, which would dominate
+    a tiny policy's compute and attention. Numbers split into runs of up to 3 digits, which a tiny policy
+    copies from a question or a tool output far more reliably than digit by digit."""
     texts = tokenizer_texts(world, tasks)
+    rendered = []
     for task in tasks[:prompts]:
-        user = f"{task.question}\n{render_instruction(task.preference)}"
-        messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
-        prompt = chat_template.render(messages, tools=catalog.schemas(), add_generation_prompt=True,
-                                      enable_thinking=False)
-        texts += [prompt] * repeats
-    return train_small_tokenizer(texts, vocab_size, out_dir=out_dir)
+        messages = [system_message(SYSTEM_PROMPT, task.preference), {"role": "user", "content": task.question}]
+        rendered.append(chat_template.render(messages, tools=catalog.schemas(), add_generation_prompt=True,
+                                             enable_thinking=False))
+    texts += rendered * repeats
+    return train_small_tokenizer(texts, vocab_size, out_dir=out_dir, phrases=constant_phrases(rendered),
+                                 digits_per_token=digits_per_token)
+
+
+def constant_phrases(rendered: Sequence[str], min_chars: int = 24) -> list[str]:
+    """Runs of whole lines that every rendered prompt contains, split at special tokens (which keep their own
+    ids). Each run ends with its newline, so the text after it tokenizes as it would at a line start."""
+    specials = re.compile("|".join(re.escape(name) for name, _ in QWEN3_ADDED_TOKENS))
+    common = set.intersection(*(set(text.splitlines(keepends=True)) for text in rendered)) if rendered else set()
+    phrases, run = [], ""
+    for line in (rendered[0].splitlines(keepends=True) if rendered else []):
+        pieces = specials.split(line)
+        if line in common and len(pieces) == 1:
+            run += line
+            continue
+        # A line with special tokens: its text before the first one may close the run.
+        if line in common and pieces[0]:
+            run += pieces[0]
+        phrases.append(run)
+        run = pieces[-1] if line in common and len(pieces) > 1 else ""
+    phrases.append(run)
+    return [p for p in dict.fromkeys(phrases) if len(p) >= min_chars]

@@ -6,6 +6,7 @@ rendering a chat template and encoding the result gives exactly the ids the mode
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import pathlib
@@ -120,16 +121,28 @@ class Tokenizer:
 
 
 def train_small_tokenizer(
-    texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike | None = None
+    texts: Iterable[str],
+    vocab_size: int,
+    out_dir: str | os.PathLike | None = None,
+    phrases: Sequence[str] = (),
+    digits_per_token: int = 1,
 ) -> Tokenizer:
     """Train a byte-level BPE shaped like Qwen3's (same normaliser, split pattern and added tokens).
 
     For CPU demo models: every Qwen3 special token is a single id, so the Qwen3 chat template and the
     incremental chat builder work unchanged on a vocabulary of a few hundred to a few thousand ids.
     `vocab_size` counts everything, the 26 added tokens included; they take the last ids, as in Qwen3.
+    `phrases`: long constant texts (tool schemas, fixed instructions) that each become one ordinary token, so a
+    tiny model's prompts stay short; they take the ids just before the special tokens.
+    `digits_per_token`: numbers split into runs of up to this many digits (Qwen3: 1; Llama 3: 3), so a tiny
+    model copies a number in fewer, less ambiguous steps. Every such run is kept in the vocabulary.
     """
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    minimum = len(alphabet) + len(QWEN3_ADDED_TOKENS)
+    phrases = list(dict.fromkeys(phrases))
+    for phrase in phrases:
+        if not phrase or any(name in phrase for name, _ in QWEN3_ADDED_TOKENS):
+            raise TokenizerError(f"phrase {phrase[:40]!r} is empty or contains a special token")
+    minimum = len(alphabet) + len(QWEN3_ADDED_TOKENS) + len(phrases)
     if vocab_size < minimum:
         raise TokenizerError(
             f"vocab_size={vocab_size} is too small: a byte-level BPE needs at least {minimum}"
@@ -138,19 +151,23 @@ def train_small_tokenizer(
     backend.normalizer = normalizers.NFC()
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(tokenizers.Regex(QWEN_SPLIT_PATTERN), behavior="isolated"),
+            pre_tokenizers.Split(tokenizers.Regex(_split_pattern(digits_per_token)), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
     backend.post_processor = processors.ByteLevel(trim_offsets=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - len(QWEN3_ADDED_TOKENS),
+        vocab_size=vocab_size - len(QWEN3_ADDED_TOKENS) - len(phrases),
         min_frequency=2,
         initial_alphabet=alphabet,
         show_progress=False,
     )
+    if digits_per_token > 1:  # every digit run, twice, so each clears min_frequency
+        runs = [f"{i:0{n}d}" for n in range(2, digits_per_token + 1) for i in range(10**n)]
+        texts = itertools.chain(texts, [" ".join(runs)] * 2)
     backend.train_from_iterator(texts, trainer=trainer)
+    backend.add_tokens([tokenizers.AddedToken(p, special=False, normalized=False) for p in phrases])
     backend.add_tokens(
         [
             tokenizers.AddedToken(name, special=special, normalized=False)
@@ -165,6 +182,12 @@ def train_small_tokenizer(
     if out_dir is not None:
         tokenizer.save(out_dir)
     return tokenizer
+
+
+def _split_pattern(digits_per_token: int) -> str:
+    if digits_per_token < 1:
+        raise TokenizerError(f"digits_per_token={digits_per_token} must be >= 1")
+    return QWEN_SPLIT_PATTERN.replace(r"|\p{N}|", r"|\p{N}{1,%d}|" % digits_per_token)
 
 
 def _minimal_config(

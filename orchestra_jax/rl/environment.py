@@ -23,7 +23,7 @@ from orchestra_jax.models.tokenizer import Tokenizer
 from orchestra_jax.models.transformer_config import PRESETS as MODEL_PRESETS
 from orchestra_jax.models.transformer_config import TransformerConfig, get_preset
 
-CPU_TOKENIZER_VOCAB = 2048
+CPU_TOKENIZER_VOCAB = 4096
 
 
 @dataclass(frozen=True)

@@ -165,3 +165,25 @@ def test_tokenizer_texts_cover_the_calls(world):
     texts = tasks_cpu.tokenizer_texts(world, tasks)
     assert any("<tool_call>" in t and '"answer"' in t for t in texts)
     assert len(texts) >= len(world.towns) + 4
+
+
+def test_family_prompts_are_short_and_exact(world, catalog, tokenizer):
+    """The constant system text (instructions, tool schemas) costs a few phrase tokens, not hundreds."""
+    from orchestra_jax.env.episode import system_message
+    from orchestra_jax.models import chat_template
+
+    for task in tasks_cpu.generate_tasks(8, seed=random.randrange(10**6), world=world):
+        messages = [system_message(tasks_cpu.SYSTEM_PROMPT, task.preference), {"role": "user", "content": task.question}]
+        prompt = chat_template.render(messages, tools=catalog.schemas(), add_generation_prompt=True,
+                                      enable_thinking=False)
+        ids = tokenizer.encode(prompt)
+        assert tokenizer.decode(ids) == prompt
+        assert len(ids) < 120, len(ids)  # ~450 tokens without the phrases
+    assert len(tokenizer.encode(json.dumps(catalog.schemas()[0]))) > 20  # the schema alone is long
+
+
+def test_constant_phrases_skip_varying_lines_and_special_tokens():
+    rendered = ["<|im_start|>system\nfixed line one is long enough\nvaries 1\nfixed tail line, also long\n<|im_end|>",
+                "<|im_start|>system\nfixed line one is long enough\nvaries 2\nfixed tail line, also long\n<|im_end|>"]
+    assert tasks_cpu.constant_phrases(rendered) == ["system\nfixed line one is long enough\n",
+                                                    "fixed tail line, also long\n"]

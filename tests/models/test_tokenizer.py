@@ -209,3 +209,28 @@ def test_gguf_errors_name_the_file(tmp_path):
     bad.write_bytes(b"GGUF\x03\x00\x00\x00garbage")
     with pytest.raises(TokenizerError, match="broken.gguf"):
         Tokenizer.from_file(bad)
+
+
+def test_phrases_are_single_tokens_and_round_trip():
+    rng = random.Random()
+    phrase = "You may call one or more functions: " + random_text(rng, 30).replace("<", "(") + "\n"
+    texts = [random_text(rng, 120) for _ in range(100)]
+    tok = train_small_tokenizer(texts, vocab_size=500, phrases=[phrase])
+    phrase_id = tok.token_id(phrase)
+    text = "before " + phrase + "after 12"
+    ids = tok.encode(text)
+    assert phrase_id in ids and ids.count(phrase_id) == 1
+    assert tok.decode(ids) == unicodedata.normalize("NFC", text)
+    with pytest.raises(TokenizerError, match="special token"):
+        train_small_tokenizer(texts, vocab_size=500, phrases=["calls <tool_call> here"])
+
+
+def test_digit_runs_are_whole_tokens():
+    rng = random.Random()
+    tok = train_small_tokenizer(["a few words", "more words"] * 10, vocab_size=1500, digits_per_token=3)
+    for _ in range(20):
+        number = str(rng.randrange(10**7))
+        pieces = [tok.decode([i]) for i in tok.encode(number)]
+        assert pieces == [number[i : i + 3] for i in range(0, len(number), 3)]
+    with pytest.raises(TokenizerError, match="digits_per_token"):
+        train_small_tokenizer(["x"], vocab_size=400, digits_per_token=0)
