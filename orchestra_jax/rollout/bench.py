@@ -2,7 +2,9 @@
 
 Both sides run greedy decoding of the same weights (ours exported with models.save_pretrained, loaded by
 transformers) in the same process. Decode rate = batch × (new_tokens − 1) / (time for new_tokens − time for
-one token), so prefill and time-to-first-token are not counted in it; TTFT is reported on its own.
+one token), so prefill and time-to-first-token are not counted in it; TTFT is reported on its own. The engine's
+jitted decode calls and model steps per decoded token are printed too (a chunk may run a few steps past the
+last token; they are in the timing).
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ class RolloutBenchArgs:
     """Also time the sync of a synthetic ~1B model (bfloat16; needs ~8 GB of free memory)."""
     repeats: int = 2
     seed: int = 0
+    decode_chunk: int = 8
+    """Decode steps per jitted call of the embedded engine (1: one step per call)."""
 
 
 def _config(name: str) -> TransformerConfig:
@@ -59,13 +63,20 @@ def _prompts(rng: np.random.Generator, batch: int, length: int, vocab: int) -> l
 
 
 def jax_decode(
-    config: TransformerConfig, params: Any, prompts: list, new_tokens: int, repeats: int
-) -> tuple[float, float]:
-    """(decode tokens/s, time to first token in s) of the embedded engine, compile time excluded."""
+    config: TransformerConfig,
+    params: Any,
+    prompts: list,
+    new_tokens: int,
+    repeats: int,
+    decode_chunk: int = 8,
+) -> tuple[float, float, dict[str, float]]:
+    """(decode tokens/s, time to first token in s, {'calls', 'steps'} per decoded token of one request) of the
+    embedded engine, compile time excluded."""
     batch = len(prompts)
     engine = EmbeddedEngine(
-        config, params, max_slots=batch, max_context=len(prompts[0]) + new_tokens + 1, prefix_reuse=False
-    )
+        config, params, max_slots=batch, max_context=len(prompts[0]) + new_tokens + 1, prefix_reuse=False,
+        decode_chunk=decode_chunk,
+    )  # fmt: skip
 
     def requests(n: int) -> list[GenerateRequest]:
         sp = SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True)
@@ -76,11 +87,14 @@ def jax_decode(
         await engine.generate(requests(n))
         return time.perf_counter() - start
 
-    async def go() -> tuple[float, float]:
+    async def go() -> tuple[float, float, dict[str, float]]:
+        before = dict(engine.stats)
         await timed(new_tokens)  # compiles prefill and decode
+        per_token = {k: (engine.stats[f"decode_{k}"] - before[f"decode_{k}"]) / (new_tokens - 1)
+                     for k in ("calls", "steps")}  # fmt: skip
         first = min([await timed(1) for _ in range(repeats)])
         full = min([await timed(new_tokens) for _ in range(repeats)])
-        return batch * (new_tokens - 1) / max(full - first, 1e-9), first
+        return batch * (new_tokens - 1) / max(full - first, 1e-9), first, per_token
 
     return asyncio.run(go())
 
@@ -198,8 +212,8 @@ def check_args(args: RolloutBenchArgs) -> TransformerConfig:
     """The benchmark model's config; ValueError naming the bad flag."""
     if not args.batch_sizes or min(args.batch_sizes) < 1:
         raise ValueError(f"--batch-sizes {args.batch_sizes}: give one or more sizes >= 1")
-    if args.new_tokens < 2 or args.prompt_tokens < 1 or args.repeats < 1:
-        raise ValueError("--new-tokens must be >= 2, --prompt-tokens and --repeats >= 1")
+    if args.new_tokens < 2 or args.prompt_tokens < 1 or args.repeats < 1 or args.decode_chunk < 1:
+        raise ValueError("--new-tokens must be >= 2, --prompt-tokens, --repeats and --decode-chunk >= 1")
     try:
         return _config(args.model)
     except ValueError as e:
@@ -212,14 +226,18 @@ def run(args: RolloutBenchArgs) -> int:
     params = models.init_params(config, jax.random.key(args.seed))
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     print(f"model {args.model}: {n_params / 1e6:.1f}M params, float32, prompt {args.prompt_tokens}, "
-          f"{args.new_tokens} new tokens, greedy; {jax.device_count()} {jax.default_backend()} device(s)")  # fmt: skip
+          f"{args.new_tokens} new tokens, greedy; {jax.device_count()} {jax.default_backend()} device(s); "
+          f"decode chunk {args.decode_chunk}")  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="orchestra-jax-bench-") as tmp:
         model_dir = str(models.save_pretrained(config, params, f"{tmp}/model")) if args.transformers else None
-        print(f"{'batch':>5}  {'jax tok/s':>10}  {'jax TTFT s':>10}  {'hf tok/s':>9}  {'ratio':>6}")
+        print(f"{'batch':>5}  {'jax tok/s':>10}  {'jax TTFT s':>10}  {'calls/tok':>9}  {'steps/tok':>9}  "
+              f"{'hf tok/s':>9}  {'ratio':>6}")  # fmt: skip
         for batch in args.batch_sizes:
             prompts = _prompts(rng, batch, args.prompt_tokens, config.vocab_size)
-            rate, ttft = jax_decode(config, params, prompts, args.new_tokens, args.repeats)
-            row = f"{batch:>5}  {rate:>10.1f}  {ttft:>10.3f}"
+            rate, ttft, per_token = jax_decode(
+                config, params, prompts, args.new_tokens, args.repeats, args.decode_chunk
+            )
+            row = f"{batch:>5}  {rate:>10.1f}  {ttft:>10.3f}  {per_token['calls']:>9.3f}  {per_token['steps']:>9.3f}"
             if model_dir is not None:
                 hf_rate = transformers_decode(model_dir, prompts, args.new_tokens, args.repeats)
                 row += f"  {hf_rate:>9.1f}  {rate / hf_rate:>5.2f}x"

@@ -1,13 +1,17 @@
 """The embedded JAX sampler: continuous batching over a fixed set of KV-cache slots.
 
 One asyncio task owns the engine state. Each round it moves waiting requests into free slots (prefill, batched
-and padded to power-of-two buckets of rows and tokens so few shapes compile), then runs one jitted decode step
-over every slot. Host-side numpy bookkeeping decides when a request stops; device work runs in a worker thread
-so an HTTP server on the same event loop keeps answering.
+and padded to power-of-two buckets of rows and tokens so few shapes compile), then runs one jitted decode call
+over every slot that takes up to `decode_chunk` steps, each feeding the token sampled by the one before (a
+per-call cost of thread hop, dispatch and bookkeeping is paid once per chunk, not once per token). Host-side
+bookkeeping then walks each row's tokens in order and decides when a request stops; tokens after a stop are
+dropped. Device work runs in a worker thread so an HTTP server on the same event loop keeps answering.
 
 KV layout (from models.init_kv_cache): K/V of the token at position p live in cache slot p of the request's
 row, and a query at p sees slots <= p. So right-padding a prefill is harmless, and the last cache slot
-(index max_context) is scratch: pads and idle rows write there, real tokens never reach it.
+(index max_context) is scratch: pads, idle rows and positions past the context write there, real tokens never
+reach it. A row that stopped mid-chunk keeps decoding garbage for the rest of the chunk; it writes only at
+positions after its last fed token, which `_release` never claims as a reusable prefix.
 
 Prefix reuse: a finished request leaves its KV in its row. A new request whose prompt shares a prefix with a
 free row's tokens takes that row and prefills only the rest (an episode's next turn extends its previous turn).
@@ -83,8 +87,11 @@ class EmbeddedEngine:
         compute_dtype: str | None = None,
         prefix_reuse: bool = True,
         min_prefill_bucket: int = 16,
+        decode_chunk: int = 8,
         seed: int | None = None,
     ):
+        if decode_chunk < 1:
+            raise ValueError(f"decode_chunk={decode_chunk}: must be >= 1")
         self.config = config
         # What the jitted steps see: token ids that only the host reads are dropped, so engines that differ
         # only in eos/bos share compilations.
@@ -96,6 +103,7 @@ class EmbeddedEngine:
         self.mesh = mesh
         self.prefix_reuse = prefix_reuse
         self.min_prefill_bucket = min_prefill_bucket
+        self.decode_chunk = decode_chunk
         self._compute_dtype = compute_dtype
         self._rng = np.random.default_rng(seed)
         self._params = self._place_params(params)
@@ -117,7 +125,10 @@ class EmbeddedEngine:
         self._running = asyncio.Event()
         self._running.set()
         self._failure: str | None = None
-        self.stats = {"prefill_tokens": 0, "reused_tokens": 0, "decode_steps": 0, "generated_tokens": 0}
+        # decode_steps counts model steps (a chunk of k is k), decode_calls the jitted calls.
+        self.stats = {
+            "prefill_tokens": 0, "reused_tokens": 0, "decode_steps": 0, "decode_calls": 0, "generated_tokens": 0
+        }  # fmt: skip
 
     # ---- the RolloutEngine interface ------------------------------------------------------------------------
 
@@ -217,10 +228,14 @@ class EmbeddedEngine:
                     for slot, token, logprob in results:
                         self._take_token(slot, token, logprob)
                 if any(s is not None for s in self._slots):
-                    tokens, logprobs = await asyncio.to_thread(self._run_decode)
-                    for slot, item in enumerate(self._slots):
-                        if item is not None:
-                            self._take_token(slot, int(tokens[slot]), float(logprobs[slot]))
+                    decoding = list(self._slots)
+                    tokens_KB, logprobs_KB = await asyncio.to_thread(self._run_decode)
+                    tokens_BK, logprobs_BK = tokens_KB.T.tolist(), logprobs_KB.T.tolist()
+                    for slot, item in enumerate(decoding):
+                        for token, logprob in zip(tokens_BK[slot], logprobs_BK[slot]):
+                            if item is None or self._slots[slot] is not item:  # idle, stopped or aborted
+                                break
+                            self._take_token(slot, token, logprob)
         except Exception as e:  # a failed compile or device error: fail every waiter instead of hanging them
             self._failure = f"{type(e).__name__}: {e}"
             for item in list(self._pending) + [s for s in self._slots if s is not None]:
@@ -361,18 +376,28 @@ class EmbeddedEngine:
         return out
 
     def _run_decode(self) -> tuple[np.ndarray, np.ndarray]:
+        """One jitted chunk of decode steps -> (tokens_KB, logprobs_KB), step k's sample of every row."""
         tokens = np.zeros(self.max_slots, np.int32)
         positions = np.full(self.max_slots, self._scratch, np.int32)
+        wanted = 1
         for slot, item in enumerate(self._slots):
             if item is not None:
+                done = len(item.request.prompt_ids) + len(item.output_ids)
                 tokens[slot] = item.output_ids[-1]
-                positions[slot] = len(item.request.prompt_ids) + len(item.output_ids) - 1
+                positions[slot] = done - 1
+                left = min(
+                    item.request.sampling.max_new_tokens - len(item.output_ids), self.max_context - done
+                )
+                wanted = max(wanted, left)
+        # The full chunk, or the power of two that covers what the longest row still needs: few shapes compile.
+        steps = _bucket(wanted, 1, self.decode_chunk)
         with self._mesh_context():
-            self._cache, next_tokens, logprobs = _decode_step(
-                self._step_config, self._compute_dtype, self._params, self._cache, tokens, positions,
+            self._cache, next_tokens, logprobs = _decode_chunk(
+                self._step_config, self._compute_dtype, steps, self._params, self._cache, tokens, positions,
                 *self._sampling_rows(self._slots),
             )  # fmt: skip
-        self.stats["decode_steps"] += 1
+        self.stats["decode_steps"] += steps
+        self.stats["decode_calls"] += 1
         return np.asarray(next_tokens), np.asarray(logprobs)
 
     def _mesh_context(self):
@@ -393,22 +418,50 @@ def _logits(config: TransformerConfig, params: Any, hidden_BD: jax.Array) -> jax
     return jnp.einsum("bd,dv->bv", hidden_BD.astype(jnp.float32), w_DV.astype(jnp.float32))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
-def _decode_step(config, compute_dtype, params, cache, tokens_B, positions_B, seed_words_B2, *rows):
-    """Feed each row's last token at its position; sample the token of the next position."""
-    hidden_B1D, cache = transformer.hidden_states(
-        config, params, tokens_B[:, None], positions_BT=positions_B[:, None], kv_cache=cache,
-        compute_dtype=compute_dtype,
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4,))
+def _decode_chunk(
+    config, compute_dtype, steps, params, cache, tokens_B, positions_B, seed_words_B2, temperature_B, *rows
+):
+    """`steps` decode steps: feed each row's last token at its position, sample the next position's token, feed
+    that one next. Returns (cache, tokens_KB, logprobs_KB); the log-probs come from one fused call over all
+    K×B final hidden states. Positions past the context (and idle rows, which start there) use the scratch slot.
+    """
+    scratch = cache["k"].shape[2] - 1
+    positions_KB = positions_B[None, :] + jnp.arange(steps, dtype=positions_B.dtype)[:, None]
+    keys_KB = sampling.token_keys(jnp.tile(seed_words_B2, (steps, 1)), positions_KB.reshape(-1) + 1)
+    keys_KB = keys_KB.reshape(positions_KB.shape)
+
+    def step(carry, xs):
+        cache, tokens_B = carry
+        positions_B, keys_B = xs
+        hidden_B1D, cache = transformer.hidden_states(
+            config, params, tokens_B[:, None], positions_BT=jnp.minimum(positions_B, scratch)[:, None],
+            kv_cache=cache, compute_dtype=compute_dtype,
+        )  # fmt: skip
+        next_B = sampling.sample_next(_logits(config, params, hidden_B1D[:, 0]), keys_B, temperature_B, *rows)
+        return (cache, next_B), (hidden_B1D[:, 0], next_B)
+
+    (cache, _), (hidden_KBD, tokens_KB) = jax.lax.scan(step, (cache, tokens_B), (positions_KB, keys_KB))
+    logprobs_N = sampling.sampled_logprobs(
+        hidden_KBD.reshape(-1, hidden_KBD.shape[-1]), transformer.lm_head_weight(config, params),
+        tokens_KB.reshape(-1), jnp.tile(temperature_B, steps),
     )  # fmt: skip
-    logits_BV = _logits(config, params, hidden_B1D[:, 0])
-    keys_B = sampling.token_keys(seed_words_B2, positions_B + 1)
-    tokens_B, logprobs_B = sampling.sample_next(logits_BV, keys_B, *rows)
-    return cache, tokens_B, logprobs_B
+    return cache, tokens_KB, logprobs_N.reshape(tokens_KB.shape)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
 def _prefill_step(
-    config, compute_dtype, params, cache, slots_P, tokens_PT, positions_PT, last_P, seed_words_P2, *rows
+    config,
+    compute_dtype,
+    params,
+    cache,
+    slots_P,
+    tokens_PT,
+    positions_PT,
+    last_P,
+    seed_words_P2,
+    temperature_P,
+    *rows,
 ):
     """Write the prompts' KV into rows `slots_P` of the cache; sample each prompt's first output token."""
     rows_cache = jax.tree.map(lambda c: c[:, slots_P], cache)
@@ -416,8 +469,10 @@ def _prefill_step(
         config, params, tokens_PT, positions_BT=positions_PT, kv_cache=rows_cache, compute_dtype=compute_dtype
     )
     index_P = jnp.arange(tokens_PT.shape[0])
-    logits_PV = _logits(config, params, hidden_PTD[index_P, last_P])
+    hidden_PD = hidden_PTD[index_P, last_P]
     keys_P = sampling.token_keys(seed_words_P2, positions_PT[index_P, last_P] + 1)
-    tokens_P, logprobs_P = sampling.sample_next(logits_PV, keys_P, *rows)
+    tokens_P = sampling.sample_next(_logits(config, params, hidden_PD), keys_P, temperature_P, *rows)
+    w_DV = transformer.lm_head_weight(config, params)
+    logprobs_P = sampling.sampled_logprobs(hidden_PD, w_DV, tokens_P, temperature_P)
     cache = jax.tree.map(lambda c, r: c.at[:, slots_P].set(r), cache, rows_cache)
     return cache, tokens_P, logprobs_P

@@ -4,9 +4,10 @@ Every row carries its own settings, so one jitted call serves a batch of request
 token's key is `fold_in(key(seed), position)`: the same seed gives the same tokens whichever other requests
 share the batch and whichever slot the request lands in.
 
-The returned log-probability is that of the sampled token under softmax(logits / temperature) over the whole
-vocabulary (temperature 0 counts as 1), i.e. before truncation. This is what a trainer recomputes with the
-same temperature; SGLang reports the same quantity at temperature 1 (its "unprocessed" log-probs).
+A sampled token's log-probability is taken under softmax(logits / temperature) over the whole vocabulary
+(temperature 0 counts as 1), i.e. before truncation. This is what a trainer recomputes with the same
+temperature; SGLang reports the same quantity at temperature 1 (its "unprocessed" log-probs). It goes through
+the same fused log-prob API as the trainer, from the final-normed hidden states (`sampled_logprobs`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from orchestra_jax.kernels import fused_logprob
 
 SEED_WORDS = 2  # a seed in [0, 2**63) travels as two uint32 words (threefry key data)
 
@@ -60,12 +63,11 @@ def sample_next(
     top_p_B: jax.Array,
     top_k_B: jax.Array,
     min_p_B: jax.Array,
-) -> tuple[jax.Array, jax.Array]:
-    """Sample one token per row -> (token_ids_B int32, logprobs_B fp32). temperature 0 is greedy."""
+) -> jax.Array:
+    """Sample one token per row -> token_ids_B int32. temperature 0 is greedy."""
     logits_BV = logits_BV.astype(jnp.float32)
     greedy_B = temperature_B <= 0
     scaled_BV = logits_BV / jnp.where(greedy_B, 1.0, temperature_B)[:, None]
-    logprobs_BV = jax.nn.log_softmax(scaled_BV, axis=-1)
 
     needs_truncation = jnp.any(((top_k_B > 0) | (top_p_B < 1) | (min_p_B > 0)) & ~greedy_B)
     mask_BV = jax.lax.cond(
@@ -81,8 +83,15 @@ def sample_next(
 
     # An all-greedy batch skips drawing B x V Gumbel noise.
     sampled_B = jax.lax.cond(jnp.all(greedy_B), lambda: jnp.zeros(greedy_B.shape, jnp.int32), gumbel_max)
-    tokens_B = jnp.where(greedy_B, jnp.argmax(logits_BV, axis=-1), sampled_B.astype(jnp.int32)).astype(
-        jnp.int32
-    )
-    logprob_B = jnp.take_along_axis(logprobs_BV, tokens_B[:, None], axis=-1)[:, 0]
-    return tokens_B, logprob_B
+    return jnp.where(greedy_B, jnp.argmax(logits_BV, axis=-1), sampled_B.astype(jnp.int32)).astype(jnp.int32)
+
+
+def sampled_logprobs(
+    hidden_ND: jax.Array, w_DV: jax.Array, tokens_N: jax.Array, temperature_N: jax.Array
+) -> jax.Array:
+    """log softmax(h·W / τ)[token] per row (fp32), τ = 0 (greedy) counting as 1.
+
+    fused_logprob takes one static temperature, so each row's own τ scales its hidden state: (h/τ)·W = h·W/τ.
+    """
+    inverse_N = 1.0 / jnp.where(temperature_N > 0, temperature_N, 1.0)
+    return fused_logprob(hidden_ND.astype(jnp.float32) * inverse_N[:, None], w_DV, tokens_N)

@@ -253,3 +253,104 @@ def test_cancelled_caller_frees_its_slot(model):
 
     [done] = asyncio.run(run())
     assert done.completion_tokens >= 1
+
+
+def _angle_detokenize(ids):
+    return "".join(f"<{i}>" for i in ids)  # no token's text is a substring of another's
+
+
+def test_decode_chunk_does_not_change_tokens(model):
+    """Chunks of 8 and single steps agree on tokens, log-probs and finish reasons, with stops landing mid-chunk."""
+    rng = np.random.default_rng()
+    prompts = _prompts(5, rng)
+    seeds = [int(s) for s in rng.integers(0, 2**62, size=5)]
+
+    def engine(chunk):
+        return _engine(model, decode_chunk=chunk, detokenize=_angle_detokenize)
+
+    async def free_run():
+        sp = SamplingParams(max_new_tokens=20, temperature=0.9, seed=seeds[0], ignore_eos=True)
+        return (await engine(1).generate([GenerateRequest(prompts[0], sp, "free")]))[0]
+
+    free = asyncio.run(free_run())
+    stop_token, stop_text = free.output_ids[5], f"<{free.output_ids[11]}>"
+    base = dict(max_new_tokens=30, ignore_eos=True)
+    settings = [
+        dict(base, temperature=0.9, stop_token_ids=(stop_token,)),  # stops at index <= 5
+        dict(base, temperature=0.9, stop=(stop_text,)),  # stops at index <= 11
+        dict(base, temperature=1.0, top_p=0.8, max_new_tokens=13),  # length, mid-chunk
+        dict(base, temperature=0.7, top_k=20),  # runs the longest
+        dict(base, temperature=0.0, max_new_tokens=10),
+    ]
+    prompts[1], seeds[1] = prompts[0], seeds[0]  # both stop requests replay the free run
+    requests = [
+        GenerateRequest(p, SamplingParams(seed=s, **kw), f"r{i}")
+        for i, (p, s, kw) in enumerate(zip(prompts, seeds, settings))
+    ]
+
+    async def run(chunk):
+        e = engine(chunk)
+        return await e.generate(requests), e.stats
+
+    (single, single_stats), (chunked, chunked_stats) = asyncio.run(run(1)), asyncio.run(run(8))
+    for s, c in zip(single, chunked):
+        assert (s.output_ids, s.finish_reason) == (c.output_ids, c.finish_reason)
+        np.testing.assert_allclose(s.logprobs, c.logprobs, atol=1e-5)
+    by_token, by_string, short = chunked[0], chunked[1], chunked[2]
+    for stopped, token in [(by_token, stop_token), (by_string, free.output_ids[11])]:
+        assert stopped.finish_reason == "stop"
+        assert stopped.output_ids == free.output_ids[: free.output_ids.index(token) + 1]
+    assert short.finish_reason == "length" and short.completion_tokens == 13
+    assert chunked_stats["decode_calls"] * 4 <= single_stats["decode_calls"]
+
+
+def test_context_limit_mid_chunk_keeps_other_rows_and_cached_prefix(model):
+    """A request whose context ends mid-chunk finishes with 'length'; the steps it runs past its end write only
+    after its last fed token or into the scratch slot, so batch mates and the KV it leaves for reuse are intact."""
+    config, params = model
+    rng = np.random.default_rng()
+    limited = tuple(int(t) for t in rng.integers(8, 300, size=CONTEXT - 12))
+    others = _prompts(2, rng)
+    sp = SamplingParams(max_new_tokens=40, temperature=1.0, seed=int(rng.integers(2**62)), ignore_eos=True)
+    requests = [GenerateRequest(p, sp, f"r{i}") for i, p in enumerate([limited, *others])]
+
+    async def run():
+        engine = _engine(model, decode_chunk=8)
+        done = await engine.generate(requests)
+        [row] = [s for s in range(SLOTS) if engine._slot_tokens[s][: len(limited)] == list(limited)]
+        kept = list(engine._slot_tokens[row])
+        cache = jax.tree.map(lambda c: np.asarray(c[:, row]), engine._cache)
+        follow = limited + done[0].output_ids[:-1]
+        [again] = await engine.generate([GenerateRequest(follow, sp, "again")])
+        return done, kept, cache, follow, again
+
+    done, kept, cache, follow, again = asyncio.run(run())
+
+    async def reference():  # single steps, each request alone, no prefix reuse
+        engine = _engine(model, decode_chunk=1, prefix_reuse=False)
+        singles = [(await engine.generate([r]))[0] for r in requests[1:]]
+        return singles, (await engine.generate([GenerateRequest(follow, sp, "fresh")]))[0]
+
+    singles, fresh = asyncio.run(reference())
+    assert done[0].finish_reason == "length" and done[0].completion_tokens == 12
+    assert kept == list(follow)  # the prompt and every output token but the last
+    for together, single in zip(done[1:], singles):
+        assert together.output_ids == single.output_ids
+        np.testing.assert_allclose(together.logprobs, single.logprobs, atol=1e-5)
+    # The KV the row keeps equals a fresh prefill of the same tokens.
+    _, prefilled = transformer.hidden_states(
+        config, params, jnp.asarray([follow], jnp.int32),
+        kv_cache=transformer.init_kv_cache(config, 1, CONTEXT + 1),
+    )  # fmt: skip
+    for name in ("k", "v"):
+        np.testing.assert_allclose(
+            cache[name][:, : len(follow)], prefilled[name][:, 0, : len(follow)], atol=1e-4
+        )
+    assert again.cached_tokens == len(follow) - 1 and again.finish_reason == "length"
+    assert again.output_ids == fresh.output_ids
+    np.testing.assert_allclose(again.logprobs, fresh.logprobs, atol=1e-5)
+
+
+def test_decode_chunk_must_be_positive(model):
+    with pytest.raises(ValueError, match="decode_chunk"):
+        _engine(model, decode_chunk=0)
