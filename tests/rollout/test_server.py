@@ -106,30 +106,38 @@ def test_pause_in_place_holds_requests_until_continue(server):
     assert result["response"].json()["meta_info"]["completion_tokens"] == 4
 
 
-def test_abort_request_ends_a_running_generation(server):
+def test_abort_request_ends_a_running_generation(tiny_model, small_tokenizer):
+    # One token per decode call and a long budget, so the request is still running when the abort lands.
+    config, params = tiny_model
+    engine = EmbeddedEngine(config, params, max_slots=2, max_context=512, decode_chunk=1,
+                            detokenize=small_tokenizer.decode)
+    server = start_server(config, params, small_tokenizer, engine=engine)
     result = {}
 
     def send():
         body = {
             "input_ids": [5, 6, 7],
-            "sampling_params": {"max_new_tokens": 100, "ignore_eos": True},
+            "sampling_params": {"max_new_tokens": 500, "ignore_eos": True},
             "rid": "x1",
         }
         result["response"] = post(server.url, "/generate", body)
 
-    sender = threading.Thread(target=send)
-    sender.start()
-    deadline = time.monotonic() + 30
-    while httpx.get(server.url + "/get_server_info").json()["num_running_requests"] == 0:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    # Hold it in its slot (a warm engine decodes 100 tokens faster than a round trip), then abort it.
-    assert post(server.url, "/pause_generation", {"mode": "in_place"}).status_code == 200
-    assert post(server.url, "/abort_request", {"rid": "x1"}).json()["num_aborted"] == 1
-    assert post(server.url, "/continue_generation").status_code == 200
-    sender.join(timeout=60)
-    meta = result["response"].json()["meta_info"]
-    assert meta["finish_reason"]["type"] == "abort" and meta["completion_tokens"] < 100
+    try:
+        sender = threading.Thread(target=send)
+        sender.start()
+        deadline = time.monotonic() + 30
+        while httpx.get(server.url + "/get_server_info").json()["num_running_requests"] == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        # Hold it in its slot, then abort it.
+        assert post(server.url, "/pause_generation", {"mode": "in_place"}).status_code == 200
+        assert post(server.url, "/abort_request", {"rid": "x1"}).json()["num_aborted"] == 1
+        assert post(server.url, "/continue_generation").status_code == 200
+        sender.join(timeout=60)
+        meta = result["response"].json()["meta_info"]
+        assert meta["finish_reason"]["type"] == "abort" and meta["completion_tokens"] < 500
+    finally:
+        server.stop()
 
 
 def test_openai_completions(server, small_tokenizer):
