@@ -263,24 +263,26 @@ def validate(config: TrainConfig, num_devices: int | None = None) -> TrainConfig
 
 
 def cpu_demo() -> TrainConfig:
-    """The embedded CPU default: a tiny policy, the local CPU task family, local tools; ~15 min on 2 cores.
+    """The embedded CPU default: a tiny policy, the local CPU task family, local tools; ~8-10 min on 2 cores.
 
-    A tiny Qwen3 and a small BPE, an SFT warm start on scripted demonstrations (which use the expensive expert
-    30% of the time), then GRPO under a cost-preferring preference (outcome 1, cost 1), sampling at temperature
-    0.6. The aim is that accuracy rises and the expert's share, hence cost, falls; so far the 176k-parameter
-    policy learns the tool-call format but not to copy numbers right (notes/DEMO_NOTES.md). Learning rates are a
-    tiny model's, not the paper's 1e-6.
+    A tiny Qwen3 and a small BPE (phrase tokens for the constant prompt text, 3-digit number tokens), an SFT warm
+    start on 4096 scripted demonstrations (which use the expensive expert 30% of the time), then GRPO under a
+    cost-preferring preference (outcome 1, cost 1), sampling at temperature 1. After SFT the policy solves ~70% of
+    the tasks; GRPO moves it off the expert (cost per episode falls by ~40%) while accuracy stays flat
+    (notes/DEMO_NOTES.md). Learning rates are a tiny model's, not the paper's 1e-6.
     """
     return TrainConfig(
         name="cpu-demo",
         steps=30,
         model=ModelConfig(source="qwen3-tiny"),
-        rollout=RolloutConfig(max_slots=32, max_new_tokens=64, max_context=1024, temperature=0.6),
+        rollout=RolloutConfig(max_slots=32, max_new_tokens=64, max_context=512, temperature=1.0),
         env=EnvConfig(max_turns=3, concurrency=32, preference_sampling="fixed"),
         reward=RewardConfig(fixed_outcome=1.0, fixed_cost=1.0, fixed_latency=0.0),
+        # 1200 SFT steps on 4096 demonstrations: the tiny policy learns to copy numbers and names only after
+        # ~600 steps (the NLL drops from ~0.4 to ~0.05); with fewer it answers in the right format but wrongly.
         algorithm=AlgorithmConfig(prompts_per_step=8, group_size=4, micro_batch_size=8, kl_coef=1e-3,
-                                  sft_steps=300, sft_lr=5e-3, sft_batch_size=16, sft_demonstrations=192),
-        optimizer=OptimizerConfig(lr=2e-4, schedule="constant"),
+                                  sft_steps=1200, sft_lr=5e-3, sft_batch_size=16, sft_demonstrations=4096),
+        optimizer=OptimizerConfig(lr=3e-4, schedule="constant"),  # 1e-3 lost accuracy (demo notes)
         checkpoint=CheckpointConfig(every_steps=10, keep=2),
     )
 

@@ -184,7 +184,10 @@ def _tiny(family: str, vocab_size: int) -> TransformerConfig:
     common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                   num_kv_heads=2, max_position_embeddings=2048, bos_token_id=None, eos_token_ids=())  # fmt: skip
     if family == "qwen3":
-        return TransformerConfig(family="qwen3", head_dim=32, rope_theta=1e6, tie_word_embeddings=True,
+        # rope_theta 1e4, not Qwen3's 1e6: with head_dim 32 on sequences of a few hundred tokens, 1e6 leaves
+        # almost no fast-rotating pairs to tell neighbours apart, and the CPU demo's policy learned to copy
+        # numbers far more slowly with it (notes/DEMO_NOTES.md).
+        return TransformerConfig(family="qwen3", head_dim=32, rope_theta=1e4, tie_word_embeddings=True,
                                  qk_norm=True, **common)  # fmt: skip
     if family == "qwen2":
         return TransformerConfig(family="qwen2", head_dim=16, rope_theta=1e6, qkv_bias=True, **common)
