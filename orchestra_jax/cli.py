@@ -229,17 +229,19 @@ def cmd_sft(argv: Sequence[str]) -> int:
 
 def cmd_inspect(argv: Sequence[str]) -> int:
     """`inspect checkpoint RUN_DIR`: latest step, parameter count and a SHA-256 over every parameter array.
-    `inspect curves RUN_DIR [OUT.png]`: draw the run's curves from its TensorBoard events (default RUN_DIR/curves.png)."""
+    `inspect curves RUN_DIR [OUT.png]`: draw the run's curves from its TensorBoard events (default RUN_DIR/curves.png)
+    and print each curve's mean over the first and the last 10 RL steps."""
     usage = "usage: orchestra-jax inspect checkpoint RUN_DIR | inspect curves RUN_DIR [OUT.png]"
     if any(a in ("-h", "--help") for a in argv):
         print(usage)
         return 0
     if len(argv) in (2, 3) and argv[0] == "curves":
-        from orchestra_jax.rl.metrics import plot_run
+        from orchestra_jax.rl.metrics import curve_summary, plot_run
 
         out = argv[2] if len(argv) == 3 else f"{argv[1].rstrip('/')}/curves.png"
         try:
             print(plot_run(argv[1], out))
+            print("\n".join(curve_summary(argv[1])))
         except (FileNotFoundError, KeyError, ValueError) as e:
             raise UsageError(str(e).splitlines()[0]) from None
         return 0

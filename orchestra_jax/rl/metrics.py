@@ -85,6 +85,20 @@ def plot_run(run_dir: str | os.PathLike, out_png: str | os.PathLike, *, smooth: 
     return out
 
 
+def curve_summary(run_dir: str | os.PathLike, span: int = 10) -> list[str]:
+    """One line per curve: its mean over the first and the last `span` RL steps, so a trend can be read (and
+    quoted) without the picture; single steps of a small run are too noisy to compare."""
+    scalars = read_scalars(Path(run_dir) / "tb")
+    tags = [tag for tag, _ in CURVES if tag in scalars] + sorted(t for t in scalars if t.startswith("tools/"))
+    lines = []
+    for tag in tags:
+        values = np.array([value for _, value in sorted(scalars[tag])])
+        n = min(span, len(values))
+        lines.append(f"{tag}: first {n} steps {values[:n].mean():.6g}, last {n} steps {values[-n:].mean():.6g} "
+                     f"({len(values)} steps)")
+    return lines
+
+
 def _moving_average(values: np.ndarray, window: int) -> np.ndarray:
     if window <= 1 or len(values) == 0:
         return values
