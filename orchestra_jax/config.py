@@ -268,7 +268,7 @@ def cpu_demo() -> TrainConfig:
     A tiny Qwen3 and a small BPE (phrase tokens for the constant prompt text, 3-digit number tokens), an SFT warm
     start on 4096 scripted demonstrations (which use the expensive expert 30% of the time), then GRPO under a
     cost-preferring preference (outcome 1, cost 1), sampling at temperature 1. After SFT the policy solves ~70% of
-    the tasks; GRPO moves it off the expert (cost per episode falls by ~40%) while accuracy stays flat
+    the tasks; GRPO moves it off the expert (cost per episode falls by ~30%) while accuracy stays flat
     (notes/DEMO_NOTES.md). Learning rates are a tiny model's, not the paper's 1e-6.
     """
     return TrainConfig(
