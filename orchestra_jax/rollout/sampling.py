@@ -56,6 +56,11 @@ def truncation_mask(
     return scaled_BV >= threshold_B
 
 
+def logprob_temperature(temperature_B: jax.Array) -> jax.Array:
+    """The temperature of the distribution a token is scored under: a greedy row (0) counts as 1."""
+    return jnp.where(temperature_B > 0, temperature_B, 1.0)
+
+
 def sample_next(
     logits_BV: jax.Array,
     keys_B: jax.Array,
@@ -67,7 +72,7 @@ def sample_next(
     """Sample one token per row -> token_ids_B int32. temperature 0 is greedy."""
     logits_BV = logits_BV.astype(jnp.float32)
     greedy_B = temperature_B <= 0
-    scaled_BV = logits_BV / jnp.where(greedy_B, 1.0, temperature_B)[:, None]
+    scaled_BV = logits_BV / logprob_temperature(temperature_B)[:, None]
 
     needs_truncation = jnp.any(((top_k_B > 0) | (top_p_B < 1) | (min_p_B > 0)) & ~greedy_B)
     mask_BV = jax.lax.cond(
@@ -93,5 +98,5 @@ def sampled_logprobs(
 
     fused_logprob takes one static temperature, so each row's own τ scales its hidden state: (h/τ)·W = h·W/τ.
     """
-    inverse_N = 1.0 / jnp.where(temperature_N > 0, temperature_N, 1.0)
+    inverse_N = 1.0 / logprob_temperature(temperature_N)
     return fused_logprob(hidden_ND.astype(jnp.float32) * inverse_N[:, None], w_DV, tokens_N)
