@@ -45,24 +45,36 @@ def test_task_counts_are_tau2_bench_v1():
     assert [len(tau2.load_tasks(d)) for d in tau2.DOMAINS] == [50, 114, 114]
 
 
+def _replay(domain, task, skip=None):
+    """Run the gold actions (all but index `skip`) in a fresh session; returns the session and the observations."""
+    session = tau2.Tau2Session(domain, task)
+    catalog = tau2.session_catalog(session)
+    actions = [a for a in tau2.gold_actions(task) if a.name not in tau2.HIDDEN_TOOLS]
+    session.user_says(tau2.opening_user_message(task))
+    observations = {}
+    for i, action in enumerate(actions):
+        if i != skip:
+            result = asyncio.run(catalog.execute(action.name, action.arguments))
+            assert result.error is None
+            observations[i] = result.observation
+    return session, actions, observations
+
+
 def test_a_missing_write_leaves_the_database_wrong_and_scores_zero():
     domain = random.choice(["airline", "retail"])
     tasks = [
         t for t in tau2.load_tasks(domain) if any(a.name.startswith(WRITES) for a in tau2.gold_actions(t))
     ]
-    task = random.choice(tasks)
-    session = tau2.Tau2Session(domain, task)
-    catalog = tau2.session_catalog(session)
-    actions = [a for a in tau2.gold_actions(task) if a.name not in tau2.HIDDEN_TOOLS]
-    dropped = max(i for i, a in enumerate(actions) if a.name.startswith(WRITES))
-    session.user_says(tau2.opening_user_message(task))
-    for i, action in enumerate(actions):
-        if i != dropped:
-            result = asyncio.run(catalog.execute(action.name, action.arguments))
-            assert result.error is None
+    random.shuffle(tasks)
+    for task in tasks:  # some gold writes fail on purpose (retail 12, 105); dropping those changes nothing
+        _, actions, observations = _replay(domain, task)
+        dropped = max(i for i, a in enumerate(actions) if a.name.startswith(WRITES))
+        if not observations[dropped].startswith("Error"):
+            break
+    session, _, _ = _replay(domain, task, skip=dropped)
     session.agent_says("\n".join(tau2.communicate_info(task)) or "Done.")
     session.user_says("###STOP###")
-    assert session.reward() == 0.0
+    assert session.reward() == 0.0, (domain, task.id)
 
 
 def test_policy_tools_hide_transfer_and_refuse_bad_calls():
