@@ -201,8 +201,33 @@ def _attention(
     return jnp.moveaxis(out_nBCNH, 0, 1).reshape(b, n * chunk, *q_BTNH.shape[2:])[:, :t]
 
 
-def _layer(config: TransformerConfig, x_BTD, p, cos_BTH, sin_BTH, attend, cache_kv, write_BT):
-    """One decoder block; returns the new residual stream and the layer's (updated) K/V cache or None."""
+def _decode_attention(q_B1NH, k_cache_BSKH, v_cache_BSKH, k_B1KH, v_B1KH, positions_B1) -> jax.Array:
+    """One new token per row: attend to cache slots before its position and to its own K/V, without writing
+    them into the cache first (so a decode step reads the cache but never copies it; the caller writes
+    every layer's new K/V in one scatter)."""
+    b, _, n, h = q_B1NH.shape
+    kv = k_cache_BSKH.shape[2]
+    q_BKGH = q_B1NH.reshape(b, kv, n // kv, h)
+    scale = np.float32(1.0 / math.sqrt(h))
+    cached_BKGS = jnp.einsum(
+        "bkgh,bskh->bkgs", q_BKGH, k_cache_BSKH.astype(q_B1NH.dtype), preferred_element_type=jnp.float32
+    ) * scale
+    before_BS = jnp.arange(k_cache_BSKH.shape[1])[None, :] < positions_B1
+    cached_BKGS = jnp.where(before_BS[:, None, None], cached_BKGS, jnp.finfo(jnp.float32).min)
+    own_BKG = jnp.einsum("bkgh,bkh->bkg", q_BKGH, k_B1KH[:, 0], preferred_element_type=jnp.float32) * scale
+    top_BKG = jnp.maximum(jnp.max(cached_BKGS, axis=-1), own_BKG)
+    cached_BKGS = jnp.exp(cached_BKGS - top_BKG[..., None])
+    own_BKG = jnp.exp(own_BKG - top_BKG)
+    denom_BKG = jnp.sum(cached_BKGS, axis=-1) + own_BKG
+    out_BKGH = jnp.einsum("bkgs,bskh->bkgh", cached_BKGS.astype(q_B1NH.dtype), v_cache_BSKH.astype(q_B1NH.dtype))
+    out_BKGH = out_BKGH + own_BKG[..., None].astype(q_B1NH.dtype) * v_B1KH[:, 0, :, None].astype(q_B1NH.dtype)
+    out_BKGH = out_BKGH / denom_BKG[..., None].astype(q_B1NH.dtype)
+    return out_BKGH.reshape(b, 1, n, h)
+
+
+def _layer(config: TransformerConfig, x_BTD, p, cos_BTH, sin_BTH, attend, cache_kv):
+    """One decoder block; returns the new residual stream and what `attend` returns for the cache (the layer's
+    updated K/V cache, its new K/V only, or None)."""
     dtype = x_BTD.dtype
     eps = config.rms_norm_eps
     h_BTD = _rms_norm(x_BTD, p["attn_norm"], eps)
@@ -218,15 +243,7 @@ def _layer(config: TransformerConfig, x_BTD, p, cos_BTH, sin_BTH, attend, cache_
         k_BTKH = _rms_norm(k_BTKH, p["k_norm"], eps)
     q_BTNH = with_logical_constraint(_rope(q_BTNH, cos_BTH, sin_BTH), ("batch", "seq", "heads", "head_dim"))
     k_BTKH = _rope(k_BTKH, cos_BTH, sin_BTH)
-    if cache_kv is None:
-        keys_BSKH, values_BSKH, new_cache = k_BTKH, v_BTKH, None
-    else:
-        k_cache_BSKH, v_cache_BSKH = cache_kv
-        rows_BT = jnp.broadcast_to(jnp.arange(x_BTD.shape[0])[:, None], write_BT.shape)
-        keys_BSKH = k_cache_BSKH.at[rows_BT, write_BT].set(k_BTKH.astype(k_cache_BSKH.dtype), mode="drop")
-        values_BSKH = v_cache_BSKH.at[rows_BT, write_BT].set(v_BTKH.astype(v_cache_BSKH.dtype), mode="drop")
-        new_cache = (keys_BSKH, values_BSKH)
-    attn_BTNH = attend(q_BTNH, keys_BSKH, values_BSKH)
+    attn_BTNH, new_cache = attend(q_BTNH, k_BTKH, v_BTKH, cache_kv)
     x_BTD = x_BTD + jnp.einsum("btnh,nhd->btd", attn_BTNH, p["o"].astype(dtype))
     x_BTD = with_logical_constraint(x_BTD, ("batch", "seq", "embed"))
     h_BTD = _rms_norm(x_BTD, p["mlp_norm"], eps)
@@ -274,14 +291,24 @@ def hidden_states(
     index_BT = jnp.broadcast_to(jnp.arange(t)[None], (b, t))
     queries = (index_BT, positions_BT, None if kv_cache is not None else segment_ids_BT)
 
-    def attend(q_BTNH, k_BSKH, v_BSKH):
-        return _attention(
-            q_BTNH, k_BSKH, v_BSKH, queries, segment_ids_BT, kv_cache is not None, attention_chunk
-        )
+    decode = kv_cache is not None and t == 1 and segment_ids_BT is None
+
+    def attend(q_BTNH, k_BTKH, v_BTKH, cache_kv):
+        if cache_kv is None:
+            return _attention(q_BTNH, k_BTKH, v_BTKH, queries, segment_ids_BT, False, attention_chunk), None
+        k_cache_BSKH, v_cache_BSKH = cache_kv
+        if decode:
+            attn_BTNH = _decode_attention(q_BTNH, k_cache_BSKH, v_cache_BSKH, k_BTKH, v_BTKH, positions_BT)
+            return attn_BTNH, (k_BTKH.astype(k_cache_BSKH.dtype), v_BTKH.astype(v_cache_BSKH.dtype))
+        rows_BT = jnp.broadcast_to(jnp.arange(b)[:, None], write_BT.shape)
+        k_cache_BSKH = k_cache_BSKH.at[rows_BT, write_BT].set(k_BTKH.astype(k_cache_BSKH.dtype), mode="drop")
+        v_cache_BSKH = v_cache_BSKH.at[rows_BT, write_BT].set(v_BTKH.astype(v_cache_BSKH.dtype), mode="drop")
+        attn_BTNH = _attention(q_BTNH, k_cache_BSKH, v_cache_BSKH, queries, segment_ids_BT, True, attention_chunk)
+        return attn_BTNH, (k_cache_BSKH, v_cache_BSKH)
 
     def body(x_BTD, xs):
         layer_params, cache_kv = xs
-        return _layer(config, x_BTD, layer_params, cos_BTH, sin_BTH, attend, cache_kv, write_BT)
+        return _layer(config, x_BTD, layer_params, cos_BTH, sin_BTH, attend, cache_kv)
 
     if remat == "full":
         body = jax.checkpoint(body, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)
@@ -290,7 +317,13 @@ def hidden_states(
     cache_xs = None if kv_cache is None else (kv_cache["k"], kv_cache["v"])
     x_BTD, new_cache = jax.lax.scan(body, x_BTD, (params["layers"], cache_xs))
     x_BTD = _rms_norm(x_BTD, params["final_norm"], config.rms_norm_eps)
-    return x_BTD, (None if new_cache is None else {"k": new_cache[0], "v": new_cache[1]})
+    if new_cache is None:
+        return x_BTD, None
+    if decode:  # new_cache holds each layer's new K/V [L, B, 1, K, H]: one in-place scatter for all layers
+        rows_B = jnp.arange(b)
+        return x_BTD, {name: kv_cache[name].at[:, rows_B, write_BT[:, 0]].set(new[:, :, 0], mode="drop")
+                       for name, new in zip(("k", "v"), new_cache)}
+    return x_BTD, {"k": new_cache[0], "v": new_cache[1]}
 
 
 def forward(config: TransformerConfig, params: Params, token_ids_BT: jax.Array, **kwargs: Any):

@@ -42,6 +42,30 @@ def test_padded_prefill_skips_pad_cache_writes():
     assert _rel_err(nxt[0, 0], fwd(config, params, ids[1:, :4])[0, 3]) < 1e-5
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_one_token_decode_ignores_stale_cache_slots_and_writes_its_own(name):
+    """Decode (one token per row) attends to the cache before its position plus its own K/V; slots at and after
+    it hold garbage from an earlier request and must not count. Rows sit at different positions."""
+    seed = np.random.randint(1 << 30)
+    config, params = _model(name, seed)
+    rng = np.random.default_rng(seed)
+    ids = jnp.asarray(rng.integers(0, config.vocab_size, (3, 9)))
+    cache = T.init_kv_cache(config, batch=3, max_len=12)
+    cache = jax.tree.map(lambda c: jnp.asarray(rng.normal(size=c.shape), c.dtype), cache)  # stale everywhere
+    lengths = np.array([2, 5, 8])
+    for t in range(8):  # prefill each row's prefix token by token (positions past its length are dropped writes)
+        segments = jnp.asarray((t < lengths)[:, None].astype(np.int32))
+        _, cache = fwd(config, params, ids[:, t : t + 1], positions_BT=jnp.full((3, 1), t), segment_ids_BT=segments,
+                       kv_cache=cache)
+    logits, new_cache = fwd(config, params, ids[np.arange(3), lengths][:, None],
+                            positions_BT=jnp.asarray(lengths)[:, None], kv_cache=cache)
+    for row, n in enumerate(lengths):
+        expect = fwd(config, params, ids[row : row + 1, : n + 1])[0, n]
+        assert _rel_err(logits[row, 0], expect) < 1e-5, (row, n)
+        np.testing.assert_array_equal(np.asarray(new_cache["k"][:, row, n + 1 :]), np.asarray(cache["k"][:, row, n + 1 :]))
+        assert not np.array_equal(np.asarray(new_cache["k"][:, row, n]), np.asarray(cache["k"][:, row, n]))
+
+
 def test_query_chunked_attention_matches_whole_attention():
     seed = np.random.randint(1 << 30)
     config, params = _model("qwen2-tiny", seed)
