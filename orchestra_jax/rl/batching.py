@@ -67,6 +67,13 @@ def _bucket_count(n: int) -> int:
         power *= 2
 
 
+def split_minibatches(num_samples: int, parts: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Shuffle sample indices and cut them into `parts` near-equal, non-empty mini-batches (fewer when there
+    are fewer samples than parts). One part keeps the original order."""
+    order = rng.permutation(num_samples) if parts > 1 else np.arange(num_samples)
+    return [chunk for chunk in np.array_split(order, min(parts, max(num_samples, 1))) if chunk.size]
+
+
 def pack(
     samples: Sequence[Sample],
     *,

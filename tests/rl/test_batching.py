@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from orchestra_jax.rl.batching import Sample, bucket_length, pack
+from orchestra_jax.rl.batching import Sample, bucket_length, pack, split_minibatches
 
 
 def random_samples(rng, n, max_len=40):
@@ -60,3 +60,13 @@ def test_truncation_and_one_per_row():
     seg = batch.arrays["segment_ids"].reshape(-1, 64)
     assert seg.max() == 1 and (seg.max(axis=1) == 1).sum() == 6
     assert batch.shape[0] * batch.shape[1] % 4 == 0
+
+
+def test_minibatches_partition_the_samples():
+    rng = np.random.default_rng()
+    n, parts = int(rng.integers(5, 60)), int(rng.integers(2, 6))
+    chunks = split_minibatches(n, parts, rng)
+    assert len(chunks) == parts and sorted(np.concatenate(chunks).tolist()) == list(range(n))
+    assert max(map(len, chunks)) - min(map(len, chunks)) <= 1
+    assert [c.tolist() for c in split_minibatches(n, 1, rng)] == [list(range(n))]  # one part: original order
+    assert len(split_minibatches(3, 8, rng)) == 3 and split_minibatches(0, 4, rng) == []

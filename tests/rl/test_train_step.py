@@ -120,3 +120,25 @@ def test_kl_to_reference_bf16_and_ppo_run():
     batch = pack(samples, micro_batch_size=4, max_row_len=64, one_per_row=True)
     _, metrics = run_step(ppo, mesh, params, batch)
     assert metrics["skipped"] == 0 and np.isfinite(metrics["loss"])
+
+
+def test_a_small_step_raises_positive_advantage_tokens_and_lowers_negative_ones():
+    """The sign end to end: behaviour log-probs from the policy itself (ratio 1), one small SGD step."""
+    rng = np.random.default_rng()
+    model = tiny_model()
+    params = init_params(model, jax.random.key(int(rng.integers(1 << 30))))
+    mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+    settings = StepSettings(model=model, loss=PolicyLossConfig())
+    samples = random_samples(rng, 2)
+    samples = [dataclasses.replace(s, advantage=a) for s, a in zip(samples, (1.0, -1.0))]
+    batch = pack(samples, micro_batch_size=2, max_row_len=64, one_per_row=True)
+    step, _ = make_train_step(settings, optax.sgd(1e-3), mesh, params)
+    before = LogprobFn(settings, mesh, step.shardings.params)(params, batch.arrays)
+    arrays = {**batch.arrays, "behaviour_logprobs": before}
+    after_params, _ = run_step(settings, mesh, params, dataclasses.replace(batch, arrays=arrays),
+                               optimizer=optax.sgd(1e-3))
+    after = LogprobFn(settings, mesh, step.shardings.params)(after_params, batch.arrays)
+    advantages, mask = batch.arrays["advantages"], batch.arrays["mask"] > 0
+    gain = ((after - before) * mask).sum(-1)  # summed over each row's policy tokens
+    row_sign = np.sign((advantages * mask).sum(-1))
+    assert np.all(gain[row_sign > 0] > 0) and np.all(gain[row_sign < 0] < 0), (gain, row_sign)
