@@ -79,6 +79,9 @@ class EnvConfig:
     tools_file: str | None = None
     preference_sampling: Literal["fixed", "uniform", "dirichlet"] = "uniform"
     """Distribution preference vectors are drawn from per task: 'fixed', 'uniform' or 'dirichlet'."""
+    expert_coverage: float = 1.0
+    """CPU task family: the share of towns the local expert knows facts about (it says "I do not know." about
+    the rest); arithmetic it always answers."""
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,11 @@ class AlgorithmConfig:
     gamma: float = 1.0
     gae_lambda: float = 1.0
     micro_batch_size: int = 8
+    mini_batches: int = 1
+    """Optimizer updates per RL step: the step's samples are shuffled and split into this many mini-batches
+    (verl's train_batch_size / ppo_mini_batch_size); later ones are off-policy, which the clip bounds."""
+    epochs: int = 1
+    """Passes over the step's samples (verl's ppo_epochs); updates per step = epochs x mini_batches."""
     off_policy_overlap: bool = False
     """Overlap the next step's rollouts with this step's update (one step off-policy)."""
     value_coef: float = 0.5
@@ -128,6 +136,8 @@ class AlgorithmConfig:
     sft_batch_size: int = 32
     sft_demonstrations: int = 256
     """How many tasks to record scripted demonstrations for (the CPU task family)."""
+    sft_expert_share: float = 0.3
+    """Share of the demonstrations that ask the expert instead of the cheap tool (the CPU task family)."""
 
 
 @dataclass(frozen=True)
@@ -199,6 +209,8 @@ def validate(config: TrainConfig, num_devices: int | None = None) -> TrainConfig
         "algorithm.prompts_per_step": config.algorithm.prompts_per_step,
         "algorithm.group_size": config.algorithm.group_size,
         "algorithm.micro_batch_size": config.algorithm.micro_batch_size,
+        "algorithm.mini_batches": config.algorithm.mini_batches,
+        "algorithm.epochs": config.algorithm.epochs,
         "rollout.max_slots": config.rollout.max_slots,
         "rollout.max_new_tokens": config.rollout.max_new_tokens,
         "rollout.max_context": config.rollout.max_context,
@@ -215,6 +227,10 @@ def validate(config: TrainConfig, num_devices: int | None = None) -> TrainConfig
         fail("optimizer.lr", config.optimizer.lr, "must be positive")
     if not 0 <= config.optimizer.weight_decay < 1:
         fail("optimizer.weight_decay", config.optimizer.weight_decay, "must be in [0, 1)")
+    if not 0 <= config.env.expert_coverage <= 1:
+        fail("env.expert_coverage", config.env.expert_coverage, "must be in [0, 1]")
+    if not 0 <= config.algorithm.sft_expert_share <= 1:
+        fail("algorithm.sft_expert_share", config.algorithm.sft_expert_share, "must be in [0, 1]")
     if config.rollout.temperature <= 0:
         fail("rollout.temperature", config.rollout.temperature, "must be positive")
     if not 0 < config.rollout.top_p <= 1:
@@ -276,12 +292,13 @@ def cpu_demo() -> TrainConfig:
         steps=30,
         model=ModelConfig(source="qwen3-tiny"),
         rollout=RolloutConfig(max_slots=32, max_new_tokens=64, max_context=512, temperature=1.0),
-        env=EnvConfig(max_turns=3, concurrency=32, preference_sampling="fixed"),
+        env=EnvConfig(max_turns=3, concurrency=32, preference_sampling="fixed", expert_coverage=0.3),
         reward=RewardConfig(fixed_outcome=1.0, fixed_cost=1.0, fixed_latency=0.0),
         # 1200 SFT steps on 4096 demonstrations: the tiny policy learns to copy numbers and names only after
         # ~600 steps (the NLL drops from ~0.4 to ~0.05); with fewer it answers in the right format but wrongly.
         algorithm=AlgorithmConfig(prompts_per_step=8, group_size=4, micro_batch_size=8, kl_coef=1e-3,
-                                  sft_steps=1200, sft_lr=5e-3, sft_batch_size=16, sft_demonstrations=4096),
+                                  sft_steps=1200, sft_lr=5e-3, sft_batch_size=16, sft_demonstrations=4096,
+                                  sft_expert_share=0.5),
         optimizer=OptimizerConfig(lr=3e-4, schedule="constant"),  # 1e-3 lost accuracy (demo notes)
         checkpoint=CheckpointConfig(every_steps=10, keep=2),
     )

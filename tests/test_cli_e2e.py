@@ -140,6 +140,16 @@ def test_sigterm_saves_then_exits_and_resume_matches(uninterrupted, tmp_path):
 
 
 @pytest.mark.slow
+def test_epochs_and_mini_batches_make_several_updates_per_step(tmp_path):
+    from orchestra_jax.runlog import read_scalars
+
+    run = tmp_path / "updates"
+    cli("train", "--preset", "test-tiny", "--steps", "1", "--algorithm.mini-batches", "2", "--algorithm.epochs", "2",
+        "--run-dir", str(run), check=True)
+    assert read_scalars(run / "tb")["train/updates"] == [(1, 4.0)]
+
+
+@pytest.mark.slow
 def test_sft_command_trains_on_demonstrations(tmp_path):
     from orchestra_jax.rl.sft import load_demonstrations
 

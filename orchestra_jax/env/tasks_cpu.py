@@ -16,6 +16,7 @@ episode loop RL uses, for the SFT warm start of a tiny policy.
 from __future__ import annotations
 
 import ast
+import zlib
 import asyncio
 import dataclasses
 import json
@@ -241,8 +242,17 @@ def _eval_arithmetic(text: str) -> int | None:
         return None
 
 
-def make_local_expert_tool(world: World) -> Tool:
-    """`expert(question)`: the family's strong model; exact on arithmetic and on the world's facts, and costly."""
+def expert_knows(town_name: str, coverage: float) -> bool:
+    """Whether the expert has read about a town: a fixed share `coverage` of the towns, chosen by name hash."""
+    return zlib.crc32(town_name.encode()) % 10_000 < round(coverage * 10_000)
+
+
+def make_local_expert_tool(world: World, coverage: float = 1.0) -> Tool:
+    """`expert(question)`: the family's strong model, and costly. Exact on arithmetic; on facts it knows only
+    the share `coverage` of the towns (a general model has not read every town's records; search has) and
+    says "I do not know." about the rest."""
+    if not 0.0 <= coverage <= 1.0:
+        raise ValueError(f"expert coverage {coverage}: must be in [0, 1]")
 
     async def execute(arguments: dict[str, Any], context: ToolContext) -> ToolResult:
         question = arguments["question"]
@@ -252,7 +262,7 @@ def make_local_expert_tool(world: World) -> Tool:
             match = re.search(pattern, question)
             town = world.town(match.group(1)) if match else None
             if town is not None:
-                reply = town.fact(attribute)
+                reply = town.fact(attribute) if expert_knows(town.name, coverage) else reply
                 break
         else:
             number = _eval_arithmetic(question)
@@ -301,7 +311,8 @@ def make_answer_tool() -> Tool:
 
 
 def cpu_catalog(
-    world: World, *, sandbox_timeout_s: float = 5.0, topk: int = 2, expert: Tool | None = None
+    world: World, *, sandbox_timeout_s: float = 5.0, topk: int = 2, expert: Tool | None = None,
+    expert_coverage: float = 1.0,
 ) -> ToolCatalog:
     """python, search (BM25 over the world's passages), expert (or a given one, e.g. an LLM endpoint), answer."""
     retriever = LocalRetriever(BM25Index.build(world.passages()), kind=SEARCH_KIND)
@@ -315,7 +326,7 @@ def cpu_catalog(
         (
             make_python_tool(sandbox_timeout_s),
             search,
-            expert or make_local_expert_tool(world),
+            expert or make_local_expert_tool(world, expert_coverage),
             make_answer_tool(),
         )
     )
@@ -403,7 +414,9 @@ async def demonstrations(
     catalog: ToolCatalog | None = None,
     concurrency: int = 64,
 ) -> list[Trajectory]:
-    """Scripted episodes (`demonstration_engine`) through the RL episode loop; only correct ones are kept."""
+    """Scripted episodes (`demonstration_engine`) through the RL episode loop. Every finished episode is kept:
+    the demonstrator trusts its tools, so when one fails it (the expert not knowing a town) the wrong answer is
+    part of the behaviour being cloned, and RL's to correct."""
     config = config or EpisodeConfig(max_turns=2, temperature=1.0, system_prompt=SYSTEM_PROMPT)
     if config.mode != "history":
         raise ValueError("demonstrations are recorded in history mode")
@@ -417,7 +430,7 @@ async def demonstrations(
         concurrency=concurrency,
         prices=cpu_prices(),
     )
-    return [t for t in trajectories if t.correct and t.error is None]
+    return [t for t in trajectories if t.error is None]
 
 
 def tokenizer_texts(world: World, tasks: Sequence[Task]) -> list[str]:

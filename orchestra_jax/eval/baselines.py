@@ -68,8 +68,8 @@ def orchestrator_tools(
     return Toolset("orchestrator", catalog, ORCHESTRATOR_PROMPT, mode="context")
 
 
-def cpu_tools(world: tasks_cpu.World) -> Toolset:
-    return Toolset("cpu", tasks_cpu.cpu_catalog(world), tasks_cpu.SYSTEM_PROMPT)
+def cpu_tools(world: tasks_cpu.World, expert_coverage: float = 1.0) -> Toolset:
+    return Toolset("cpu", tasks_cpu.cpu_catalog(world, expert_coverage=expert_coverage), tasks_cpu.SYSTEM_PROMPT)
 
 
 def build_toolset(
@@ -80,7 +80,9 @@ def build_toolset(
     alias_map: Mapping[str, str] | None = None,
     prices: PriceTable | None = None,
     world: tasks_cpu.World | None = None,
+    expert_coverage: float = 1.0,
 ) -> Toolset:
+    """`world` and `expert_coverage` (the CPU family's expert) apply to the 'cpu' toolset only."""
     if name == "none":
         return no_tools()
     if name == "basic":
@@ -93,5 +95,5 @@ def build_toolset(
         except ValueError as e:
             raise ToolsetError(f"toolset 'orchestrator': {e}") from None
     if name == "cpu":
-        return cpu_tools(world or tasks_cpu.make_world(0))
+        return cpu_tools(world or tasks_cpu.make_world(0), expert_coverage)
     raise ToolsetError(f"unknown toolset {name!r} (choose from {', '.join(TOOLSETS)})")

@@ -238,6 +238,7 @@ async def _evaluate(args: EvalArgs) -> dict[str, Any]:
     except policies.PolicyError as e:
         raise EvalUsageError(str(e)) from None
     world = tasks_cpu.make_world(policy.training.seed if policy.training is not None else 0)
+    coverage = policy.training.env.expert_coverage if policy.training is not None else 1.0  # the run's own expert
     if args.data == "cpu-family":
         tasks = cpu_family_tasks(args, world)
     toolset, name = None, "tau2"
@@ -247,7 +248,8 @@ async def _evaluate(args: EvalArgs) -> dict[str, Any]:
             name = "cpu" if args.data == "cpu-family" else ("orchestrator" if client else "basic")
         try:
             toolset = baselines.build_toolset(name, client=client, retriever=_retriever(args, tools),
-                                              alias_map=tools.alias_map, prices=tools.prices, world=world)  # fmt: skip
+                                              alias_map=tools.alias_map, prices=tools.prices, world=world,
+                                              expert_coverage=coverage)  # fmt: skip
         except baselines.ToolsetError as e:
             raise EvalUsageError(str(e)) from None
     prices = tasks_cpu.cpu_prices(tools.prices) if name == "cpu" else tools.prices

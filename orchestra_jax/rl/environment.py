@@ -64,7 +64,7 @@ def build_environment(config: TrainConfig, run_root: Path) -> Environment:
     if config.env.tasks != "cpu-family":
         raise ConfigError(f"env.tasks: {config.env.tasks!r} is not supported by the trainer yet (use 'cpu-family')")
     world = tasks_cpu.make_world(config.seed)
-    catalog = tasks_cpu.cpu_catalog(world)
+    catalog = tasks_cpu.cpu_catalog(world, expert_coverage=config.env.expert_coverage)
     source = config.model.source
     tokenizer_dir = run_root / "tokenizer"
     if source not in MODEL_PRESETS:

@@ -29,7 +29,7 @@ from orchestra_jax.env.tasks_cpu import demonstrations
 from orchestra_jax.models.transformer import init_params
 from orchestra_jax.parallel.mesh import make_mesh
 from orchestra_jax.rl import environment as envlib
-from orchestra_jax.rl.batching import Sample, pack
+from orchestra_jax.rl.batching import Sample, pack, split_minibatches
 from orchestra_jax.rl.checkpoint import Checkpointer
 from orchestra_jax.rl.losses import PolicyLossConfig
 from orchestra_jax.rl.metrics import rollout_metrics
@@ -158,7 +158,7 @@ class Trainer:
                                           max_new_tokens=max(demo_config.max_new_tokens, 96))
         trajectories = asyncio.run(
             demonstrations(tasks, self.env.tokenizer, self.env.world, catalog=self.env.catalog, seed=cfg.seed,
-                           config=demo_config)
+                           config=demo_config, expert_share=cfg.algorithm.sft_expert_share)
         )
         write_jsonl_atomic(self.run.root / "demonstrations.jsonl", [t.to_json() for t in trajectories])
         samples = samples_from_trajectories(trajectories)
@@ -168,7 +168,8 @@ class Trainer:
             cfg.algorithm.sft_steps,
         )
         step, state = make_train_step(step_settings(cfg, self.model, sft=True), optimizer, self.mesh, params)
-        self.echo(f"sft: {len(samples)} demonstrations, {cfg.algorithm.sft_steps} steps")
+        correct = sum(t.correct for t in trajectories)
+        self.echo(f"sft: {len(samples)} demonstrations ({correct} correct), {cfg.algorithm.sft_steps} steps")
         with TensorBoardLogger(self.run.tensorboard / "sft") as tb:
             def on_step(i: int, metrics: dict[str, float]) -> None:
                 tb.scalars({"sft/nll": metrics["nll"], "sft/grad_norm": metrics["grad_norm"]}, i)
@@ -183,10 +184,14 @@ class Trainer:
 
     # ---- the RL loop ----------------------------------------------------------------------------------------------
 
+    @property
+    def updates_per_step(self) -> int:
+        return self.config.algorithm.epochs * self.config.algorithm.mini_batches
+
     def train(self) -> int:
         cfg = self.config
         params = self.initial_params()
-        optimizer = make_optimizer(cfg.optimizer, cfg.steps)
+        optimizer = make_optimizer(cfg.optimizer, cfg.steps * self.updates_per_step)
         settings = step_settings(cfg, self.model)
         reference = jax.tree.map(jnp.copy, params) if settings.use_reference else None  # the step donates params
         train_step, state = make_train_step(settings, optimizer, self.mesh, params)
@@ -203,7 +208,7 @@ class Trainer:
         previous = signal.signal(signal.SIGTERM, lambda *_: setattr(self.stop, "requested", True))
         try:
             return asyncio.run(self._loop(state, train_step, logprob_fn, reference, checkpointer, tasks, start,
-                                          make_schedule(cfg.optimizer, cfg.steps)))
+                                          make_schedule(cfg.optimizer, cfg.steps * self.updates_per_step)))
         finally:
             signal.signal(signal.SIGTERM, previous)
             checkpointer.close()
@@ -239,7 +244,7 @@ class Trainer:
                 timings["checkpoint"] = time.perf_counter() - t
                 scalars.update({f"time/{k}_s": v for k, v in timings.items()})
                 scalars["time/step_s"] = time.perf_counter() - t0
-                scalars["optim/lr"] = float(schedule(step))
+                scalars["optim/lr"] = float(schedule(step * self.updates_per_step))
                 self._log(tb, step + 1, scalars, texts, trajectories)
                 progress.update(1)
                 progress.set_postfix(acc=f"{scalars['rollout/accuracy']:.2f}", reward=f"{scalars['reward/mean']:.3f}",
@@ -272,25 +277,47 @@ class Trainer:
         samples = rl_samples(cfg, trajectories, advantages, rewards, keep)
         scalars["train/samples"] = float(len(samples))
         if samples:
-            batch = pack(samples, micro_batch_size=cfg.algorithm.micro_batch_size, max_row_len=cfg.rollout.max_context,
-                         aggregation=cfg.algorithm.loss_aggregation, one_per_row=cfg.algorithm.name == "ppo")
-            arrays = dict(batch.arrays)
-            t = time.perf_counter()
-            if logprob_fn is not None:
-                arrays["ref_logprobs"] = await asyncio.to_thread(logprob_fn, reference, arrays)
-            timings["logprob"] = time.perf_counter() - t
-            t = time.perf_counter()
-            state, metrics = await asyncio.to_thread(train_step, state, arrays)
-            timings["update"] = time.perf_counter() - t
+            state, metrics, tokens, seconds = await self._optimize(state, train_step, logprob_fn, reference, samples,
+                                                                   timings, step)
             scalars.update({f"train/{k}": v for k, v in metrics.items()})
-            scalars["train/tokens_per_s"] = batch.num_tokens / max(timings["update"] + timings["logprob"], 1e-9)
-            scalars["train/padding_fraction"] = 1.0 - batch.num_tokens / float(np.prod(batch.shape))
-            scalars["train/truncated"] = float(batch.truncated)
+            scalars["train/tokens_per_s"] = tokens / max(seconds, 1e-9)
         else:
             timings["logprob"] = timings["update"] = 0.0
             scalars["train/skipped_empty"] = 1.0
         texts = [(_trajectory_text(t, r)) for t, r in zip(trajectories[: cfg.logging.trajectories_per_step], rewards)]
         return state, scalars, (texts, rewards, advantages)
+
+    async def _optimize(self, state, train_step, logprob_fn, reference, samples, timings, step):
+        """epochs x mini_batches updates on one step's samples; old log-probs are the engine's (behaviour)
+        ones, so every update's ratio is against the policy that sampled. Metrics are means over updates."""
+        cfg = self.config
+        algorithm = cfg.algorithm
+        rng = np.random.default_rng((cfg.seed, step))
+        timings["logprob"] = timings["update"] = 0.0
+        totals: dict[str, float] = {}
+        tokens = padded = truncated = updates = 0
+        for _ in range(algorithm.epochs):
+            for chunk in split_minibatches(len(samples), algorithm.mini_batches, rng):
+                batch = pack([samples[i] for i in chunk], micro_batch_size=algorithm.micro_batch_size,
+                             max_row_len=cfg.rollout.max_context, aggregation=algorithm.loss_aggregation,
+                             one_per_row=algorithm.name == "ppo")
+                arrays = dict(batch.arrays)
+                t = time.perf_counter()
+                if logprob_fn is not None:
+                    arrays["ref_logprobs"] = await asyncio.to_thread(logprob_fn, reference, arrays)
+                timings["logprob"] += time.perf_counter() - t
+                t = time.perf_counter()
+                state, metrics = await asyncio.to_thread(train_step, state, arrays)
+                timings["update"] += time.perf_counter() - t
+                for k, v in metrics.items():
+                    totals[k] = totals.get(k, 0.0) + v
+                tokens += batch.num_tokens
+                padded += int(np.prod(batch.shape))
+                truncated += batch.truncated
+                updates += 1
+        metrics = {k: v / updates for k, v in totals.items()}
+        metrics.update(padding_fraction=1.0 - tokens / float(padded), truncated=float(truncated), updates=float(updates))
+        return state, metrics, tokens, timings["update"] + timings["logprob"]
 
     def _log(self, tb: TensorBoardLogger, step: int, scalars: dict, texts, trajectories) -> None:
         cfg = self.config
