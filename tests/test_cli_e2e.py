@@ -139,7 +139,6 @@ def test_sigterm_saves_then_exits_and_resume_matches(uninterrupted, tmp_path):
     assert digest(run)["sha256"] == digest(uninterrupted)["sha256"]
 
 
-@pytest.mark.slow
 def test_epochs_and_mini_batches_make_several_updates_per_step(tmp_path):
     from orchestra_jax.runlog import read_scalars
 

@@ -4,13 +4,14 @@ A seeded `World` invents towns (names, residents, mayors, founding years) so not
 pre-training; its passages form the corpus that a real BM25 index searches. Tasks are of two kinds:
 - arithmetic ("What is 37 * 91?"): the `python` tool runs code in the real sandbox and is nearly free;
 - facts ("Who is the mayor of Zorvik?"): `search` finds the town's passage with BM25 for a small fee.
-The `expert` tool answers both kinds in one call, reading the world's table and evaluating arithmetic exactly:
-it stands in for a strong, expensive model (priced as `cpu-expert`, far above the other tools), so a
-cost-preferring user is served best by python/search, while a user who ignores cost loses nothing by asking
-the expert. Every task ends with the `answer` tool, which judges the answer against the reference.
+The `expert` tool answers both kinds in one call: arithmetic exactly, and facts about the share of towns it
+knows (`coverage`, all of them by default; "I do not know." about the rest, as a general model that never read
+the towns' records). It stands in for a strong, expensive model (priced as `cpu-expert`, far above the other
+tools), so a cost-preferring user is served best by python/search. Every task ends with the `answer` tool,
+which judges the answer against the reference.
 
-`demonstrations` records scripted, correct episodes (mixing the cheap tools and the expert) through the same
-episode loop RL uses, for the SFT warm start of a tiny policy.
+`demonstrations` records scripted episodes (mixing the cheap tools and the expert, and trusting whatever the
+tool said) through the same episode loop RL uses, for the SFT warm start of a tiny policy.
 """
 
 from __future__ import annotations
