@@ -316,7 +316,8 @@ class Trainer:
                 truncated += batch.truncated
                 updates += 1
         metrics = {k: v / updates for k, v in totals.items()}
-        metrics.update(padding_fraction=1.0 - tokens / float(padded), truncated=float(truncated), updates=float(updates))
+        metrics.update(padding_fraction=1.0 - tokens / float(padded), truncated=float(truncated // algorithm.epochs),
+                       updates=float(updates))  # each epoch sees every sample once
         return state, metrics, tokens, timings["update"] + timings["logprob"]
 
     def _log(self, tb: TensorBoardLogger, step: int, scalars: dict, texts, trajectories) -> None:
