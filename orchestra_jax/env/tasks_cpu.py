@@ -17,12 +17,12 @@ tool said) through the same episode loop RL uses, for the SFT warm start of a ti
 from __future__ import annotations
 
 import ast
-import zlib
 import asyncio
 import dataclasses
 import json
 import operator
 import re
+import zlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
