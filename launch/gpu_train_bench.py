@@ -7,9 +7,8 @@ bf16 compute, full remat by default). In the same run it measures the matmul cei
 [n, n] x [n, n] matmul's achieved FLOP/s. It prints one JSON line per model with tokens/s, model FLOP/s,
 MFU against that measured ceiling and against the card's dense bf16 peak (when the card is known).
 
-FLOPs per trained token: 6 x (non-embedding params + LM head) + 6 x layers x seq_len x heads x head_dim
-(causal attention, fwd+bwd; half the dense score matrix), i.e. the PaLM accounting with the causal discount.
-Remat recomputation is not counted as useful work (MFU, not HFU).
+FLOPs per trained token: TransformerConfig.train_flops_per_token (6 x the matmul params + causal attention,
+PaLM's accounting). Remat recomputation is not counted as useful work (MFU, not HFU).
 """
 
 from __future__ import annotations
@@ -52,13 +51,6 @@ def matmul_ceiling(n: int = 8192, repeats: int = 20) -> float:
     return 2 * n**3 / best
 
 
-def flops_per_token(model, seq_len: int) -> float:
-    d, v = model.hidden_size, model.vocab_size
-    dense = model.num_params() - v * d + d * v  # embedding lookup is free; the (tied) LM head is a matmul
-    attention = 6 * model.num_layers * seq_len * model.num_heads * model.head_dim
-    return 6 * dense + attention
-
-
 def bench(name: str, args: argparse.Namespace, ceiling: float, peak: float | None) -> dict:
     model = get_preset(name)
     params = init_params(model, jax.random.key(0), dtype="float32")
@@ -80,7 +72,7 @@ def bench(name: str, args: argparse.Namespace, ceiling: float, peak: float | Non
         times.append(time.perf_counter() - start)
     step_s = float(np.median(times))
     tokens = args.batch * args.micro_batches * (args.seq_len - 1)
-    model_flops = flops_per_token(model, args.seq_len) * tokens / step_s
+    model_flops = model.train_flops_per_token(args.seq_len) * tokens / step_s
     return {
         "model": name, "params": model.num_params(), "device": jax.devices()[0].device_kind,
         "batch": args.batch, "micro_batches": args.micro_batches, "seq_len": args.seq_len, "remat": args.remat,

@@ -4,6 +4,10 @@ Both sides get the same weights (a random transformers model, saved and loaded b
 the same batch of token ids, and do the same work: forward, backward of the mean token NLL, one AdamW update,
 in float32 on the CPU. Our side is the RL train step with unit advantages (whose gradient is the NLL's, see
 sft.py), so the number measures the step training actually runs. Timings exclude the first (compiling) call.
+
+The same run measures each framework's fp32 matmul ceiling (an n x n x n matmul) and prints each step's model
+FLOP/s (TransformerConfig.train_flops_per_token) against it, and the bound it implies: were our step as fast
+as our matmul ceiling, it could run at most jax ceiling / PyTorch step FLOP/s times the PyTorch step.
 """
 
 from __future__ import annotations
@@ -58,6 +62,27 @@ def _time(fn, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
+def gemm_ceilings(n: int = 2048, repeats: int = 5) -> dict[str, float]:
+    """Achieved FLOP/s of an fp32 n x n x n matmul in JAX and in PyTorch on this machine (best of `repeats`)."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((2, n, n), dtype=np.float32)
+    jax_a, jax_b, torch_a, torch_b = jnp.asarray(a), jnp.asarray(b), torch.from_numpy(a), torch.from_numpy(b)
+    matmul = jax.jit(jnp.matmul)
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return 2 * n**3 / min(times)
+
+    return {"jax": best(lambda: matmul(jax_a, jax_b).block_until_ready()), "torch": best(lambda: torch_a @ torch_b)}
+
+
 def bench_model(name: str, args: TrainBenchArgs) -> dict:
     import torch
 
@@ -84,8 +109,10 @@ def bench_model(name: str, args: TrainBenchArgs) -> dict:
         return metrics
 
     jax_s = _time(jax_step, args.repeats)
+    step_flops = model.train_flops_per_token(args.seq_len) * tokens
     result = {"model": name, "params": model.num_params(), "batch": args.batch, "seq_len": args.seq_len,
-              "jax_tokens_per_s": round(tokens / jax_s, 1), "jax_step_s": round(jax_s, 3)}
+              "jax_tokens_per_s": round(tokens / jax_s, 1), "jax_step_s": round(jax_s, 3),
+              "jax_model_gflops": round(step_flops / jax_s / 1e9, 1)}
     if args.torch_reference:
         torch.set_num_threads(max(1, torch.get_num_threads()))
         ids = torch.tensor(ids_BT, dtype=torch.long)
@@ -100,17 +127,31 @@ def bench_model(name: str, args: TrainBenchArgs) -> dict:
 
         torch_s = _time(torch_step, args.repeats)
         result.update(torch_tokens_per_s=round(tokens / torch_s, 1), torch_step_s=round(torch_s, 3),
-                      speedup=round(torch_s / jax_s, 2))
+                      speedup=round(torch_s / jax_s, 2), torch_model_gflops=round(step_flops / torch_s / 1e9, 1))
     return result
 
 
 def run(args: TrainBenchArgs) -> int:
     rows = [bench_model(name, args) for name in args.models]
-    print(f"{'model':<14} {'params':>11} {'jax tok/s':>10} {'torch tok/s':>12} {'speedup':>8}")
+    nan = float("nan")
+    print(f"{'model':<14} {'params':>11} {'jax tok/s':>10} {'torch tok/s':>12} {'speedup':>8} "
+          f"{'jax GF/s':>9} {'torch GF/s':>11}")
     for r in rows:
         print(f"{r['model']:<14} {r['params']:>11,} {r['jax_tokens_per_s']:>10.1f} "
-              f"{r.get('torch_tokens_per_s', float('nan')):>12.1f} {r.get('speedup', float('nan')):>7.2f}x")
-    print(json.dumps({"bench": "train", "batch": args.batch, "seq_len": args.seq_len, "results": rows}))
+              f"{r.get('torch_tokens_per_s', nan):>12.1f} {r.get('speedup', nan):>7.2f}x "
+              f"{r['jax_model_gflops']:>9.1f} {r.get('torch_model_gflops', nan):>11.1f}")
+    summary = {"bench": "train", "batch": args.batch, "seq_len": args.seq_len, "results": rows}
+    if args.torch_reference:
+        ceiling = gemm_ceilings()
+        summary["gemm_ceiling_gflops"] = {k: round(v / 1e9, 1) for k, v in ceiling.items()}
+        print(f"fp32 matmul ceiling (2048^3): jax {ceiling['jax'] / 1e9:.1f} GF/s, torch {ceiling['torch'] / 1e9:.1f} "
+              "GF/s")
+        for r in rows:
+            r["speedup_bound_at_jax_ceiling"] = round(ceiling["jax"] / 1e9 / r["torch_model_gflops"], 2)
+            print(f"  {r['model']}: torch's step runs at {1e9 * r['torch_model_gflops'] / ceiling['torch']:.0%} of "
+                  f"its ceiling, ours at {1e9 * r['jax_model_gflops'] / ceiling['jax']:.0%}; a step at our ceiling "
+                  f"would be {r['speedup_bound_at_jax_ceiling']:.2f}x torch's")
+    print(json.dumps(summary))
     return 0
 
 

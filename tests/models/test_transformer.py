@@ -169,3 +169,16 @@ def test_hf_config_round_trip_and_hub_style_fields():
         from_hf_config(dict(hub_llama32, rope_scaling={"type": "yarn", "factor": 4.0}), source="x.json")
     with pytest.raises(ConfigFieldError, match="x.json: field 'num_hidden_layers'"):
         from_hf_config({k: v for k, v in hub_llama32.items() if k != "num_hidden_layers"}, source="x.json")
+
+
+@pytest.mark.parametrize("name", ["qwen3-tiny", "qwen2-tiny"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_train_flops_count_every_matmul_weight_once(name, tied):
+    """6 FLOPs per weight of each matmul (not the embedding lookup, not norms or biases), plus causal attention."""
+    config = dataclasses.replace(get_preset(name), tie_word_embeddings=tied)
+    layers = T.param_shapes(config)["layers"]
+    matmul = sum(int(np.prod(shape)) for key, shape in layers.items() if "norm" not in key and "bias" not in key)
+    matmul += config.vocab_size * config.hidden_size  # the LM head: the tied embedding or its own weight
+    seq_len = int(np.random.randint(16, 4096))
+    attention = 6 * config.num_layers * seq_len * config.num_heads * config.head_dim
+    assert config.train_flops_per_token(seq_len) == 6 * matmul + attention
