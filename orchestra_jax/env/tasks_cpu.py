@@ -4,10 +4,12 @@ A seeded `World` invents towns (names, residents, mayors, founding years) so not
 pre-training; its passages form the corpus that a real BM25 index searches. Tasks are of two kinds:
 - arithmetic ("What is 37 * 91?"): the `python` tool runs code in the real sandbox and is nearly free;
 - facts ("Who is the mayor of Zorvik?"): `search` finds the town's passage with BM25 for a small fee.
-The `expert` tool answers both kinds in one call: arithmetic exactly, and facts about the share of towns it
-knows (`coverage`, all of them by default; "I do not know." about the rest, as a general model that never read
-the towns' records). It stands in for a strong, expensive model (priced as `cpu-expert`, far above the other
-tools), so a cost-preferring user is served best by python/search. Every task ends with the `answer` tool,
+The `expert` tool answers either kind in one call, but only the share of questions it knows (`coverage`, all of
+them by default): facts about a share of the towns (a general model has not read every town's records) and a
+share of the products and sums (it answers from memory, without running code); "I do not know." about the rest.
+It stands in for a strong, expensive model (priced as `cpu-expert`, far above the other tools), so python and
+search serve every user best once the policy has learnt them: both cheaper and, below full coverage, more often
+right. Every task ends with the `answer` tool,
 which judges the answer against the reference.
 
 `demonstrations` records scripted episodes (mixing the cheap tools and the expert, and trusting whatever the
@@ -243,15 +245,15 @@ def _eval_arithmetic(text: str) -> int | None:
         return None
 
 
-def expert_knows(town_name: str, coverage: float) -> bool:
-    """Whether the expert has read about a town: a fixed share `coverage` of the towns, chosen by name hash."""
-    return zlib.crc32(town_name.encode()) % 10_000 < round(coverage * 10_000)
+def expert_knows(subject: str, coverage: float) -> bool:
+    """Whether the expert knows a subject (a town's name, or an arithmetic expression written without spaces):
+    a fixed share `coverage` of them, chosen by hash."""
+    return zlib.crc32(subject.encode()) % 10_000 < round(coverage * 10_000)
 
 
 def make_local_expert_tool(world: World, coverage: float = 1.0) -> Tool:
-    """`expert(question)`: the family's strong model, and costly. Exact on arithmetic; on facts it knows only
-    the share `coverage` of the towns (a general model has not read every town's records; search has) and
-    says "I do not know." about the rest."""
+    """`expert(question)`: the family's strong model, and costly. It knows the share `coverage` of the towns
+    and of the arithmetic questions (answering those exactly) and says "I do not know." about the rest."""
     if not 0.0 <= coverage <= 1.0:
         raise ValueError(f"expert coverage {coverage}: must be in [0, 1]")
 
@@ -267,7 +269,8 @@ def make_local_expert_tool(world: World, coverage: float = 1.0) -> Tool:
                 break
         else:
             number = _eval_arithmetic(question)
-            reply = str(number) if number is not None else reply
+            expression = re.sub(r"[^0-9+*()-]", "", question)
+            reply = str(number) if number is not None and expert_knows(expression, coverage) else reply
         usage = Usage(EXPERT_MODEL, approx_tokens(question) + 16, approx_tokens(reply))
         return ToolResult(
             observation=reply, cost_usd=context.prices.call_cost(usage), usage=(usage,), backend=EXPERT_MODEL
