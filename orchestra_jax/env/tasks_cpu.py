@@ -9,8 +9,7 @@ them by default): facts about a share of the towns (a general model has not read
 share of the products and sums (it answers from memory, without running code); "I do not know." about the rest.
 It stands in for a strong, expensive model (priced as `cpu-expert`, far above the other tools), so python and
 search serve every user best once the policy has learnt them: both cheaper and, below full coverage, more often
-right. Every task ends with the `answer` tool,
-which judges the answer against the reference.
+right. Every task ends with the `answer` tool, which judges the answer against the reference.
 
 `demonstrations` records scripted episodes (mixing the cheap tools and the expert, and trusting whatever the
 tool said) through the same episode loop RL uses, for the SFT warm start of a tiny policy.
