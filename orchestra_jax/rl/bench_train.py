@@ -112,7 +112,7 @@ def bench_model(name: str, args: TrainBenchArgs) -> dict:
     step_flops = model.train_flops_per_token(args.seq_len) * tokens
     result = {"model": name, "params": model.num_params(), "batch": args.batch, "seq_len": args.seq_len,
               "jax_tokens_per_s": round(tokens / jax_s, 1), "jax_step_s": round(jax_s, 3),
-              "jax_model_gflops": round(step_flops / jax_s / 1e9, 1)}
+              "jax_model_gflops": round(step_flops / jax_s / 1e9, 2)}
     if args.torch_reference:
         torch.set_num_threads(max(1, torch.get_num_threads()))
         ids = torch.tensor(ids_BT, dtype=torch.long)
@@ -127,7 +127,7 @@ def bench_model(name: str, args: TrainBenchArgs) -> dict:
 
         torch_s = _time(torch_step, args.repeats)
         result.update(torch_tokens_per_s=round(tokens / torch_s, 1), torch_step_s=round(torch_s, 3),
-                      speedup=round(torch_s / jax_s, 2), torch_model_gflops=round(step_flops / torch_s / 1e9, 1))
+                      speedup=round(torch_s / jax_s, 2), torch_model_gflops=round(step_flops / torch_s / 1e9, 2))
     return result
 
 
