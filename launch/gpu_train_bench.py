@@ -19,7 +19,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -28,6 +27,7 @@ from orchestra_jax.models.transformer import init_params
 from orchestra_jax.models.transformer_config import get_preset
 from orchestra_jax.parallel.mesh import make_mesh
 from orchestra_jax.rl.batching import Sample, pack
+from orchestra_jax.rl.bench_train import matmul_flops
 from orchestra_jax.rl.losses import PolicyLossConfig
 from orchestra_jax.rl.train_step import StepSettings, make_train_step
 
@@ -38,17 +38,7 @@ PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "TPU v5
 
 def matmul_ceiling(n: int = 8192, repeats: int = 20) -> float:
     """Achieved FLOP/s of a bf16 n x n x n matmul on this device (best of `repeats` timed calls)."""
-    key_a, key_b = jax.random.split(jax.random.key(0))
-    a = jax.random.normal(key_a, (n, n), jnp.bfloat16)
-    b = jax.random.normal(key_b, (n, n), jnp.bfloat16)
-    matmul = jax.jit(lambda x, y: x @ y)
-    matmul(a, b).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        matmul(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
+    return matmul_flops(n, "bfloat16", repeats)
 
 
 def bench(name: str, args: argparse.Namespace, ceiling: float, peak: float | None) -> dict:

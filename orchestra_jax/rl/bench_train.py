@@ -62,25 +62,31 @@ def _time(fn, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
+def _best_flops(fn, flops: float, repeats: int) -> float:
+    fn()  # compile / warm up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return flops / min(times)
+
+
+def matmul_flops(n: int = 2048, dtype: str = "float32", repeats: int = 5) -> float:
+    """Achieved FLOP/s of a JAX n x n x n matmul on the default device (best of `repeats`): the ceiling a
+    train step's model FLOP/s is read against (also launch/gpu_train_bench.py's, in bf16)."""
+    key_a, key_b = jax.random.split(jax.random.key(0))
+    a, b = jax.random.normal(key_a, (n, n), dtype), jax.random.normal(key_b, (n, n), dtype)
+    matmul = jax.jit(jnp.matmul)
+    return _best_flops(lambda: matmul(a, b).block_until_ready(), 2 * n**3, repeats)
+
+
 def gemm_ceilings(n: int = 2048, repeats: int = 5) -> dict[str, float]:
-    """Achieved FLOP/s of an fp32 n x n x n matmul in JAX and in PyTorch on this machine (best of `repeats`)."""
+    """Achieved FLOP/s of an fp32 n x n x n matmul in JAX and in PyTorch on this machine."""
     import torch
 
-    rng = np.random.default_rng(0)
-    a, b = rng.standard_normal((2, n, n), dtype=np.float32)
-    jax_a, jax_b, torch_a, torch_b = jnp.asarray(a), jnp.asarray(b), torch.from_numpy(a), torch.from_numpy(b)
-    matmul = jax.jit(jnp.matmul)
-
-    def best(fn) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return 2 * n**3 / min(times)
-
-    return {"jax": best(lambda: matmul(jax_a, jax_b).block_until_ready()), "torch": best(lambda: torch_a @ torch_b)}
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return {"jax": matmul_flops(n, "float32", repeats), "torch": _best_flops(lambda: a @ b, 2 * n**3, repeats)}
 
 
 def bench_model(name: str, args: TrainBenchArgs) -> dict:
