@@ -54,22 +54,23 @@ def _hf_model(name: str, seed: int):
     return model, transformers.AutoModelForCausalLM.from_config(config_cls, dtype=torch.float32)
 
 
-def _time(fn, repeats: int) -> float:
-    fn()  # compile / warm up
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) / repeats
-
-
-def _best_flops(fn, flops: float, repeats: int) -> float:
-    fn()  # compile / warm up
+def _timings(fn, repeats: int) -> list[float]:
+    """Seconds of each of `repeats` calls, after one untimed call (compile / warm up)."""
+    fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return flops / min(times)
+    return times
+
+
+def _time(fn, repeats: int) -> float:
+    return float(np.mean(_timings(fn, repeats)))
+
+
+def _best_flops(fn, flops: float, repeats: int) -> float:
+    return flops / min(_timings(fn, repeats))
 
 
 def matmul_flops(n: int = 2048, dtype: str = "float32", repeats: int = 5) -> float:
