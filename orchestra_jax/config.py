@@ -56,6 +56,9 @@ class RolloutConfig:
     endpoints_file: str | None = None
     """JSON file listing SGLang server URLs (written by launch/sglang_fleet.py); engine='sglang' only."""
     max_slots: int = 64
+    decode_chunk: int = 16
+    """Embedded engine: decode steps per jitted call. More amortises each call's fixed cost; a row that
+    finishes mid-chunk idles until the chunk ends."""
     max_new_tokens: int = 256
     max_context: int = 4096
     temperature: float = 1.0
@@ -212,6 +215,7 @@ def validate(config: TrainConfig, num_devices: int | None = None) -> TrainConfig
         "algorithm.mini_batches": config.algorithm.mini_batches,
         "algorithm.epochs": config.algorithm.epochs,
         "rollout.max_slots": config.rollout.max_slots,
+        "rollout.decode_chunk": config.rollout.decode_chunk,
         "rollout.max_new_tokens": config.rollout.max_new_tokens,
         "rollout.max_context": config.rollout.max_context,
         "env.max_turns": config.env.max_turns,

@@ -11,6 +11,7 @@ written), and a query at position p attends to slots s <= p of its own row.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -132,6 +133,43 @@ def rope_inv_freq(config: TransformerConfig) -> np.ndarray:
     return inv_freq
 
 
+def _einsum(spec: str, x: jax.Array, y: jax.Array, out_dtype: Any = None) -> jax.Array:
+    """A two-operand einsum in x's dtype with float32 accumulation, cast to `out_dtype` (default x's dtype).
+
+    In bfloat16 it is a custom-VJP op whose gradient matmuls are bf16 x bf16 -> f32 as well: XLA's CPU runs
+    those about 2x as fast as f32 ones, while a plain bf16 einsum (bf16 accumulation) runs slower than f32.
+    y may stay float32 (a weight); it is cast inside, so its gradient comes back accumulated in f32.
+    """
+    out_dtype = x.dtype if out_dtype is None else jnp.dtype(out_dtype)
+    if x.dtype == jnp.float32:
+        return jnp.einsum(spec, x, y.astype(jnp.float32), preferred_element_type=jnp.float32).astype(out_dtype)
+    return _mixed_einsum(spec, out_dtype, x, y)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _mixed_einsum(spec, out_dtype, x, y):
+    return jnp.einsum(spec, x, y.astype(x.dtype), preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+def _mixed_einsum_fwd(spec, out_dtype, x, y):
+    return _mixed_einsum(spec, out_dtype, x, y), (x, y)
+
+
+def _mixed_einsum_bwd(spec, out_dtype, residuals, g):
+    """Each operand's gradient is the einsum of the output gradient with the other operand (every index of
+    our specs appears in two of the three terms)."""
+    x, y = residuals
+    inputs, out = spec.split("->")
+    x_spec, y_spec = inputs.split(",")
+    g = g.astype(x.dtype)
+    dx = jnp.einsum(f"{out},{y_spec}->{x_spec}", g, y.astype(x.dtype), preferred_element_type=jnp.float32)
+    dy = jnp.einsum(f"{x_spec},{out}->{y_spec}", x, g, preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), dy.astype(y.dtype)
+
+
+_mixed_einsum.defvjp(_mixed_einsum_fwd, _mixed_einsum_bwd)
+
+
 def _rope(x_BTNH: jax.Array, cos_BTH: jax.Array, sin_BTH: jax.Array) -> jax.Array:
     """HF's rotate-half convention: the first and second halves of head_dim form the rotated pairs."""
     half = x_BTNH.shape[-1] // 2
@@ -158,12 +196,10 @@ def _attention_block(
     q_BKGTH = jnp.moveaxis(q_BTNH.reshape(b, t, kv, n // kv, h), 1, 3)
     k_BKSH = jnp.moveaxis(k_BSKH.astype(q_BTNH.dtype), 1, 2)
     v_BKSH = jnp.moveaxis(v_BSKH.astype(q_BTNH.dtype), 1, 2)
-    scores_BKGTS = jnp.einsum(
-        "bkgth,bksh->bkgts", q_BKGTH, k_BKSH, preferred_element_type=jnp.float32
-    ) / np.float32(math.sqrt(h))
+    scores_BKGTS = _einsum("bkgth,bksh->bkgts", q_BKGTH, k_BKSH, jnp.float32) / np.float32(math.sqrt(h))
     scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, jnp.finfo(jnp.float32).min)
     probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(q_BTNH.dtype)
-    out_BKGTH = jnp.einsum("bkgts,bksh->bkgth", probs_BKGTS, v_BKSH)
+    out_BKGTH = _einsum("bkgts,bksh->bkgth", probs_BKGTS, v_BKSH)
     return jnp.moveaxis(out_BKGTH, 3, 1).reshape(b, t, n, h)
 
 
@@ -214,9 +250,7 @@ def _decode_attention(q_B1NH, k_cache_BSKH, v_cache_BSKH, k_B1KH, v_B1KH, positi
     kv = k_cache_BSKH.shape[2]
     q_BKGH = q_B1NH.reshape(b, kv, n // kv, h)
     scale = np.float32(1.0 / math.sqrt(h))
-    cached_BKGS = jnp.einsum(
-        "bkgh,bskh->bkgs", q_BKGH, k_cache_BSKH.astype(q_B1NH.dtype), preferred_element_type=jnp.float32
-    ) * scale
+    cached_BKGS = _einsum("bkgh,bskh->bkgs", q_BKGH, k_cache_BSKH, jnp.float32) * scale
     before_BS = jnp.arange(k_cache_BSKH.shape[1])[None, :] < positions_B1
     cached_BKGS = jnp.where(before_BS[:, None, None], cached_BKGS, jnp.finfo(jnp.float32).min)
     own_BKG = jnp.einsum("bkgh,bkh->bkg", q_BKGH, k_B1KH[:, 0], preferred_element_type=jnp.float32) * scale
@@ -224,7 +258,7 @@ def _decode_attention(q_B1NH, k_cache_BSKH, v_cache_BSKH, k_B1KH, v_B1KH, positi
     cached_BKGS = jnp.exp(cached_BKGS - top_BKG[..., None])
     own_BKG = jnp.exp(own_BKG - top_BKG)
     denom_BKG = jnp.sum(cached_BKGS, axis=-1) + own_BKG
-    out_BKGH = jnp.einsum("bkgs,bskh->bkgh", cached_BKGS.astype(q_B1NH.dtype), v_cache_BSKH.astype(q_B1NH.dtype))
+    out_BKGH = _einsum("bkgs,bskh->bkgh", cached_BKGS.astype(q_B1NH.dtype), v_cache_BSKH)
     out_BKGH = out_BKGH + own_BKG[..., None].astype(q_B1NH.dtype) * v_B1KH[:, 0, :, None].astype(q_B1NH.dtype)
     out_BKGH = out_BKGH / denom_BKG[..., None].astype(q_B1NH.dtype)
     return out_BKGH.reshape(b, 1, n, h)
@@ -236,9 +270,9 @@ def _layer(config: TransformerConfig, x_BTD, p, cos_BTH, sin_BTH, attend, cache_
     dtype = x_BTD.dtype
     eps = config.rms_norm_eps
     h_BTD = _rms_norm(x_BTD, p["attn_norm"], eps)
-    q_BTNH = jnp.einsum("btd,dnh->btnh", h_BTD, p["q"].astype(dtype))
-    k_BTKH = jnp.einsum("btd,dkh->btkh", h_BTD, p["k"].astype(dtype))
-    v_BTKH = jnp.einsum("btd,dkh->btkh", h_BTD, p["v"].astype(dtype))
+    q_BTNH = _einsum("btd,dnh->btnh", h_BTD, p["q"])
+    k_BTKH = _einsum("btd,dkh->btkh", h_BTD, p["k"])
+    v_BTKH = _einsum("btd,dkh->btkh", h_BTD, p["v"])
     if config.qkv_bias:
         q_BTNH = q_BTNH + p["q_bias"].astype(dtype)
         k_BTKH = k_BTKH + p["k_bias"].astype(dtype)
@@ -249,13 +283,13 @@ def _layer(config: TransformerConfig, x_BTD, p, cos_BTH, sin_BTH, attend, cache_
     q_BTNH = with_logical_constraint(_rope(q_BTNH, cos_BTH, sin_BTH), ("batch", "seq", "heads", "head_dim"))
     k_BTKH = _rope(k_BTKH, cos_BTH, sin_BTH)
     attn_BTNH, new_cache = attend(q_BTNH, k_BTKH, v_BTKH, cache_kv)
-    x_BTD = x_BTD + jnp.einsum("btnh,nhd->btd", attn_BTNH, p["o"].astype(dtype))
+    x_BTD = x_BTD + _einsum("btnh,nhd->btd", attn_BTNH, p["o"])
     x_BTD = with_logical_constraint(x_BTD, ("batch", "seq", "embed"))
     h_BTD = _rms_norm(x_BTD, p["mlp_norm"], eps)
-    gate_BTF = jnp.einsum("btd,df->btf", h_BTD, p["gate"].astype(dtype))
-    up_BTF = jnp.einsum("btd,df->btf", h_BTD, p["up"].astype(dtype))
+    gate_BTF = _einsum("btd,df->btf", h_BTD, p["gate"])
+    up_BTF = _einsum("btd,df->btf", h_BTD, p["up"])
     act_BTF = with_logical_constraint(jax.nn.silu(gate_BTF) * up_BTF, ("batch", "seq", "mlp"))
-    x_BTD = x_BTD + jnp.einsum("btf,fd->btd", act_BTF, p["down"].astype(dtype))
+    x_BTD = x_BTD + _einsum("btf,fd->btd", act_BTF, p["down"])
     return with_logical_constraint(x_BTD, ("batch", "seq", "embed")), new_cache
 
 

@@ -2,12 +2,16 @@
 
 Both sides get the same weights (a random transformers model, saved and loaded by models.load_pretrained),
 the same batch of token ids, and do the same work: forward, backward of the mean token NLL, one AdamW update,
-in float32 on the CPU. Our side is the RL train step with unit advantages (whose gradient is the NLL's, see
-sft.py), so the number measures the step training actually runs. Timings exclude the first (compiling) call.
+on the CPU, with float32 params and optimizer state. Activations are float32 on both sides, or with
+--compute-dtype bfloat16 ours are bf16 (matmuls accumulating in f32) and PyTorch's step runs under bf16
+autocast, its own mixed-precision recipe. Our side is the RL train step with unit advantages (whose gradient is
+the NLL's, see sft.py), so the number measures the step training actually runs. Timings exclude the first
+(compiling) call.
 
-The same run measures each framework's fp32 matmul ceiling (an n x n x n matmul) and prints each step's model
-FLOP/s (TransformerConfig.train_flops_per_token) against it, and the bound it implies: were our step as fast
-as our matmul ceiling, it could run at most jax ceiling / PyTorch step FLOP/s times the PyTorch step.
+The same run measures each framework's matmul ceiling (an n x n x n matmul in the compute dtype, accumulating
+in f32) and prints each step's model FLOP/s (TransformerConfig.train_flops_per_token) against it, and the
+bound it implies: were our step as fast as our matmul ceiling, it could run at most jax ceiling / PyTorch step
+FLOP/s times the PyTorch step.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import json
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +43,8 @@ class TrainBenchArgs:
     seq_len: int = 256
     repeats: int = 3
     torch_reference: bool = True
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Activations' dtype (params and AdamW state stay float32); PyTorch's step runs under bf16 autocast then."""
     seed: int = 0
 
 
@@ -73,21 +80,23 @@ def _best_flops(fn, flops: float, repeats: int) -> float:
     return flops / min(_timings(fn, repeats))
 
 
-def matmul_flops(n: int = 2048, dtype: str = "float32", repeats: int = 5) -> float:
+def matmul_flops(n: int = 2048, dtype: str = "float32", repeats: int = 5, out_dtype: str | None = None) -> float:
     """Achieved FLOP/s of a JAX n x n x n matmul on the default device (best of `repeats`): the ceiling a
-    train step's model FLOP/s is read against (also launch/gpu_train_bench.py's, in bf16)."""
+    train step's model FLOP/s is read against (also launch/gpu_train_bench.py's, in bf16). `out_dtype`:
+    the accumulation/output dtype (None: the input dtype)."""
     key_a, key_b = jax.random.split(jax.random.key(0))
     a, b = jax.random.normal(key_a, (n, n), dtype), jax.random.normal(key_b, (n, n), dtype)
-    matmul = jax.jit(jnp.matmul)
+    matmul = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=out_dtype))
     return _best_flops(lambda: matmul(a, b).block_until_ready(), 2 * n**3, repeats)
 
 
-def gemm_ceilings(n: int = 2048, repeats: int = 5) -> dict[str, float]:
-    """Achieved FLOP/s of an fp32 n x n x n matmul in JAX and in PyTorch on this machine."""
+def gemm_ceilings(n: int = 2048, dtype: str = "float32", repeats: int = 5) -> dict[str, float]:
+    """Achieved FLOP/s of an n x n x n matmul of `dtype` inputs (f32 accumulation) in JAX and in PyTorch."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    return {"jax": matmul_flops(n, "float32", repeats), "torch": _best_flops(lambda: a @ b, 2 * n**3, repeats)}
+    a, b = torch.randn(n, n, dtype=getattr(torch, dtype)), torch.randn(n, n, dtype=getattr(torch, dtype))
+    return {"jax": matmul_flops(n, dtype, repeats, out_dtype="float32"),
+            "torch": _best_flops(lambda: a @ b, 2 * n**3, repeats)}
 
 
 def bench_model(name: str, args: TrainBenchArgs) -> dict:
@@ -106,7 +115,8 @@ def bench_model(name: str, args: TrainBenchArgs) -> dict:
     tokens = args.batch * (args.seq_len - 1)
 
     mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
-    settings = StepSettings(model=model, loss=PolicyLossConfig(kl_coef=0.0, dual_clip=None))
+    settings = StepSettings(model=model, loss=PolicyLossConfig(kl_coef=0.0, dual_clip=None),
+                            compute_dtype=args.compute_dtype)
     optimizer = optax.adamw(1e-5, weight_decay=0.01)
     step, state = make_train_step(settings, optimizer, mesh, jax.tree.map(jnp.copy, params))
     holder = {"state": state}
@@ -118,6 +128,7 @@ def bench_model(name: str, args: TrainBenchArgs) -> dict:
     jax_s = _time(jax_step, args.repeats)
     step_flops = model.train_flops_per_token(args.seq_len) * tokens
     result = {"model": name, "params": model.num_params(), "batch": args.batch, "seq_len": args.seq_len,
+              "compute_dtype": args.compute_dtype,
               "jax_tokens_per_s": round(tokens / jax_s, 1), "jax_step_s": round(jax_s, 3),
               "jax_model_gflops": round(step_flops / jax_s / 1e9, 2)}
     if args.torch_reference:
@@ -128,7 +139,8 @@ def bench_model(name: str, args: TrainBenchArgs) -> dict:
 
         def torch_step():
             torch_opt.zero_grad(set_to_none=True)
-            loss = hf(input_ids=ids, labels=ids).loss
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.compute_dtype == "bfloat16"):
+                loss = hf(input_ids=ids, labels=ids).loss
             loss.backward()
             torch_opt.step()
 
@@ -147,11 +159,12 @@ def run(args: TrainBenchArgs) -> int:
         print(f"{r['model']:<14} {r['params']:>11,} {r['jax_tokens_per_s']:>10.1f} "
               f"{r.get('torch_tokens_per_s', nan):>12.1f} {r.get('speedup', nan):>7.2f}x "
               f"{r['jax_model_gflops']:>9.1f} {r.get('torch_model_gflops', nan):>11.1f}")
-    summary = {"bench": "train", "batch": args.batch, "seq_len": args.seq_len, "results": rows}
+    summary = {"bench": "train", "batch": args.batch, "seq_len": args.seq_len, "compute_dtype": args.compute_dtype,
+               "results": rows}
     if args.torch_reference:
-        ceiling = gemm_ceilings()
+        ceiling = gemm_ceilings(dtype=args.compute_dtype)
         summary["gemm_ceiling_gflops"] = {k: round(v / 1e9, 1) for k, v in ceiling.items()}
-        print(f"fp32 matmul ceiling (2048^3): jax {ceiling['jax'] / 1e9:.1f} GF/s, torch {ceiling['torch'] / 1e9:.1f} "
+        print(f"{args.compute_dtype} matmul ceiling (2048^3): jax {ceiling['jax'] / 1e9:.1f} GF/s, torch {ceiling['torch'] / 1e9:.1f} "
               "GF/s")
         for r in rows:
             r["speedup_bound_at_jax_ceiling"] = round(ceiling["jax"] / 1e9 / r["torch_model_gflops"], 2)

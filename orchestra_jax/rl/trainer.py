@@ -217,7 +217,7 @@ class Trainer:
                     tasks: list, start: int, schedule) -> int:
         cfg = self.config
         engine = EmbeddedEngine(self.model, jax.tree.map(jnp.copy, state.params), max_slots=cfg.rollout.max_slots,
-                                max_context=cfg.rollout.max_context, weight_version=str(start),
+                                max_context=cfg.rollout.max_context, decode_chunk=cfg.rollout.decode_chunk, weight_version=str(start),
                                 detokenize=self.env.tokenizer.decode, prefix_reuse=False, seed=cfg.seed)
         pool = ToolPool()
         tb = TensorBoardLogger(self.run.tensorboard)

@@ -13,7 +13,7 @@ import asyncio
 import dataclasses
 import tempfile
 import time
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import numpy as np
@@ -50,8 +50,10 @@ class RolloutBenchArgs:
     """Also time the sync of a synthetic ~1B model (bfloat16; needs ~8 GB of free memory)."""
     repeats: int = 2
     seed: int = 0
-    decode_chunk: int = 8
+    decode_chunk: int = 16
     """Decode steps per jitted call of the embedded engine (1: one step per call)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """The weights' dtype, on both sides (ours multiply in it with float32 accumulation)."""
 
 
 def _config(name: str) -> TransformerConfig:
@@ -68,7 +70,7 @@ def jax_decode(
     prompts: list,
     new_tokens: int,
     repeats: int,
-    decode_chunk: int = 8,
+    decode_chunk: int = 16,
 ) -> tuple[float, float, dict[str, float]]:
     """(decode tokens/s, time to first token in s, {'calls', 'steps'} per decoded token of one request) of the
     embedded engine, compile time excluded."""
@@ -99,14 +101,16 @@ def jax_decode(
     return asyncio.run(go())
 
 
-def transformers_decode(model_dir: str, prompts: list, new_tokens: int, repeats: int) -> float:
-    """Greedy decode tokens/s of transformers `generate` (torch, CPU, float32) on the exported weights."""
+def transformers_decode(
+    model_dir: str, prompts: list, new_tokens: int, repeats: int, dtype: str = "float32"
+) -> float:
+    """Greedy decode tokens/s of transformers `generate` (torch, CPU) on the exported weights."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
     input_ids = torch.tensor(prompts, dtype=torch.long)
 
     def timed(n: int) -> float:
@@ -223,9 +227,9 @@ def check_args(args: RolloutBenchArgs) -> TransformerConfig:
 def run(args: RolloutBenchArgs) -> int:
     config = check_args(args)
     rng = np.random.default_rng(args.seed)
-    params = models.init_params(config, jax.random.key(args.seed))
+    params = models.init_params(config, jax.random.key(args.seed), dtype=args.dtype)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-    print(f"model {args.model}: {n_params / 1e6:.1f}M params, float32, prompt {args.prompt_tokens}, "
+    print(f"model {args.model}: {n_params / 1e6:.1f}M params, {args.dtype}, prompt {args.prompt_tokens}, "
           f"{args.new_tokens} new tokens, greedy; {jax.device_count()} {jax.default_backend()} device(s); "
           f"decode chunk {args.decode_chunk}")  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="orchestra-jax-bench-") as tmp:
@@ -239,7 +243,7 @@ def run(args: RolloutBenchArgs) -> int:
             )
             row = f"{batch:>5}  {rate:>10.1f}  {ttft:>10.3f}  {per_token['calls']:>9.3f}  {per_token['steps']:>9.3f}"
             if model_dir is not None:
-                hf_rate = transformers_decode(model_dir, prompts, args.new_tokens, args.repeats)
+                hf_rate = transformers_decode(model_dir, prompts, args.new_tokens, args.repeats, args.dtype)
                 row += f"  {hf_rate:>9.1f}  {rate / hf_rate:>5.2f}x"
             print(row, flush=True)
     reuse = prefix_reuse(config, params)

@@ -87,7 +87,7 @@ class EmbeddedEngine:
         compute_dtype: str | None = None,
         prefix_reuse: bool = True,
         min_prefill_bucket: int = 16,
-        decode_chunk: int = 8,
+        decode_chunk: int = 16,
         seed: int | None = None,
     ):
         if decode_chunk < 1:

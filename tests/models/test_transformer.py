@@ -126,6 +126,43 @@ def test_bfloat16_compute_with_float32_params_is_close():
     assert hidden.dtype == jnp.bfloat16
 
 
+
+@pytest.mark.parametrize("spec", ["btd,dnh->btnh", "btnh,nhd->btd", "bkgth,bksh->bkgts"])
+def test_bfloat16_einsum_gradients_match_float32(spec):
+    """The mixed-precision einsum's hand-written VJP (bf16 operands, f32 accumulation) against autodiff of the
+    float32 einsum on the same (bf16-representable) inputs; a float32 y gets a float32 gradient."""
+    seed = np.random.randint(1 << 30)
+    x_spec, y_spec = spec.split("->")[0].split(",")
+    sizes = dict(zip("btdnhkgs", (2, 5, 16, 3, 8, 2, 3, 5)))
+    kx, ky, kg = jax.random.split(jax.random.key(seed), 3)
+    x = jax.random.normal(kx, [sizes[c] for c in x_spec]).astype(jnp.bfloat16)
+    y = jax.random.normal(ky, [sizes[c] for c in y_spec]).astype(jnp.bfloat16).astype(jnp.float32)
+    out_shape = jax.eval_shape(lambda: jnp.einsum(spec, x, y))
+    g = jax.random.normal(kg, out_shape.shape).astype(jnp.bfloat16)
+    out, vjp = jax.vjp(lambda x, y: T._einsum(spec, x, y), x, y)
+    dx, dy = vjp(g)
+    ref, ref_vjp = jax.vjp(lambda x, y: jnp.einsum(spec, x, y), x.astype(jnp.float32), y)
+    ref_dx, ref_dy = ref_vjp(g.astype(jnp.float32))
+    assert out.dtype == dx.dtype == jnp.bfloat16 and dy.dtype == jnp.float32
+    assert _rel_err(out.astype(jnp.float32), ref) < 1e-2
+    assert _rel_err(dx.astype(jnp.float32), ref_dx) < 1e-2
+    assert _rel_err(dy, ref_dy) < 1e-5  # bf16 products are exact in f32; only the sum order differs
+
+
+def test_bfloat16_compute_gradients_are_close():
+    seed = np.random.randint(1 << 30)
+    config, params = _model("qwen3-tiny", seed)
+    ids = jax.random.randint(jax.random.key(seed), (2, 8), 0, config.vocab_size)
+
+    def loss(params, dtype):
+        return jnp.mean(jax.nn.log_softmax(T.forward(config, params, ids, compute_dtype=dtype))[..., 0])
+
+    ref = jax.grad(loss)(params, jnp.float32)
+    got = jax.grad(loss)(params, jnp.bfloat16)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+        assert a.dtype == jnp.float32
+        assert _rel_err(a, b) < 0.1
+
 def test_logical_axes_match_param_shapes():
     for name in FAMILIES + ["qwen3-8b"]:
         config = get_preset(name)

@@ -7,11 +7,13 @@ import pytest
 from orchestra_jax.rl import bench_train
 
 
-def test_bench_train_reports_flops_and_the_ceiling_bound(capsys):
-    args = bench_train.TrainBenchArgs(models=("qwen3-tiny",), batch=2, seq_len=16, repeats=1)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_bench_train_reports_flops_and_the_ceiling_bound(capsys, dtype):
+    args = bench_train.TrainBenchArgs(models=("qwen3-tiny",), batch=2, seq_len=16, repeats=1, compute_dtype=dtype)
     assert bench_train.run(args) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     (row,) = summary["results"]
+    assert summary["compute_dtype"] == row["compute_dtype"] == dtype
     ceiling = summary["gemm_ceiling_gflops"]
     assert row["jax_tokens_per_s"] > 0 and row["torch_tokens_per_s"] > 0 and ceiling["jax"] > 0
     speed_ratio = row["jax_tokens_per_s"] / row["torch_tokens_per_s"]
