@@ -62,11 +62,20 @@ def _chunk(w_HV: jnp.ndarray, i: jnp.ndarray, size: int, exact: bool):
     shares with chunk i−1 get the sentinel index V (treated as padding), so none counts twice."""
     num_cols = w_HV.shape[1]
     start = i * size if exact else jnp.minimum(i * size, num_cols - size)
-    w_HC = jax.lax.dynamic_slice_in_dim(w_HV, start, size, axis=1)
+    w_HC = _columns(w_HV, start, size)
     cols_C = start + jnp.arange(size)
     if exact:
         return w_HC, cols_C, start, None
     return w_HC, jnp.where(cols_C >= i * size, cols_C, num_cols), start, num_cols
+
+
+def _columns(w_HV: jnp.ndarray, start: jnp.ndarray, size: int) -> jnp.ndarray:
+    """w[:, start:start + size]. A bf16 w is sliced as its uint16 bits: XLA's CPU compiler upcasts a bf16
+    dynamic slice to f32 and hoists a float32 copy of the whole of w out of the loop (twice w's bytes)."""
+    if w_HV.dtype != jnp.bfloat16:
+        return jax.lax.dynamic_slice_in_dim(w_HV, start, size, axis=1)
+    bits_HV = jax.lax.bitcast_convert_type(w_HV, jnp.uint16)
+    return jax.lax.bitcast_convert_type(jax.lax.dynamic_slice_in_dim(bits_HV, start, size, axis=1), w_HV.dtype)
 
 
 def _scaled(x, temperature):

@@ -45,6 +45,9 @@ class TrainBenchArgs:
     torch_reference: bool = True
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     """Activations' dtype (params and AdamW state stay float32); PyTorch's step runs under bf16 autocast then."""
+    remat: Literal["none", "full", "dots"] = "none"
+    """Our step's rematerialisation. On the CPU in bf16, 'full' is faster: XLA upcasts each bf16 layer residual
+    stacked by the layer scan to f32 and back, a copy of the whole stack per layer."""
     seed: int = 0
 
 
@@ -116,7 +119,7 @@ def bench_model(name: str, args: TrainBenchArgs) -> dict:
 
     mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
     settings = StepSettings(model=model, loss=PolicyLossConfig(kl_coef=0.0, dual_clip=None),
-                            compute_dtype=args.compute_dtype)
+                            compute_dtype=args.compute_dtype, remat=args.remat)
     optimizer = optax.adamw(1e-5, weight_decay=0.01)
     step, state = make_train_step(settings, optimizer, mesh, jax.tree.map(jnp.copy, params))
     holder = {"state": state}
@@ -128,7 +131,7 @@ def bench_model(name: str, args: TrainBenchArgs) -> dict:
     jax_s = _time(jax_step, args.repeats)
     step_flops = model.train_flops_per_token(args.seq_len) * tokens
     result = {"model": name, "params": model.num_params(), "batch": args.batch, "seq_len": args.seq_len,
-              "compute_dtype": args.compute_dtype,
+              "compute_dtype": args.compute_dtype, "remat": args.remat,
               "jax_tokens_per_s": round(tokens / jax_s, 1), "jax_step_s": round(jax_s, 3),
               "jax_model_gflops": round(step_flops / jax_s / 1e9, 2)}
     if args.torch_reference:
