@@ -156,8 +156,8 @@ def _mixed_einsum_fwd(spec, out_dtype, x, y):
 
 
 def _mixed_einsum_bwd(spec, out_dtype, residuals, g):
-    """Each operand's gradient is the einsum of the output gradient with the other operand (every index of
-    our specs appears in two of the three terms)."""
+    """Each operand's gradient is the einsum of the output gradient with the other operand (exact when no
+    index is summed within one operand alone, as in every spec here)."""
     x, y = residuals
     inputs, out = spec.split("->")
     x_spec, y_spec = inputs.split(",")
