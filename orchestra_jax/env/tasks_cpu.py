@@ -224,8 +224,14 @@ def make_python_tool(timeout_s: float = 5.0, max_output_chars: int = 500) -> Too
     )
 
 
-def _eval_arithmetic(text: str) -> int | None:
-    """Integer + - * of literals, evaluated exactly from the syntax tree (never `eval`)."""
+def _arithmetic_expression(text: str) -> str | None:
+    """The first run of digits, + - * and parentheses (and spaces) in `text`."""
+    match = re.search(r"[-+*\d\s()]*\d[-+*\d\s()]*", text)
+    return None if match is None else match.group().strip()
+
+
+def _eval_arithmetic(expression: str) -> int | None:
+    """Integer + - * of literals, evaluated exactly from the syntax tree (never `eval`); None if not that."""
     ops = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
 
     def value(node: ast.AST) -> int:
@@ -235,11 +241,8 @@ def _eval_arithmetic(text: str) -> int | None:
             return ops[type(node.op)](value(node.left), value(node.right))
         raise ValueError("not arithmetic")
 
-    match = re.search(r"[-+*\d\s()]*\d[-+*\d\s()]*", text)
-    if match is None:
-        return None
     try:
-        return value(ast.parse(match.group().strip(), mode="eval").body)
+        return value(ast.parse(expression, mode="eval").body)
     except (SyntaxError, ValueError, RecursionError):
         return None
 
@@ -267,9 +270,10 @@ def make_local_expert_tool(world: World, coverage: float = 1.0) -> Tool:
                 reply = town.fact(attribute) if expert_knows(town.name, coverage) else reply
                 break
         else:
-            number = _eval_arithmetic(question)
-            expression = re.sub(r"[^0-9+*()-]", "", question)
-            reply = str(number) if number is not None and expert_knows(expression, coverage) else reply
+            expression = _arithmetic_expression(question)
+            number = None if expression is None else _eval_arithmetic(expression)
+            known = number is not None and expert_knows(re.sub(r"\s", "", expression), coverage)
+            reply = str(number) if known else reply
         usage = Usage(EXPERT_MODEL, approx_tokens(question) + 16, approx_tokens(reply))
         return ToolResult(
             observation=reply, cost_usd=context.prices.call_cost(usage), usage=(usage,), backend=EXPERT_MODEL
