@@ -97,7 +97,7 @@ def gemm_ceilings(n: int = 2048, dtype: str = "float32", repeats: int = 5) -> di
     """Achieved FLOP/s of an n x n x n matmul of `dtype` inputs (f32 accumulation) in JAX and in PyTorch."""
     import torch
 
-    a, b = torch.randn(n, n, dtype=getattr(torch, dtype)), torch.randn(n, n, dtype=getattr(torch, dtype))
+    a, b = (torch.randn(n, n, dtype=getattr(torch, dtype)) for _ in range(2))
     return {"jax": matmul_flops(n, dtype, repeats, out_dtype="float32"),
             "torch": _best_flops(lambda: a @ b, 2 * n**3, repeats)}
 
