@@ -70,10 +70,10 @@ def _chunk(w_HV: jnp.ndarray, i: jnp.ndarray, size: int, exact: bool):
 
 
 def _columns(w_HV: jnp.ndarray, start: jnp.ndarray, size: int) -> jnp.ndarray:
-    """w[:, start:start + size]. A bf16 w is sliced as its uint16 bits: XLA's CPU compiler upcasts a bf16
-    dynamic slice to f32 and hoists a float32 copy of the whole of w out of the loop; the bits cost one copy of
-    w's own size instead (a gather costs the f32 copy too)."""
-    if w_HV.dtype != jnp.bfloat16:
+    """w[:, start:start + size]. A 16-bit float w is sliced as its uint16 bits: XLA's CPU compiler upcasts a
+    bf16 dynamic slice to f32 and hoists a float32 copy of the whole of w out of the loop; the bits cost one copy
+    of w's own size instead (a gather costs the f32 copy too)."""
+    if w_HV.dtype.itemsize != 2:
         return jax.lax.dynamic_slice_in_dim(w_HV, start, size, axis=1)
     bits_HV = jax.lax.bitcast_convert_type(w_HV, jnp.uint16)
     return jax.lax.bitcast_convert_type(jax.lax.dynamic_slice_in_dim(bits_HV, start, size, axis=1), w_HV.dtype)

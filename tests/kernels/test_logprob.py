@@ -98,10 +98,10 @@ def test_pallas_kernels_write_every_element_of_poisoned_outputs():
         assert rel_err(a, b) <= 1e-5
 
 
-@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2), (jnp.float16, 1e-2)])
 def test_reference_chunks_that_do_not_divide_the_vocabulary(dtype, tol):
     # chunk 128 over V = 300: the last chunk is shifted left and overlaps; nothing may count twice.
-    # (A bf16 head is sliced as its uint16 bits.)
+    # (A 16-bit head is sliced as its uint16 bits.)
     h, w, targets, g_lp, g_ent = random_case(np.random.SeedSequence().entropy % 2**32, 10, 16, 300, dtype=dtype)
     logp, entropy, lse, mean_z = lm.finish_stats(
         ref.reference_stats(h, w, targets, temperature=0.9, chunk=128)
