@@ -97,12 +97,14 @@ def init_params(config: TransformerConfig, key: jax.Array, dtype: Any = "float32
 def init_kv_cache(
     config: TransformerConfig, batch: int, max_len: int, dtype: Any = "float32"
 ) -> dict[str, jax.Array]:
-    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+    """K and V as [layers, batch, kv_heads, max_len, head_dim]: heads-major, so a decode step's attention reads
+    each layer's cache as plain batched matrices (a sequence-major cache costs a transposing copy per layer)."""
+    shape = (config.num_layers, batch, config.num_kv_heads, max_len, config.head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
 def kv_cache_logical_axes() -> dict[str, tuple[str, ...]]:
-    axes = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
+    axes = ("layers", "batch", "kv_heads", "cache_seq", "head_dim")
     return {"k": axes, "v": axes}
 
 
@@ -186,16 +188,16 @@ def _rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 
 
 def _attention_block(
-    q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: jax.Array
+    q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array, mask_BTS: jax.Array
 ) -> jax.Array:
     """Heads-major layout ([B, K, G, T, H] queries, [B, K, S, H] keys/values) so both einsums, forward and
     backward, are plain batched matmuls: on the CPU this halves the attention backward against token-major
     einsums, which XLA lowers with transposes inside."""
     b, t, n, h = q_BTNH.shape
-    kv = k_BSKH.shape[2]
+    kv = k_BKSH.shape[1]
     q_BKGTH = jnp.moveaxis(q_BTNH.reshape(b, t, kv, n // kv, h), 1, 3)
-    k_BKSH = jnp.moveaxis(k_BSKH.astype(q_BTNH.dtype), 1, 2)
-    v_BKSH = jnp.moveaxis(v_BSKH.astype(q_BTNH.dtype), 1, 2)
+    k_BKSH = k_BKSH.astype(q_BTNH.dtype)
+    v_BKSH = v_BKSH.astype(q_BTNH.dtype)
     scores_BKGTS = _einsum("bkgth,bksh->bkgts", q_BKGTH, k_BKSH, jnp.float32) / np.float32(math.sqrt(h))
     scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, jnp.finfo(jnp.float32).min)
     probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(q_BTNH.dtype)
@@ -217,15 +219,15 @@ def _attention_mask(
 
 
 def _attention(
-    q_BTNH, k_BSKH, v_BSKH, queries, key_segments_BS, cached: bool, chunk: int | None
+    q_BTNH, k_BKSH, v_BKSH, queries, key_segments_BS, cached: bool, chunk: int | None
 ) -> jax.Array:
     """Attention over all keys; above `chunk` queries it runs query block by query block (each rematerialised),
     so the [T, S] scores never exist at once, in the forward or the backward pass."""
-    key_len = k_BSKH.shape[1]
+    key_len = k_BKSH.shape[2]
 
     def block(q_BTNH, index_BT, positions_BT, segments_BT):
         mask_BTS = _attention_mask(index_BT, positions_BT, segments_BT, key_segments_BS, key_len, cached)
-        return _attention_block(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
+        return _attention_block(q_BTNH, k_BKSH, v_BKSH, mask_BTS)
 
     b, t = q_BTNH.shape[:2]
     if chunk is None or t <= chunk:
@@ -242,23 +244,23 @@ def _attention(
     return jnp.moveaxis(out_nBCNH, 0, 1).reshape(b, n * chunk, *q_BTNH.shape[2:])[:, :t]
 
 
-def _decode_attention(q_B1NH, k_cache_BSKH, v_cache_BSKH, k_B1KH, v_B1KH, positions_B1) -> jax.Array:
+def _decode_attention(q_B1NH, k_cache_BKSH, v_cache_BKSH, k_B1KH, v_B1KH, positions_B1) -> jax.Array:
     """One new token per row: attend to cache slots before its position and to its own K/V, without writing
     them into the cache first (so a decode step reads the cache but never copies it; the caller writes
     every layer's new K/V in one scatter)."""
     b, _, n, h = q_B1NH.shape
-    kv = k_cache_BSKH.shape[2]
+    kv = k_cache_BKSH.shape[1]
     q_BKGH = q_B1NH.reshape(b, kv, n // kv, h)
     scale = np.float32(1.0 / math.sqrt(h))
-    cached_BKGS = _einsum("bkgh,bskh->bkgs", q_BKGH, k_cache_BSKH, jnp.float32) * scale
-    before_BS = jnp.arange(k_cache_BSKH.shape[1])[None, :] < positions_B1
+    cached_BKGS = _einsum("bkgh,bksh->bkgs", q_BKGH, k_cache_BKSH, jnp.float32) * scale
+    before_BS = jnp.arange(k_cache_BKSH.shape[2])[None, :] < positions_B1
     cached_BKGS = jnp.where(before_BS[:, None, None], cached_BKGS, jnp.finfo(jnp.float32).min)
     own_BKG = jnp.einsum("bkgh,bkh->bkg", q_BKGH, k_B1KH[:, 0], preferred_element_type=jnp.float32) * scale
     top_BKG = jnp.maximum(jnp.max(cached_BKGS, axis=-1), own_BKG)
     cached_BKGS = jnp.exp(cached_BKGS - top_BKG[..., None])
     own_BKG = jnp.exp(own_BKG - top_BKG)
     denom_BKG = jnp.sum(cached_BKGS, axis=-1) + own_BKG
-    out_BKGH = _einsum("bkgs,bskh->bkgh", cached_BKGS.astype(q_B1NH.dtype), v_cache_BSKH)
+    out_BKGH = _einsum("bkgs,bksh->bkgh", cached_BKGS.astype(q_B1NH.dtype), v_cache_BKSH)
     out_BKGH = out_BKGH + own_BKG[..., None].astype(q_B1NH.dtype) * v_B1KH[:, 0, :, None].astype(q_B1NH.dtype)
     out_BKGH = out_BKGH / denom_BKG[..., None].astype(q_B1NH.dtype)
     return out_BKGH.reshape(b, 1, n, h)
@@ -326,7 +328,7 @@ def hidden_states(
     segment_ids_BT = None if segment_ids_BT is None else jnp.asarray(segment_ids_BT)
     write_BT = positions_BT
     if kv_cache is not None and segment_ids_BT is not None:
-        write_BT = jnp.where(segment_ids_BT == 0, kv_cache["k"].shape[2], positions_BT)  # pads: dropped write
+        write_BT = jnp.where(segment_ids_BT == 0, kv_cache["k"].shape[3], positions_BT)  # pads: dropped write
     index_BT = jnp.broadcast_to(jnp.arange(t)[None], (b, t))
     queries = (index_BT, positions_BT, None if kv_cache is not None else segment_ids_BT)
 
@@ -334,16 +336,18 @@ def hidden_states(
 
     def attend(q_BTNH, k_BTKH, v_BTKH, cache_kv):
         if cache_kv is None:
-            return _attention(q_BTNH, k_BTKH, v_BTKH, queries, segment_ids_BT, False, attention_chunk), None
-        k_cache_BSKH, v_cache_BSKH = cache_kv
+            k_BKTH, v_BKTH = jnp.moveaxis(k_BTKH, 1, 2), jnp.moveaxis(v_BTKH, 1, 2)
+            return _attention(q_BTNH, k_BKTH, v_BKTH, queries, segment_ids_BT, False, attention_chunk), None
+        k_cache_BKSH, v_cache_BKSH = cache_kv
         if decode:
-            attn_BTNH = _decode_attention(q_BTNH, k_cache_BSKH, v_cache_BSKH, k_BTKH, v_BTKH, positions_BT)
-            return attn_BTNH, (k_BTKH.astype(k_cache_BSKH.dtype), v_BTKH.astype(v_cache_BSKH.dtype))
+            attn_BTNH = _decode_attention(q_BTNH, k_cache_BKSH, v_cache_BKSH, k_BTKH, v_BTKH, positions_BT)
+            return attn_BTNH, (k_BTKH.astype(k_cache_BKSH.dtype), v_BTKH.astype(v_cache_BKSH.dtype))
+        # Row and slot indices around a slice: the indexed block is [B, T, K, H], the new K/V's own shape.
         rows_BT = jnp.broadcast_to(jnp.arange(b)[:, None], write_BT.shape)
-        k_cache_BSKH = k_cache_BSKH.at[rows_BT, write_BT].set(k_BTKH.astype(k_cache_BSKH.dtype), mode="drop")
-        v_cache_BSKH = v_cache_BSKH.at[rows_BT, write_BT].set(v_BTKH.astype(v_cache_BSKH.dtype), mode="drop")
-        attn_BTNH = _attention(q_BTNH, k_cache_BSKH, v_cache_BSKH, queries, segment_ids_BT, True, attention_chunk)
-        return attn_BTNH, (k_cache_BSKH, v_cache_BSKH)
+        k_cache_BKSH = k_cache_BKSH.at[rows_BT, :, write_BT].set(k_BTKH.astype(k_cache_BKSH.dtype), mode="drop")
+        v_cache_BKSH = v_cache_BKSH.at[rows_BT, :, write_BT].set(v_BTKH.astype(v_cache_BKSH.dtype), mode="drop")
+        attn_BTNH = _attention(q_BTNH, k_cache_BKSH, v_cache_BKSH, queries, segment_ids_BT, True, attention_chunk)
+        return attn_BTNH, (k_cache_BKSH, v_cache_BKSH)
 
     def body(x_BTD, xs):
         layer_params, cache_kv = xs
@@ -359,8 +363,9 @@ def hidden_states(
     if new_cache is None:
         return x_BTD, None
     if decode:  # new_cache holds each layer's new K/V [L, B, 1, K, H]: one in-place scatter for all layers
-        rows_B = jnp.arange(b)
-        return x_BTD, {name: kv_cache[name].at[:, rows_B, write_BT[:, 0]].set(new[:, :, 0], mode="drop")
+        rows_B = jnp.arange(b)  # indices around slices: the indexed block is [B, L, K, H]
+        return x_BTD, {name: kv_cache[name].at[:, rows_B, :, write_BT[:, 0]].set(jnp.moveaxis(new[:, :, 0], 0, 1),
+                                                                                   mode="drop")
                        for name, new in zip(("k", "v"), new_cache)}
     return x_BTD, {"k": new_cache[0], "v": new_cache[1]}
 

@@ -38,8 +38,6 @@ from orchestra_jax.parallel import mesh as mesh_lib
 from orchestra_jax.rollout import sampling
 from orchestra_jax.rollout.engine import Completion, GenerateRequest, RequestError, check_prompt
 
-CACHE_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
-
 
 @dataclasses.dataclass
 class _Live:
@@ -112,7 +110,7 @@ class EmbeddedEngine:
             config, max_slots, cache_len, dtype=jax.tree.leaves(self._params)[0].dtype
         )
         if mesh is not None:
-            cache = jax.device_put(cache, mesh_lib.logical_sharding(mesh, CACHE_AXES))
+            cache = jax.device_put(cache, mesh_lib.tree_shardings(mesh, transformer.kv_cache_logical_axes()))
         self._cache = cache
         self._scratch = max_context
         self._slots: list[_Live | None] = [None] * max_slots
@@ -426,7 +424,7 @@ def _decode_chunk(
     that one next. Returns (cache, tokens_KB, logprobs_KB); the log-probs come from one fused call over all
     K×B final hidden states. Positions past the context (and idle rows, which start there) use the scratch slot.
     """
-    scratch = cache["k"].shape[2] - 1
+    scratch = cache["k"].shape[3] - 1
     positions_KB = positions_B[None, :] + jnp.arange(steps, dtype=positions_B.dtype)[:, None]
     keys_KB = sampling.token_keys(jnp.tile(seed_words_B2, (steps, 1)), positions_KB.reshape(-1) + 1)
     keys_KB = keys_KB.reshape(positions_KB.shape)

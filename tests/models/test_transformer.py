@@ -35,8 +35,8 @@ def test_padded_prefill_skips_pad_cache_writes():
     segments = jnp.array([[1] * 6, [1, 1, 1, 0, 0, 0]])
     cache = T.init_kv_cache(config, batch=2, max_len=8)
     _, cache = fwd(config, params, ids, segment_ids_BT=segments, kv_cache=cache)
-    assert float(jnp.abs(cache["k"][:, 1, 3:]).max()) == 0.0
-    assert float(jnp.abs(cache["k"][:, 1, :3]).min(axis=(-1, -2)).max()) > 0.0
+    assert float(jnp.abs(cache["k"][:, 1, :, 3:]).max()) == 0.0
+    assert float(jnp.abs(cache["k"][:, 1, :, :3]).min(axis=(1, 3)).max()) > 0.0
     nxt, _ = fwd(config, params, ids[1:, 3:4], kv_cache=jax.tree.map(lambda c: c[:, 1:], cache),
                        positions_BT=jnp.array([[3]]))  # fmt: skip
     assert _rel_err(nxt[0, 0], fwd(config, params, ids[1:, :4])[0, 3]) < 1e-5
@@ -62,8 +62,8 @@ def test_one_token_decode_ignores_stale_cache_slots_and_writes_its_own(name):
     for row, n in enumerate(lengths):
         expect = fwd(config, params, ids[row : row + 1, : n + 1])[0, n]
         assert _rel_err(logits[row, 0], expect) < 1e-5, (row, n)
-        np.testing.assert_array_equal(np.asarray(new_cache["k"][:, row, n + 1 :]), np.asarray(cache["k"][:, row, n + 1 :]))
-        assert not np.array_equal(np.asarray(new_cache["k"][:, row, n]), np.asarray(cache["k"][:, row, n]))
+        np.testing.assert_array_equal(np.asarray(new_cache["k"][:, row, :, n + 1 :]), np.asarray(cache["k"][:, row, :, n + 1 :]))
+        assert not np.array_equal(np.asarray(new_cache["k"][:, row, :, n]), np.asarray(cache["k"][:, row, :, n]))
 
 
 def test_query_chunked_attention_matches_whole_attention():

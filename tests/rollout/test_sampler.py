@@ -344,7 +344,7 @@ def test_context_limit_mid_chunk_keeps_other_rows_and_cached_prefix(model):
     )  # fmt: skip
     for name in ("k", "v"):
         np.testing.assert_allclose(
-            cache[name][:, : len(follow)], prefilled[name][:, 0, : len(follow)], atol=1e-4
+            cache[name][:, :, : len(follow)], prefilled[name][:, 0, :, : len(follow)], atol=1e-4
         )
     assert again.cached_tokens == len(follow) - 1 and again.finish_reason == "length"
     assert again.output_ids == fresh.output_ids
