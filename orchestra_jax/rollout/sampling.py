@@ -61,6 +61,25 @@ def logprob_temperature(temperature_B: jax.Array) -> jax.Array:
     return jnp.where(temperature_B > 0, temperature_B, 1.0)
 
 
+ARGMAX_BLOCK = 128
+
+
+def argmax(x_BV: jax.Array) -> jax.Array:
+    """jnp.argmax over the last axis (the first maximum) -> int32 [B]; a row holding NaN gets some index in range.
+
+    XLA's CPU argmax is a scalar (value, index) reduction, ~7x slower on [8, 8192] than this: the maximum of
+    each 128-wide block, the first block holding the row's maximum, then the argmax inside that block alone.
+    """
+    b, v = x_BV.shape
+    pad = (-v) % ARGMAX_BLOCK
+    if pad:
+        x_BV = jnp.pad(x_BV, ((0, 0), (0, pad)), constant_values=-jnp.inf)
+    x_BNC = x_BV.reshape(b, -1, ARGMAX_BLOCK)
+    block_B = jnp.argmax(jnp.max(x_BNC, axis=-1), axis=-1)
+    inner_B = jnp.argmax(jnp.take_along_axis(x_BNC, block_B[:, None, None], axis=1)[:, 0], axis=-1)
+    return (block_B * ARGMAX_BLOCK + inner_B).astype(jnp.int32)
+
+
 def sample_next(
     logits_BV: jax.Array,
     keys_B: jax.Array,
@@ -84,11 +103,11 @@ def sample_next(
 
     def gumbel_max() -> jax.Array:
         gumbel_BV = jax.vmap(lambda key: jax.random.gumbel(key, (vocab,), jnp.float32))(keys_B)
-        return jnp.argmax(jnp.where(mask_BV, scaled_BV + gumbel_BV, -jnp.inf), axis=-1)
+        return argmax(jnp.where(mask_BV, scaled_BV + gumbel_BV, -jnp.inf))
 
     # An all-greedy batch skips drawing B x V Gumbel noise.
     sampled_B = jax.lax.cond(jnp.all(greedy_B), lambda: jnp.zeros(greedy_B.shape, jnp.int32), gumbel_max)
-    return jnp.where(greedy_B, jnp.argmax(logits_BV, axis=-1), sampled_B.astype(jnp.int32)).astype(jnp.int32)
+    return jnp.where(greedy_B, argmax(logits_BV), sampled_B)
 
 
 def sampled_logprobs(

@@ -44,6 +44,19 @@ def test_logprob_is_full_softmax_of_scaled_logits():
     np.testing.assert_allclose(logprobs_N, expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("vocab", [8192, 1000, 7])
+def test_blocked_argmax_matches_numpy_with_ties_and_infinities(vocab):
+    rng = np.random.default_rng()
+    x_BV = rng.integers(-3, 3, size=(16, vocab)).astype(np.float32)  # many ties
+    x_BV[1] = -np.inf
+    x_BV[2, rng.integers(vocab)] = np.inf
+    x_BV[3, rng.integers(vocab, size=2)] = np.nan
+    x_BV[4:] += rng.normal(size=(12, vocab)).astype(np.float32)
+    got_B = np.asarray(sampling.argmax(jnp.asarray(x_BV)))
+    assert got_B.dtype == np.int32 and 0 <= got_B[3] < vocab  # NaN: an index in range, nothing more
+    np.testing.assert_array_equal(np.delete(got_B, 3), np.delete(np.argmax(x_BV, axis=-1), 3))
+
+
 def test_greedy_and_top_k_1_pick_argmax():
     rng = np.random.default_rng()
     logits = jnp.asarray(rng.normal(size=(8, 300)), jnp.float32)
