@@ -48,7 +48,8 @@ class RolloutBenchArgs:
     """Time a weight sync (export + /update_weights_from_disk on a loopback server) for a SmolLM2-135M shape."""
     sync_1b: bool = False
     """Also time the sync of a synthetic ~1B model (bfloat16; needs ~8 GB of free memory)."""
-    repeats: int = 2
+    repeats: int = 5
+    """Timed runs per figure; the fastest counts (shared CPUs are noisy)."""
     seed: int = 0
     decode_chunk: int = 16
     """Decode steps per jitted call of the embedded engine (1: one step per call)."""
