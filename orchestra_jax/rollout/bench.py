@@ -65,6 +65,11 @@ def _prompts(rng: np.random.Generator, batch: int, length: int, vocab: int) -> l
     return [tuple(int(t) for t in rng.integers(0, vocab, size=length)) for _ in range(batch)]
 
 
+def _decode_rate(tokens: int, full_s: float, first_s: float) -> float:
+    """Decoded tokens per second of the decode phase alone; NaN when timing noise swamps it (full <= first)."""
+    return tokens / (full_s - first_s) if full_s > first_s else float("nan")
+
+
 def jax_decode(
     config: TransformerConfig,
     params: Any,
@@ -97,7 +102,7 @@ def jax_decode(
                      for k in ("calls", "steps")}  # fmt: skip
         first = min([await timed(1) for _ in range(repeats)])
         full = min([await timed(new_tokens) for _ in range(repeats)])
-        return batch * (new_tokens - 1) / max(full - first, 1e-9), first, per_token
+        return _decode_rate(batch * (new_tokens - 1), full, first), first, per_token
 
     return asyncio.run(go())
 
@@ -126,7 +131,7 @@ def transformers_decode(
     timed(2)
     first = min(timed(1) for _ in range(repeats))
     full = min(timed(new_tokens) for _ in range(repeats))
-    return len(prompts) * (new_tokens - 1) / max(full - first, 1e-9)
+    return _decode_rate(len(prompts) * (new_tokens - 1), full, first)
 
 
 def prefix_reuse(
