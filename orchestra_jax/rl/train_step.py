@@ -135,11 +135,6 @@ def _microbatch_loss(settings: StepSettings, trainable: dict, mb: dict[str, jax.
     return loss, sums
 
 
-def _all_finite(tree: Any) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
-
-
 def _step(settings: StepSettings, optimizer: optax.GradientTransformation, state: TrainState,
           batch: dict[str, jax.Array]):
     trainable = {"policy": state.params, "critic": state.critic}
@@ -154,20 +149,24 @@ def _step(settings: StepSettings, optimizer: optax.GradientTransformation, state
     loss = jnp.sum(losses)
     sums = {k: jnp.sum(v) for k, v in per_mb_sums.items()}
 
-    finite = _all_finite(grads) & jnp.isfinite(loss)
-    safe_grads = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grads)
-    updates, new_opt_state = optimizer.update(safe_grads, state.opt_state, trainable)
-    new_trainable = optax.apply_updates(trainable, updates)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    new_trainable = keep(new_trainable, trainable)
-    new_opt_state = keep(new_opt_state, state.opt_state)
+    # The norm is NaN or Inf when any gradient is (or when its square sum overflows float32: skipped too).
+    # A cond, not a select per leaf: a select reads and writes params and both moments again, which cost
+    # more than the AdamW update itself on the CPU.
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(grad_norm) & jnp.isfinite(loss)
+
+    def update():
+        updates, new_opt_state = optimizer.update(grads, state.opt_state, trainable)
+        return optax.apply_updates(trainable, updates), new_opt_state
+
+    new_trainable, new_opt_state = jax.lax.cond(finite, update, lambda: (trainable, state.opt_state))
 
     count = jnp.maximum(sums.pop("tokens"), 1.0)
     metrics = {k: v / count for k, v in sums.items()}
     metrics["clip_fraction"] = metrics.get("clip_low", 0.0) + metrics.get("clip_high", 0.0)
     metrics.update(
         loss=loss,
-        grad_norm=optax.tree.norm(grads),
+        grad_norm=grad_norm,
         param_norm=optax.tree.norm(new_trainable["policy"]),
         skipped=1.0 - finite.astype(jnp.float32),
         loss_tokens=count,
