@@ -1,10 +1,10 @@
 """`orchestra-jax bench rollout`: embedded-sampler decode speed next to transformers `generate`, and sync time.
 
 Both sides run greedy decoding of the same weights (ours exported with models.save_pretrained, loaded by
-transformers) in the same process. Decode rate = batch × (new_tokens − 1) / (time for new_tokens − time for
-one token), so prefill and time-to-first-token are not counted in it; TTFT is reported on its own. The engine's
-jitted decode calls and model steps per decoded token are printed too (a chunk may run a few steps past the
-last token; they are in the timing).
+transformers) in the same process, timed in turn within each repeat. Decode rate = batch × (new_tokens − 1) /
+(time for new_tokens − time for one token), so prefill and time-to-first-token are not counted in it; TTFT is
+reported on its own. The engine's jitted decode calls and model steps per decoded token are printed too (a chunk
+may run a few steps past the last token; they are in the timing).
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import asyncio
 import dataclasses
 import tempfile
 import time
+import weakref
+from collections.abc import Callable
 from typing import Any, Literal
 
 import jax
@@ -70,47 +72,34 @@ def _decode_rate(tokens: int, full_s: float, first_s: float) -> float:
     return tokens / (full_s - first_s) if full_s > first_s else float("nan")
 
 
-def jax_decode(
-    config: TransformerConfig,
-    params: Any,
-    prompts: list,
-    new_tokens: int,
-    repeats: int,
-    decode_chunk: int = 16,
-) -> tuple[float, float, dict[str, float]]:
-    """(decode tokens/s, time to first token in s, {'calls', 'steps'} per decoded token of one request) of the
-    embedded engine, compile time excluded."""
-    batch = len(prompts)
+def jax_timer(
+    config: TransformerConfig, params: Any, prompts: list, new_tokens: int, decode_chunk: int = 16
+) -> tuple[Callable[[int], float], dict[str, float]]:
+    """(timed, per_token) for the embedded engine, compiled: timed(n) is the wall time of greedy generation of n
+    tokens for every prompt; per_token the engine's {'calls', 'steps'} per decoded token of one request."""
     engine = EmbeddedEngine(
-        config, params, max_slots=batch, max_context=len(prompts[0]) + new_tokens + 1, prefix_reuse=False,
+        config, params, max_slots=len(prompts), max_context=len(prompts[0]) + new_tokens + 1, prefix_reuse=False,
         decode_chunk=decode_chunk,
     )  # fmt: skip
+    loop = asyncio.new_event_loop()
 
-    def requests(n: int) -> list[GenerateRequest]:
+    def timed(n: int) -> float:
         sp = SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True)
-        return [GenerateRequest(p, sp, f"b{i}") for i, p in enumerate(prompts)]
-
-    async def timed(n: int) -> float:
+        requests = [GenerateRequest(p, sp, f"b{i}") for i, p in enumerate(prompts)]
         start = time.perf_counter()
-        await engine.generate(requests(n))
+        loop.run_until_complete(engine.generate(requests))
         return time.perf_counter() - start
 
-    async def go() -> tuple[float, float, dict[str, float]]:
-        before = dict(engine.stats)
-        await timed(new_tokens)  # compiles prefill and decode
-        per_token = {k: (engine.stats[f"decode_{k}"] - before[f"decode_{k}"]) / (new_tokens - 1)
-                     for k in ("calls", "steps")}  # fmt: skip
-        first = min([await timed(1) for _ in range(repeats)])
-        full = min([await timed(new_tokens) for _ in range(repeats)])
-        return _decode_rate(batch * (new_tokens - 1), full, first), first, per_token
-
-    return asyncio.run(go())
+    weakref.finalize(timed, loop.close)
+    before = dict(engine.stats)
+    timed(new_tokens)  # compiles prefill and decode
+    per_token = {k: (engine.stats[f"decode_{k}"] - before[f"decode_{k}"]) / (new_tokens - 1)
+                 for k in ("calls", "steps")}  # fmt: skip
+    return timed, per_token
 
 
-def transformers_decode(
-    model_dir: str, prompts: list, new_tokens: int, repeats: int, dtype: str = "float32"
-) -> float:
-    """Greedy decode tokens/s of transformers `generate` (torch, CPU) on the exported weights."""
+def transformers_timer(model_dir: str, prompts: list, dtype: str = "float32") -> Callable[[int], float]:
+    """timed(n): wall time of transformers `generate` (torch, CPU, greedy) of n tokens for every prompt."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -129,9 +118,24 @@ def transformers_decode(
         return time.perf_counter() - start
 
     timed(2)
-    first = min(timed(1) for _ in range(repeats))
-    full = min(timed(new_tokens) for _ in range(repeats))
-    return _decode_rate(len(prompts) * (new_tokens - 1), full, first)
+    return timed
+
+
+def side_by_side(
+    timers: dict[str, Callable[[int], float]], batch: int, new_tokens: int, repeats: int
+) -> dict[str, tuple[float, float]]:
+    """{name: (decode tokens/s, time to first token)}, the sides timed in turn within each repeat (so a slow
+    spell of a shared machine hits both), the fastest of the repeats counting for each."""
+    first = {name: [] for name in timers}
+    full = {name: [] for name in timers}
+    for _ in range(repeats):
+        for name, timed in timers.items():
+            first[name].append(timed(1))
+            full[name].append(timed(new_tokens))
+    return {
+        name: (_decode_rate(batch * (new_tokens - 1), min(full[name]), min(first[name])), min(first[name]))
+        for name in timers
+    }
 
 
 def prefix_reuse(
@@ -244,12 +248,15 @@ def run(args: RolloutBenchArgs) -> int:
               f"{'hf tok/s':>9}  {'ratio':>6}")  # fmt: skip
         for batch in args.batch_sizes:
             prompts = _prompts(rng, batch, args.prompt_tokens, config.vocab_size)
-            rate, ttft, per_token = jax_decode(
-                config, params, prompts, args.new_tokens, args.repeats, args.decode_chunk
-            )
+            timers = {}
+            timers["jax"], per_token = jax_timer(config, params, prompts, args.new_tokens, args.decode_chunk)
+            if model_dir is not None:
+                timers["hf"] = transformers_timer(model_dir, prompts, args.dtype)
+            rates = side_by_side(timers, batch, args.new_tokens, args.repeats)
+            (rate, ttft) = rates["jax"]
             row = f"{batch:>5}  {rate:>10.1f}  {ttft:>10.3f}  {per_token['calls']:>9.3f}  {per_token['steps']:>9.3f}"
             if model_dir is not None:
-                hf_rate = transformers_decode(model_dir, prompts, args.new_tokens, args.repeats, args.dtype)
+                hf_rate = rates["hf"][0]
                 row += f"  {hf_rate:>9.1f}  {rate / hf_rate:>5.2f}x"
             print(row, flush=True)
     reuse = prefix_reuse(config, params)
