@@ -6,7 +6,7 @@ on the CPU, with float32 params and optimizer state. Activations are float32 on 
 --compute-dtype bfloat16 ours are bf16 (matmuls accumulating in f32) and PyTorch's step runs under bf16
 autocast, its own mixed-precision recipe. Our side is the RL train step with unit advantages (whose gradient is
 the NLL's, see sft.py), so the number measures the step training actually runs. Timings exclude the first
-(compiling) call; the two steps take turns within each repeat.
+(compiling) call.
 
 The same run measures each framework's matmul ceiling (an n x n x n matmul in the compute dtype, accumulating
 in f32) and prints each step's model FLOP/s (TransformerConfig.train_flops_per_token) against it, and the
@@ -66,21 +66,17 @@ def _hf_model(name: str, seed: int):
 
 def _timings(fn, repeats: int) -> list[float]:
     """Seconds of each of `repeats` calls, after one untimed call (compile / warm up)."""
-    return _interleaved({"fn": fn}, repeats)["fn"]
-
-
-def _interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
-    """Seconds of each call of each fn, after one untimed call each; the fns take turns within each repeat, so a
-    slow spell of a shared machine hits all of them."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
+    fn()
+    times = []
     for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
     return times
+
+
+def _time(fn, repeats: int) -> float:
+    return float(np.mean(_timings(fn, repeats)))
 
 
 def _best_flops(fn, flops: float, repeats: int) -> float:
@@ -132,7 +128,12 @@ def bench_model(name: str, args: TrainBenchArgs) -> dict:
         holder["state"], metrics = step(holder["state"], batch.arrays)
         return metrics
 
-    steps = {"jax": jax_step}
+    jax_s = _time(jax_step, args.repeats)
+    step_flops = model.train_flops_per_token(args.seq_len) * tokens
+    result = {"model": name, "params": model.num_params(), "batch": args.batch, "seq_len": args.seq_len,
+              "compute_dtype": args.compute_dtype, "remat": args.remat,
+              "jax_tokens_per_s": round(tokens / jax_s, 1), "jax_step_s": round(jax_s, 3),
+              "jax_model_gflops": round(step_flops / jax_s / 1e9, 2)}
     if args.torch_reference:
         torch.set_num_threads(max(1, torch.get_num_threads()))
         ids = torch.tensor(ids_BT, dtype=torch.long)
@@ -146,16 +147,7 @@ def bench_model(name: str, args: TrainBenchArgs) -> dict:
             loss.backward()
             torch_opt.step()
 
-        steps["torch"] = torch_step
-    seconds = {name: float(np.mean(times)) for name, times in _interleaved(steps, args.repeats).items()}
-    jax_s = seconds["jax"]
-    step_flops = model.train_flops_per_token(args.seq_len) * tokens
-    result = {"model": name, "params": model.num_params(), "batch": args.batch, "seq_len": args.seq_len,
-              "compute_dtype": args.compute_dtype, "remat": args.remat,
-              "jax_tokens_per_s": round(tokens / jax_s, 1), "jax_step_s": round(jax_s, 3),
-              "jax_model_gflops": round(step_flops / jax_s / 1e9, 2)}
-    if args.torch_reference:
-        torch_s = seconds["torch"]
+        torch_s = _time(torch_step, args.repeats)
         result.update(torch_tokens_per_s=round(tokens / torch_s, 1), torch_step_s=round(torch_s, 3),
                       speedup=round(torch_s / jax_s, 2), torch_model_gflops=round(step_flops / torch_s / 1e9, 2))
     return result
