@@ -10,10 +10,10 @@ may run a few steps past the last token; they are in the timing).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import tempfile
 import time
-import weakref
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -73,15 +73,20 @@ def _decode_rate(tokens: int, full_s: float, first_s: float) -> float:
 
 
 def jax_timer(
-    config: TransformerConfig, params: Any, prompts: list, new_tokens: int, decode_chunk: int = 16
+    config: TransformerConfig,
+    params: Any,
+    prompts: list,
+    new_tokens: int,
+    decode_chunk: int,
+    loop: asyncio.AbstractEventLoop,
 ) -> tuple[Callable[[int], float], dict[str, float]]:
     """(timed, per_token) for the embedded engine, compiled: timed(n) is the wall time of greedy generation of n
-    tokens for every prompt; per_token the engine's {'calls', 'steps'} per decoded token of one request."""
+    tokens for every prompt (run on `loop`); per_token the engine's {'calls', 'steps'} per decoded token of one
+    request."""
     engine = EmbeddedEngine(
         config, params, max_slots=len(prompts), max_context=len(prompts[0]) + new_tokens + 1, prefix_reuse=False,
         decode_chunk=decode_chunk,
     )  # fmt: skip
-    loop = asyncio.new_event_loop()
 
     def timed(n: int) -> float:
         sp = SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True)
@@ -90,7 +95,6 @@ def jax_timer(
         loop.run_until_complete(engine.generate(requests))
         return time.perf_counter() - start
 
-    weakref.finalize(timed, loop.close)
     before = dict(engine.stats)
     timed(new_tokens)  # compiles prefill and decode
     per_token = {k: (engine.stats[f"decode_{k}"] - before[f"decode_{k}"]) / (new_tokens - 1)
@@ -242,18 +246,23 @@ def run(args: RolloutBenchArgs) -> int:
     print(f"model {args.model}: {n_params / 1e6:.1f}M params, {args.dtype}, prompt {args.prompt_tokens}, "
           f"{args.new_tokens} new tokens, greedy; {jax.device_count()} {jax.default_backend()} device(s); "
           f"decode chunk {args.decode_chunk}")  # fmt: skip
-    with tempfile.TemporaryDirectory(prefix="orchestra-jax-bench-") as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix="orchestra-jax-bench-") as tmp,
+        contextlib.closing(asyncio.new_event_loop()) as loop,
+    ):
         model_dir = str(models.save_pretrained(config, params, f"{tmp}/model")) if args.transformers else None
         print(f"{'batch':>5}  {'jax tok/s':>10}  {'jax TTFT s':>10}  {'calls/tok':>9}  {'steps/tok':>9}  "
               f"{'hf tok/s':>9}  {'ratio':>6}")  # fmt: skip
         for batch in args.batch_sizes:
             prompts = _prompts(rng, batch, args.prompt_tokens, config.vocab_size)
             timers = {}
-            timers["jax"], per_token = jax_timer(config, params, prompts, args.new_tokens, args.decode_chunk)
+            timers["jax"], per_token = jax_timer(
+                config, params, prompts, args.new_tokens, args.decode_chunk, loop
+            )
             if model_dir is not None:
                 timers["hf"] = transformers_timer(model_dir, prompts, args.dtype)
             rates = side_by_side(timers, batch, args.new_tokens, args.repeats)
-            (rate, ttft) = rates["jax"]
+            rate, ttft = rates["jax"]
             row = f"{batch:>5}  {rate:>10.1f}  {ttft:>10.3f}  {per_token['calls']:>9.3f}  {per_token['steps']:>9.3f}"
             if model_dir is not None:
                 hf_rate = rates["hf"][0]
