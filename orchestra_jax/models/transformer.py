@@ -25,6 +25,8 @@ from orchestra_jax.parallel.mesh import with_logical_constraint
 Params = dict[str, Any]
 REMAT_POLICIES = ("none", "full", "dots")
 ATTENTION_CHUNK = 1024
+CAUSAL_BLOCK = 128
+MAX_CAUSAL_BLOCKS = 16
 
 
 def _layer_shapes(config: TransformerConfig) -> dict[str, tuple[tuple[int, ...], tuple[str | None, ...]]]:
@@ -208,9 +210,8 @@ def _rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 def _attention_block(
     q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array, mask_BTS: jax.Array
 ) -> jax.Array:
-    """Heads-major layout ([B, K, G, T, H] queries, [B, K, S, H] keys/values) so both einsums, forward and
-    backward, are plain batched matmuls: on the CPU this halves the attention backward against token-major
-    einsums, which XLA lowers with transposes inside."""
+    """Heads-major layout ([B, K, G, T, H] queries, [B, K, S, H] keys/values) so both einsums are plain batched
+    matmuls (token-major einsums lower with transposes inside on the CPU)."""
     b, t, n, h = q_BTNH.shape
     kv = k_BKSH.shape[1]
     q_BKGTH = jnp.moveaxis(q_BTNH.reshape(b, t, kv, n // kv, h), 1, 3)
@@ -223,33 +224,17 @@ def _attention_block(
     return jnp.moveaxis(out_BKGTH, 3, 1).reshape(b, t, n, h)
 
 
-def _attention_mask(
-    index_BT, positions_BT, segments_BT, key_segments_BS, key_len: int, cached: bool
-) -> jax.Array:
-    """Which keys each query sees: cache slots <= its position, or earlier tokens of its own segment."""
-    keys_S = jnp.arange(key_len)
-    if cached:
-        return keys_S[None, None, :] <= positions_BT[:, :, None]
-    mask_BTS = keys_S[None, None, :] <= index_BT[:, :, None]
-    if segments_BT is not None:
-        mask_BTS = mask_BTS & (segments_BT[:, :, None] == key_segments_BS[:, None, :])
-    return mask_BTS
+def _attention(q_BTNH, k_BKSH, v_BKSH, positions_BT, chunk: int | None) -> jax.Array:
+    """Prefill attention over cache slots <= each query's position; above `chunk` queries it runs query block by
+    query block (each rematerialised), so the [T, S] scores never exist at once."""
+    keys_S = jnp.arange(k_BKSH.shape[2])
 
-
-def _attention(
-    q_BTNH, k_BKSH, v_BKSH, queries, key_segments_BS, cached: bool, chunk: int | None
-) -> jax.Array:
-    """Attention over all keys; above `chunk` queries it runs query block by query block (each rematerialised),
-    so the [T, S] scores never exist at once, in the forward or the backward pass."""
-    key_len = k_BKSH.shape[2]
-
-    def block(q_BTNH, index_BT, positions_BT, segments_BT):
-        mask_BTS = _attention_mask(index_BT, positions_BT, segments_BT, key_segments_BS, key_len, cached)
-        return _attention_block(q_BTNH, k_BKSH, v_BKSH, mask_BTS)
+    def block(q_BTNH, positions_BT):
+        return _attention_block(q_BTNH, k_BKSH, v_BKSH, keys_S[None, None, :] <= positions_BT[:, :, None])
 
     b, t = q_BTNH.shape[:2]
     if chunk is None or t <= chunk:
-        return block(q_BTNH, *queries)
+        return block(q_BTNH, positions_BT)
     pad = (-t) % chunk
     n = (t + pad) // chunk
 
@@ -257,9 +242,94 @@ def _attention(
         x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
         return jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)
 
-    xs = (blocks(q_BTNH), *(None if x is None else blocks(x) for x in queries))
-    out_nBCNH = jax.lax.map(jax.checkpoint(lambda xs: block(*xs)), xs)
+    out_nBCNH = jax.lax.map(jax.checkpoint(lambda xs: block(*xs)), (blocks(q_BTNH), blocks(positions_BT)))
     return jnp.moveaxis(out_nBCNH, 0, 1).reshape(b, n * chunk, *q_BTNH.shape[2:])[:, :t]
+
+
+def causal_block(t: int) -> int:
+    """Query rows per block of training attention: 128, or T/16 for long rows so the unrolled blocks stay few."""
+    return max(CAUSAL_BLOCK, -(-t // MAX_CAUSAL_BLOCKS))
+
+
+def _causal_attention(q_BTNH, k_BKTH, v_BKTH, segments_BT, block: int) -> jax.Array:
+    """Attention to earlier tokens of the same row and segment (segment id 0 is padding), for training."""
+    b, t, n, h = q_BTNH.shape
+    kv = k_BKTH.shape[1]
+    q_BKGTH = jnp.moveaxis(q_BTNH.reshape(b, t, kv, n // kv, h), 1, 3)
+    k_BKTH, v_BKTH = k_BKTH.astype(q_BTNH.dtype), v_BKTH.astype(q_BTNH.dtype)
+    out_BKGTH = _flash(q_BKGTH, k_BKTH, v_BKTH, segments_BT, block)
+    return jnp.moveaxis(out_BKGTH, 3, 1).reshape(b, t, n, h)
+
+
+def _query_blocks(t: int, block: int) -> list[tuple[int, int]]:
+    return [(start, min(start + block, t)) for start in range(0, t, block)]
+
+
+def _block_scores(q_BKGTH, k_BKTH, segments_BT, start: int, end: int) -> tuple[jax.Array, jax.Array]:
+    """Scaled f32 scores of queries [start, end) against keys [0, end) (the later keys are all masked), and
+    the mask [B, 1, 1, end - start, end]."""
+    scale = np.float32(1.0 / math.sqrt(q_BKGTH.shape[-1]))
+    scores_BKGCS = jnp.einsum("bkgch,bksh->bkgcs", q_BKGTH[:, :, :, start:end], k_BKTH[:, :, :end],
+                              preferred_element_type=jnp.float32) * scale
+    mask_CS = jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None]
+    mask_BCS = mask_CS[None]
+    if segments_BT is not None:
+        mask_BCS = mask_BCS & (segments_BT[:, start:end, None] == segments_BT[:, None, :end])
+    return scores_BKGCS, mask_BCS[:, None, None]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _flash(q_BKGTH, k_BKTH, v_BKTH, segments_BT, block):
+    """Causal attention query block by query block, skipping the keys above each block (a flash-attention
+    schedule in plain XLA: at T = 1024 it halves a layer's attention time on the CPU). The backward keeps only
+    the output and the per-row log-sum-exp and recomputes each block's probabilities, so no [T, T] array is
+    saved between the passes."""
+    return _flash_fwd(q_BKGTH, k_BKTH, v_BKTH, segments_BT, block)[0]
+
+
+def _flash_fwd(q_BKGTH, k_BKTH, v_BKTH, segments_BT, block):
+    outs, lses = [], []
+    for start, end in _query_blocks(q_BKGTH.shape[3], block):
+        scores_BKGCS, mask = _block_scores(q_BKGTH, k_BKTH, segments_BT, start, end)
+        scores_BKGCS = jnp.where(mask, scores_BKGCS, -jnp.inf)
+        top_BKGC1 = jnp.max(scores_BKGCS, axis=-1, keepdims=True)  # finite: a query always sees itself
+        probs_BKGCS = jnp.exp(scores_BKGCS - top_BKGC1)
+        total_BKGC1 = jnp.sum(probs_BKGCS, axis=-1, keepdims=True)
+        out_BKGCH = jnp.einsum("bkgcs,bksh->bkgch", probs_BKGCS.astype(v_BKTH.dtype), v_BKTH[:, :, :end],
+                               preferred_element_type=jnp.float32)
+        outs.append((out_BKGCH / total_BKGC1).astype(q_BKGTH.dtype))
+        lses.append(top_BKGC1 + jnp.log(total_BKGC1))
+    out_BKGTH, lse_BKGT1 = jnp.concatenate(outs, axis=3), jnp.concatenate(lses, axis=3)
+    return out_BKGTH, (q_BKGTH, k_BKTH, v_BKTH, segments_BT, out_BKGTH, lse_BKGT1)
+
+
+def _flash_bwd(block, residuals, g_BKGTH):
+    """dP = g·Vᵀ, dS = P ∘ (dP − rowsum(g ∘ O)), dQ = dS·K, dK = dSᵀ·Q, dV = Pᵀ·g (scale folded into dS)."""
+    q_BKGTH, k_BKTH, v_BKTH, segments_BT, out_BKGTH, lse_BKGT1 = residuals
+    dtype = q_BKGTH.dtype
+    scale = np.float32(1.0 / math.sqrt(q_BKGTH.shape[-1]))
+    g32_BKGTH = g_BKGTH.astype(jnp.float32)
+    delta_BKGT1 = jnp.sum(g32_BKGTH * out_BKGTH.astype(jnp.float32), axis=-1, keepdims=True)
+    dq_blocks = []
+    dk_BKTH = jnp.zeros(k_BKTH.shape, jnp.float32)
+    dv_BKTH = jnp.zeros(v_BKTH.shape, jnp.float32)
+    for start, end in _query_blocks(q_BKGTH.shape[3], block):
+        scores_BKGCS, mask = _block_scores(q_BKGTH, k_BKTH, segments_BT, start, end)
+        probs_BKGCS = jnp.where(mask, jnp.exp(scores_BKGCS - lse_BKGT1[:, :, :, start:end]), 0.0)
+        g_BKGCH = g_BKGTH[:, :, :, start:end]
+        dv_BKTH = dv_BKTH.at[:, :, :end].add(jnp.einsum(
+            "bkgcs,bkgch->bksh", probs_BKGCS.astype(dtype), g_BKGCH, preferred_element_type=jnp.float32))
+        dprobs_BKGCS = jnp.einsum("bkgch,bksh->bkgcs", g_BKGCH, v_BKTH[:, :, :end],
+                                  preferred_element_type=jnp.float32)
+        dscores_BKGCS = (probs_BKGCS * (dprobs_BKGCS - delta_BKGT1[:, :, :, start:end]) * scale).astype(dtype)
+        dq_blocks.append(jnp.einsum("bkgcs,bksh->bkgch", dscores_BKGCS, k_BKTH[:, :, :end],
+                                    preferred_element_type=jnp.float32).astype(dtype))
+        dk_BKTH = dk_BKTH.at[:, :, :end].add(jnp.einsum(
+            "bkgcs,bkgch->bksh", dscores_BKGCS, q_BKGTH[:, :, :, start:end], preferred_element_type=jnp.float32))
+    return jnp.concatenate(dq_blocks, axis=3), dk_BKTH.astype(dtype), dv_BKTH.astype(dtype), None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def _decode_attention(q_B1NH, k_cache_BKSH, v_cache_BKSH, k_B1KH, v_B1KH, positions_B1) -> jax.Array:
@@ -327,7 +397,8 @@ def hidden_states(
 ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
     """Final-normed hidden states [B, T, D] (so the log-prob kernel can fuse the LM head) and the new cache.
 
-    `attention_chunk`: above this many tokens, attention runs in query blocks of this size (None: never).
+    `attention_chunk`: with a KV cache (prefill), above this many tokens attention runs in query blocks of this
+    size (None: never). Without a cache, attention always runs in causal blocks of `causal_block(T)` rows.
     """
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat {remat!r} is not one of {REMAT_POLICIES}")
@@ -347,15 +418,13 @@ def hidden_states(
     write_BT = positions_BT
     if kv_cache is not None and segment_ids_BT is not None:
         write_BT = jnp.where(segment_ids_BT == 0, kv_cache["k"].shape[3], positions_BT)  # pads: dropped write
-    index_BT = jnp.broadcast_to(jnp.arange(t)[None], (b, t))
-    queries = (index_BT, positions_BT, None if kv_cache is not None else segment_ids_BT)
 
     decode = kv_cache is not None and t == 1 and segment_ids_BT is None
 
     def attend(q_BTNH, k_BTKH, v_BTKH, cache_kv):
         if cache_kv is None:
             k_BKTH, v_BKTH = jnp.moveaxis(k_BTKH, 1, 2), jnp.moveaxis(v_BTKH, 1, 2)
-            return _attention(q_BTNH, k_BKTH, v_BKTH, queries, segment_ids_BT, False, attention_chunk), None
+            return _causal_attention(q_BTNH, k_BKTH, v_BKTH, segment_ids_BT, causal_block(t)), None
         k_cache_BKSH, v_cache_BKSH = cache_kv
         if decode:
             attn_BTNH = _decode_attention(q_BTNH, k_cache_BKSH, v_cache_BKSH, k_BTKH, v_BTKH, positions_BT)
@@ -364,7 +433,7 @@ def hidden_states(
         rows_BT = jnp.broadcast_to(jnp.arange(b)[:, None], write_BT.shape)
         k_cache_BKSH = k_cache_BKSH.at[rows_BT, :, write_BT].set(k_BTKH.astype(k_cache_BKSH.dtype), mode="drop")
         v_cache_BKSH = v_cache_BKSH.at[rows_BT, :, write_BT].set(v_BTKH.astype(v_cache_BKSH.dtype), mode="drop")
-        attn_BTNH = _attention(q_BTNH, k_cache_BKSH, v_cache_BKSH, queries, segment_ids_BT, True, attention_chunk)
+        attn_BTNH = _attention(q_BTNH, k_cache_BKSH, v_cache_BKSH, positions_BT, attention_chunk)
         return attn_BTNH, (k_cache_BKSH, v_cache_BKSH)
 
     def body(x_BTD, xs):

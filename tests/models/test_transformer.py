@@ -66,33 +66,53 @@ def test_one_token_decode_ignores_stale_cache_slots_and_writes_its_own(name):
         assert not np.array_equal(np.asarray(new_cache["k"][:, row, :, n]), np.asarray(cache["k"][:, row, :, n]))
 
 
-def test_query_chunked_attention_matches_whole_attention():
+def test_query_chunked_prefill_matches_whole_attention():
     seed = np.random.randint(1 << 30)
     config, params = _model("qwen2-tiny", seed)
     ids = jax.random.randint(jax.random.key(seed), (2, 13), 0, config.vocab_size)
     segments = jnp.array([[1] * 6 + [2] * 7, [1] * 9 + [0] * 4])
-    positions = jnp.array([list(range(6)) + list(range(7)), list(range(13))])
-    kwargs = dict(positions_BT=positions, segment_ids_BT=segments)
-    whole = fwd(config, params, ids, attention_chunk=None, **kwargs)
-    assert _rel_err(fwd(config, params, ids, attention_chunk=4, **kwargs), whole) < 1e-5
+    whole = fwd(config, params, ids, segment_ids_BT=segments)
     cache = T.init_kv_cache(config, batch=2, max_len=16)
     chunked, _ = fwd(config, params, ids, attention_chunk=4, kv_cache=cache, segment_ids_BT=segments)
     assert _rel_err(chunked[1, :9], whole[1, :9]) < 1e-5
 
 
-@pytest.mark.slow
-def test_query_chunked_attention_gradients_match():
+def _plain_causal_attention(q_BTNH, k_BKTH, v_BKTH, segments_BT):
+    """Masked softmax over all keys in float32: the reference for the blocked, custom-VJP attention."""
+    b, t, n, h = q_BTNH.shape
+    k_BTNH = jnp.repeat(jnp.moveaxis(k_BKTH, 1, 2), n // k_BKTH.shape[1], axis=2).astype(jnp.float32)
+    v_BTNH = jnp.repeat(jnp.moveaxis(v_BKTH, 1, 2), n // v_BKTH.shape[1], axis=2).astype(jnp.float32)
+    scores_BNTS = jnp.einsum("btnh,bsnh->bnts", q_BTNH.astype(jnp.float32), k_BTNH) / np.sqrt(h)
+    mask_BTS = (jnp.arange(t)[None, :] <= jnp.arange(t)[:, None])[None]
+    mask_BTS = mask_BTS & (segments_BT[:, :, None] == segments_BT[:, None, :])
+    probs_BNTS = jax.nn.softmax(jnp.where(mask_BTS[:, None], scores_BNTS, -jnp.inf), axis=-1)
+    return jnp.einsum("bnts,bsnh->btnh", probs_BNTS, v_BTNH)
+
+
+@pytest.mark.parametrize("dtype, block, tol", [("float32", 4, 1e-5), ("float32", 13, 1e-5), ("float32", 5, 1e-5),
+                                              ("bfloat16", 4, 3e-2)])
+def test_blocked_causal_attention_and_its_gradients_match_plain_attention(dtype, block, tol):
+    """Blocks of 4 and 5 rows skip keys above the diagonal (13 rows: one block); packed segments and a padded
+    tail (segment 0); grouped-query heads (6 query heads over 2 K/V heads)."""
     seed = np.random.randint(1 << 30)
-    config, params = _model("qwen2-tiny", seed)
-    ids = jax.random.randint(jax.random.key(seed), (2, 13), 0, config.vocab_size)
-    kwargs = dict(segment_ids_BT=jnp.array([[1] * 6 + [2] * 7, [1] * 9 + [0] * 4]))
+    kq, kk, kv, kg = jax.random.split(jax.random.key(seed), 4)
+    q = jax.random.normal(kq, (2, 13, 6, 8)).astype(dtype)
+    k = jax.random.normal(kk, (2, 2, 13, 8)).astype(dtype)
+    v = jax.random.normal(kv, (2, 2, 13, 8)).astype(dtype)
+    g = jax.random.normal(kg, q.shape).astype(dtype)
+    segments = jnp.array([[1] * 6 + [2] * 7, [1] * 9 + [0] * 4])
+    out, vjp = jax.vjp(lambda q, k, v: T._causal_attention(q, k, v, segments, block), q, k, v)
+    ref, ref_vjp = jax.vjp(lambda q, k, v: _plain_causal_attention(q, k, v, segments), q, k, v)
+    assert out.dtype == q.dtype
+    assert _rel_err(out.astype(jnp.float32), ref) < tol
+    for got, want in zip(vjp(g), ref_vjp(g.astype(jnp.float32))):
+        assert got.dtype == q.dtype
+        assert _rel_err(got.astype(jnp.float32), want) < tol
 
-    def loss(p, chunk):
-        return jnp.mean(T.forward(config, p, ids, attention_chunk=chunk, **kwargs)[..., :3] ** 2)
 
-    g_whole, g_chunked = (jax.jit(jax.grad(loss), static_argnums=1)(params, c) for c in (None, 4))
-    for a, b in zip(jax.tree.leaves(g_whole), jax.tree.leaves(g_chunked)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+def test_causal_block_grows_with_long_rows():
+    assert T.causal_block(100) == T.causal_block(2048) == T.CAUSAL_BLOCK
+    assert T.causal_block(32768) == 32768 // T.MAX_CAUSAL_BLOCKS
 
 
 def _loss(config, params, ids, remat):
