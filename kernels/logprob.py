@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 from jax.sharding import Mesh, PartitionSpec
 from orchestra_jax.kernels import dispatch
 from orchestra_jax.kernels import logprob_math as lm
@@ -58,10 +59,10 @@ def _check(hidden_TH, w_HV, targets_T, temperature) -> None:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _fused(hidden_TH, w_HV, targets_T, temperature, impl, with_entropy):
-    return _fused_fwd(hidden_TH, w_HV, targets_T, temperature, impl, with_entropy)[0]
+    return _forward(hidden_TH, w_HV, targets_T, temperature, impl, with_entropy)[0]
 
 
-def _fused_fwd(hidden_TH, w_HV, targets_T, temperature, impl, with_entropy):
+def _forward(hidden_TH, w_HV, targets_T, temperature, impl, with_entropy):
     """Outputs logprob, or (logprob, entropy) when with_entropy (static): without it, neither pass touches the
     first moment u or the entropy term of ∂z."""
     stats_fn, _ = _backend(impl, temperature, with_entropy)
@@ -71,15 +72,26 @@ def _fused_fwd(hidden_TH, w_HV, targets_T, temperature, impl, with_entropy):
     return (logprob_T, entropy_T), (hidden_TH, w_HV, targets_T, lse_T, mean_z_T)
 
 
+def _fused_fwd(hidden_TH, w_HV, targets_T, temperature, impl, with_entropy):
+    # symbolic_zeros: the primal inputs arrive wrapped (value, perturbed).
+    return _forward(hidden_TH.value, w_HV.value, targets_T.value, temperature, impl, with_entropy)
+
+
 def _fused_bwd(temperature, impl, with_entropy, residuals, cotangents):
+    """An entropy that is only logged (its cotangent a symbolic zero) skips the entropy term of ∂z: in a train
+    step without an entropy bonus that term cost more than the rest of the backward."""
     hidden_TH, w_HV, targets_T, lse_T, mean_z_T = residuals
     g_logprob_T, g_entropy_T = cotangents if with_entropy else (cotangents, None)
+    if isinstance(g_entropy_T, SymbolicZero):
+        mean_z_T, g_entropy_T = None, None
+    if isinstance(g_logprob_T, SymbolicZero):
+        g_logprob_T = jnp.zeros_like(lse_T)
     _, grads_fn = _backend(impl, temperature, with_entropy)
     dh_TH, dw_HV = grads_fn(hidden_TH, w_HV, targets_T, lse_T, mean_z_T, g_logprob_T, g_entropy_T)
     return dh_TH, dw_HV, None
 
 
-_fused.defvjp(_fused_fwd, _fused_bwd)
+_fused.defvjp(_fused_fwd, _fused_bwd, symbolic_zeros=True)
 
 
 def fused_logprob(

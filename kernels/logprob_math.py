@@ -17,6 +17,7 @@ and ∂z/∂h, ∂z/∂W carry the factor 1/τ.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 
@@ -57,25 +58,37 @@ def tile_stats(
     num_cols: int | None,
     *,
     with_entropy: bool = True,
+    separate_reductions: bool = False,
 ) -> tuple[jnp.ndarray, ...]:
     """Summary of one fp32 tile of scaled logits.
 
     Columns with index >= num_cols are padding and ignored; num_cols=None promises a tile without padding, so
     the masks (a select on every element) are left out of the program. with_entropy=False leaves u = 0.
     targets_R=None leaves tz = 0, for callers that take it from `target_logits` instead.
+    separate_reductions: s and u each recompute exp(z − m) behind an optimisation barrier. XLA's CPU compiler
+    otherwise writes z − m and the exp out as whole tiles for the two sums to share: 11.2 ms against 2.5 ms on
+    a [2048, 2048] tile (a /tmp probe). The plain-JAX path asks for it; a Pallas tile lives in registers anyway.
     """
     hit_RC = None if targets_R is None else cols_C[None, :] == targets_R[:, None]
-    if num_cols is None:
+    valid_RC = None if num_cols is None else jnp.broadcast_to(cols_C[None, :] < num_cols, z_RC.shape)
+    if valid_RC is None:
         m_R = jnp.max(z_RC, axis=1)
-        d_RC = z_RC - m_R[:, None]
-        e_RC = jnp.exp(d_RC)
     else:
-        valid_RC = jnp.broadcast_to(cols_C[None, :] < num_cols, z_RC.shape)
         m_R = jnp.max(jnp.where(valid_RC, z_RC, -jnp.inf), axis=1)
-        d_RC = jnp.where(valid_RC, z_RC - m_R[:, None], 0.0)
-        e_RC = jnp.where(valid_RC, jnp.exp(d_RC), 0.0)
         hit_RC = None if hit_RC is None else hit_RC & valid_RC
+
+    def shifted(z_RC, m_R):
+        """(z − m, exp(z − m)), both 0 in padding columns."""
+        if valid_RC is None:
+            d_RC = z_RC - m_R[:, None]
+            return d_RC, jnp.exp(d_RC)
+        d_RC = jnp.where(valid_RC, z_RC - m_R[:, None], 0.0)
+        return d_RC, jnp.where(valid_RC, jnp.exp(d_RC), 0.0)
+
+    d_RC, e_RC = shifted(z_RC, m_R)
     s_R = jnp.sum(e_RC, axis=1)
+    if with_entropy and separate_reductions:
+        d_RC, e_RC = shifted(*jax.lax.optimization_barrier((z_RC, m_R)))
     u_R = jnp.sum(e_RC * d_RC, axis=1) if with_entropy else jnp.zeros_like(s_R)
     tz_R = jnp.zeros_like(s_R) if hit_RC is None else jnp.sum(jnp.where(hit_RC, z_RC, 0.0), axis=1)
     return m_R, s_R, u_R, tz_R

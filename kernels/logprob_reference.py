@@ -102,7 +102,7 @@ def reference_stats(
     def body(stats, i):
         w_HC, cols_C, _, num_cols = _chunk(w_HV, i, size, exact)
         z_TC = _scaled(jnp.dot(hidden_TH, w_HC, preferred_element_type=jnp.float32), temperature)
-        tile = lm.tile_stats(z_TC, cols_C, None, num_cols, with_entropy=with_entropy)
+        tile = lm.tile_stats(z_TC, cols_C, None, num_cols, with_entropy=with_entropy, separate_reductions=True)
         return lm.merge_stats(stats, tile), None
 
     (m_T, s_T, u_T, _), _ = jax.lax.scan(body, lm.empty_stats(hidden_TH.shape[0]), jnp.arange(count))
