@@ -69,14 +69,14 @@ def _chunk(w_HV: jnp.ndarray, i: jnp.ndarray, size: int, exact: bool):
     return w_HC, jnp.where(cols_C >= i * size, cols_C, num_cols), start, num_cols
 
 
-def _columns(w: jnp.ndarray, start: jnp.ndarray, size: int, axis: int = 1) -> jnp.ndarray:
-    """w[:, start:start + size] (or rows with axis=0). A 16-bit float w is sliced as its uint16 bits: XLA's CPU
-    compiler upcasts a bf16 dynamic slice to f32 and hoists a float32 copy of the whole of w out of the loop;
-    the bits cost one copy of w's own size instead (a gather costs the f32 copy too)."""
-    if w.dtype.itemsize != 2:
-        return jax.lax.dynamic_slice_in_dim(w, start, size, axis=axis)
-    bits = jax.lax.bitcast_convert_type(w, jnp.uint16)
-    return jax.lax.bitcast_convert_type(jax.lax.dynamic_slice_in_dim(bits, start, size, axis=axis), w.dtype)
+def _columns(w_HV: jnp.ndarray, start: jnp.ndarray, size: int) -> jnp.ndarray:
+    """w[:, start:start + size]. A 16-bit float w is sliced as its uint16 bits: XLA's CPU compiler upcasts a
+    bf16 dynamic slice to f32 and hoists a float32 copy of the whole of w out of the loop; the bits cost one copy
+    of w's own size instead (a gather costs the f32 copy too)."""
+    if w_HV.dtype.itemsize != 2:
+        return jax.lax.dynamic_slice_in_dim(w_HV, start, size, axis=1)
+    bits_HV = jax.lax.bitcast_convert_type(w_HV, jnp.uint16)
+    return jax.lax.bitcast_convert_type(jax.lax.dynamic_slice_in_dim(bits_HV, start, size, axis=1), w_HV.dtype)
 
 
 def _scaled(x, temperature):
@@ -128,11 +128,6 @@ def reference_grads(
     targets_T = targets_T.astype(jnp.int32)
     compute = hidden_TH.dtype
 
-    # Both gradient matmuls read a transposed operand. Transposed once here, outside the loop, they are plain
-    # matmuls inside it: XLA's CPU runs a bf16 matmul natively only then, and otherwise converts both operands
-    # to f32 (half the speed). For a tied head, W's transpose is the embedding itself.
-    w_VH, hidden_HT = w_HV.T, hidden_TH.T
-
     def body(carry, i):
         dh_TH, dw_HV = carry
         w_HC, cols_C, start, num_cols = _chunk(w_HV, i, size, exact)
@@ -141,9 +136,8 @@ def reference_grads(
             z_TC, cols_C, targets_T, num_cols, lse_T, mean_z_T, g_logprob_T, g_entropy_T
         )
         dz_TC = _scaled(dz_TC, temperature).astype(compute)
-        w_CH = _columns(w_VH, start, size, axis=0)
-        dh_TH = dh_TH + jnp.dot(dz_TC, w_CH, preferred_element_type=jnp.float32)
-        dw_HC = jnp.dot(hidden_HT, dz_TC, preferred_element_type=jnp.float32)
+        dh_TH = dh_TH + jnp.dot(dz_TC, w_HC.T, preferred_element_type=jnp.float32)
+        dw_HC = jnp.dot(hidden_TH.T, dz_TC, preferred_element_type=jnp.float32)
         if not exact:
             # Overlapping columns of the shifted last chunk have dz = 0, so adding (not overwriting) is exact.
             dw_HC = dw_HC + jax.lax.dynamic_slice_in_dim(dw_HV, start, size, axis=1)
