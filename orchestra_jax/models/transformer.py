@@ -212,16 +212,26 @@ def _attention_block(
 ) -> jax.Array:
     """Heads-major layout ([B, K, G, T, H] queries, [B, K, S, H] keys/values) so both einsums are plain batched
     matmuls (token-major einsums lower with transposes inside on the CPU)."""
-    b, t, n, h = q_BTNH.shape
-    kv = k_BKSH.shape[1]
-    q_BKGTH = jnp.moveaxis(q_BTNH.reshape(b, t, kv, n // kv, h), 1, 3)
+    q_BKGTH = _heads_major(q_BTNH, k_BKSH.shape[1])
     k_BKSH = k_BKSH.astype(q_BTNH.dtype)
     v_BKSH = v_BKSH.astype(q_BTNH.dtype)
-    scores_BKGTS = _einsum("bkgth,bksh->bkgts", q_BKGTH, k_BKSH, jnp.float32) / np.float32(math.sqrt(h))
+    scale = np.float32(1.0 / math.sqrt(q_BTNH.shape[-1]))
+    scores_BKGTS = _einsum("bkgth,bksh->bkgts", q_BKGTH, k_BKSH, jnp.float32) * scale
     scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, jnp.finfo(jnp.float32).min)
     probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(q_BTNH.dtype)
-    out_BKGTH = _einsum("bkgts,bksh->bkgth", probs_BKGTS, v_BKSH)
-    return jnp.moveaxis(out_BKGTH, 3, 1).reshape(b, t, n, h)
+    return _token_major(_einsum("bkgts,bksh->bkgth", probs_BKGTS, v_BKSH))
+
+
+def _heads_major(q_BTNH: jax.Array, kv_heads: int) -> jax.Array:
+    """[B, T, N, H] queries -> [B, K, G, T, H]: each K/V head's G query heads next to each other."""
+    b, t, n, h = q_BTNH.shape
+    return jnp.moveaxis(q_BTNH.reshape(b, t, kv_heads, n // kv_heads, h), 1, 3)
+
+
+def _token_major(out_BKGTH: jax.Array) -> jax.Array:
+    """The inverse of `_heads_major`."""
+    b, k, g, t, h = out_BKGTH.shape
+    return jnp.moveaxis(out_BKGTH, 3, 1).reshape(b, t, k * g, h)
 
 
 def _attention(q_BTNH, k_BKSH, v_BKSH, positions_BT, chunk: int | None) -> jax.Array:
@@ -254,12 +264,9 @@ def causal_block(t: int) -> int:
 
 def _causal_attention(q_BTNH, k_BKTH, v_BKTH, segments_BT, block: int) -> jax.Array:
     """Attention to earlier tokens of the same row and segment (segment id 0 is padding), for training."""
-    b, t, n, h = q_BTNH.shape
-    kv = k_BKTH.shape[1]
-    q_BKGTH = jnp.moveaxis(q_BTNH.reshape(b, t, kv, n // kv, h), 1, 3)
+    q_BKGTH = _heads_major(q_BTNH, k_BKTH.shape[1])
     k_BKTH, v_BKTH = k_BKTH.astype(q_BTNH.dtype), v_BKTH.astype(q_BTNH.dtype)
-    out_BKGTH = _flash(q_BKGTH, k_BKTH, v_BKTH, segments_BT, block)
-    return jnp.moveaxis(out_BKGTH, 3, 1).reshape(b, t, n, h)
+    return _token_major(_flash(q_BKGTH, k_BKTH, v_BKTH, segments_BT, block))
 
 
 def _query_blocks(t: int, block: int) -> list[tuple[int, int]]:
