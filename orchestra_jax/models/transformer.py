@@ -200,11 +200,37 @@ def _rope_bwd(residuals, g_BTNH):
 _rope.defvjp(_rope_fwd, _rope_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """Normalise in float32, cast back, then scale (HF's order, which matters in bf16)."""
+    """Normalise in float32, cast back, then scale (HF's order, which matters in bf16).
+
+    The custom VJP is the textbook one in a single f32 pass, with the weight's gradient summed by a matmul:
+    autodiff's version summed it in the compute dtype (bf16) through a reduce-window that XLA's CPU runs
+    slowly, and took 1.2-3x as long for the whole backward.
+    """
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return weight.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def _rms_norm_fwd(x, weight, eps):
+    return _rms_norm(x, weight, eps), (x, weight)
+
+
+def _rms_norm_bwd(eps, residuals, g):
+    """∂x = r·(∂n − n·mean(∂n·n)) with n = x·r, r = 1/rms(x), ∂n = g·w; ∂w = Σ g·n over every leading dim."""
+    x, weight = residuals
+    x32, g32 = x.astype(jnp.float32), g.astype(jnp.float32)
+    inv_rms = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    normed32 = x32 * inv_rms
+    d_normed = g32 * weight.astype(x.dtype).astype(jnp.float32)
+    dx = inv_rms * (d_normed - normed32 * jnp.mean(d_normed * normed32, axis=-1, keepdims=True))
+    g_normed_ND = (g32 * normed32.astype(x.dtype).astype(jnp.float32)).reshape(-1, x.shape[-1])
+    dw = jnp.dot(jnp.ones((1, g_normed_ND.shape[0]), jnp.float32), g_normed_ND)[0]
+    return dx.astype(x.dtype), dw.astype(weight.dtype)
+
+
+_rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
 
 
 def _attention_block(

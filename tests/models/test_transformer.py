@@ -186,6 +186,28 @@ def test_rope_inverse_rotation_gradient_matches_autodiff(name):
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(2, 7, 24), (2, 7, 3, 8)])  # a layer norm and a per-head q/k norm
+def test_rms_norm_gradient_matches_autodiff(shape):
+    seed = np.random.randint(1 << 30)
+    kx, kw, kg = jax.random.split(jax.random.key(seed), 3)
+    x = 3.0 * jax.random.normal(kx, shape)
+    w = jax.random.normal(kw, shape[-1:])
+    g = jax.random.normal(kg, shape)
+    plain = T._rms_norm.fun  # the undecorated function: autodiff of the formula itself
+    ref = jax.vjp(lambda x, w: plain(x, w, 1e-6), x, w)[1](g)
+    got = jax.vjp(lambda x, w: T._rms_norm(x, w, 1e-6), x, w)[1](g)
+    for a, b in zip(got, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    # bf16 activations, f32 weight: the weight's gradient is summed in f32 here, in bf16 by autodiff
+    x16, g16 = x.astype(jnp.bfloat16), g.astype(jnp.bfloat16)
+    ref16 = jax.vjp(lambda x, w: plain(x.astype(jnp.float32), w, 1e-6), x16.astype(jnp.float32), w)[1](
+        g16.astype(jnp.float32))
+    got16 = jax.vjp(lambda x, w: T._rms_norm(x, w, 1e-6), x16, w)[1](g16)
+    assert got16[0].dtype == jnp.bfloat16 and got16[1].dtype == jnp.float32
+    for a, b in zip(got16, ref16):
+        assert _rel_err(a.astype(jnp.float32), b) < 2e-2
+
+
 def test_bfloat16_compute_gradients_are_close():
     seed = np.random.randint(1 << 30)
     config, params = _model("qwen3-tiny", seed)
