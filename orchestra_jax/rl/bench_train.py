@@ -2,7 +2,8 @@
 
 Both sides get the same weights (a random transformers model, saved and loaded by models.load_pretrained),
 the same batch of token ids, and do the same work: forward, backward of the mean token NLL, one AdamW update,
-on the CPU, with float32 params and optimizer state. Activations are float32 on both sides, or with
+on the CPU, with float32 params and optimizer state. A side's step time is the median over at least `repeats`
+steps and at least `min_seconds` of them. Activations are float32 on both sides, or with
 --compute-dtype bfloat16 ours are bf16 (matmuls accumulating in f32) and PyTorch's step runs under bf16
 autocast, its own mixed-precision recipe. Our side is the RL train step with unit advantages (whose gradient is
 the NLL's, see sft.py), so the number measures the step training actually runs. Timings exclude the first
@@ -43,6 +44,8 @@ class TrainBenchArgs:
     batch: int = 8
     seq_len: int = 256
     repeats: int = 3
+    min_seconds: float = 3.0
+    """Each side keeps stepping past `repeats` until its timed steps add up to this many seconds."""
     torch_reference: bool = True
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     """Activations' dtype (params and AdamW state stay float32); PyTorch's step runs under bf16 autocast then."""
@@ -65,19 +68,21 @@ def _hf_model(name: str, seed: int):
     return model, transformers.AutoModelForCausalLM.from_config(config_cls, dtype=torch.float32)
 
 
-def _timings(fn, repeats: int) -> list[float]:
-    """Seconds of each of `repeats` calls, after one untimed call (compile / warm up)."""
+def _timings(fn, repeats: int, min_seconds: float = 0.0) -> list[float]:
+    """Seconds of each call after one untimed call (compile / warm up): `repeats` calls, and more until they add
+    up to `min_seconds`, so a 15 ms step gets as many samples as a 2 s one gets time."""
     fn()
-    times = []
-    for _ in range(repeats):
+    times: list[float] = []
+    while len(times) < repeats or sum(times) < min_seconds:
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
     return times
 
 
-def _time(fn, repeats: int) -> float:
-    return float(np.mean(_timings(fn, repeats)))
+def _time(fn, repeats: int, min_seconds: float) -> float:
+    """The median step time: one slow spell of this shared machine moves a mean of a few calls by 20%."""
+    return float(np.median(_timings(fn, repeats, min_seconds)))
 
 
 def _best_flops(fn, flops: float, repeats: int) -> float:
@@ -129,7 +134,7 @@ def bench_model(name: str, args: TrainBenchArgs) -> dict:
         holder["state"], metrics = step(holder["state"], batch.arrays)
         return metrics
 
-    jax_s = _time(jax_step, args.repeats)
+    jax_s = _time(jax_step, args.repeats, args.min_seconds)
     step_flops = model.train_flops_per_token(args.seq_len) * tokens
     result = {"model": name, "params": model.num_params(), "batch": args.batch, "seq_len": args.seq_len,
               "compute_dtype": args.compute_dtype, "remat": args.remat,
@@ -148,7 +153,7 @@ def bench_model(name: str, args: TrainBenchArgs) -> dict:
             loss.backward()
             torch_opt.step()
 
-        torch_s = _time(torch_step, args.repeats)
+        torch_s = _time(torch_step, args.repeats, args.min_seconds)
         result.update(torch_tokens_per_s=round(tokens / torch_s, 1), torch_step_s=round(torch_s, 3),
                       speedup=round(torch_s / jax_s, 2), torch_model_gflops=round(step_flops / torch_s / 1e9, 2))
     return result
@@ -182,5 +187,6 @@ def run(args: TrainBenchArgs) -> int:
 def check_args(args: TrainBenchArgs) -> None:
     for name in args.models:
         get_preset(name)
-    if args.batch < 1 or args.seq_len < 2 or args.repeats < 1:
-        raise ValueError(f"batch={args.batch}, seq_len={args.seq_len}, repeats={args.repeats}: must be positive (seq_len >= 2)")
+    if args.batch < 1 or args.seq_len < 2 or args.repeats < 1 or args.min_seconds < 0:
+        raise ValueError(f"batch={args.batch}, seq_len={args.seq_len}, repeats={args.repeats}, "
+                         f"min_seconds={args.min_seconds}: must be positive (seq_len >= 2, min_seconds >= 0)")

@@ -9,7 +9,8 @@ from orchestra_jax.rl import bench_train
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_bench_train_reports_flops_and_the_ceiling_bound(capsys, dtype):
-    args = bench_train.TrainBenchArgs(models=("qwen3-tiny",), batch=2, seq_len=16, repeats=1, compute_dtype=dtype)
+    args = bench_train.TrainBenchArgs(models=("qwen3-tiny",), batch=2, seq_len=16, repeats=1, min_seconds=0.0,
+                                      compute_dtype=dtype)
     assert bench_train.run(args) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     (row,) = summary["results"]
