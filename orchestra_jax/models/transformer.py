@@ -206,11 +206,15 @@ def _rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 
     The custom VJP is the textbook one in a single f32 pass, with the weight's gradient summed by a matmul:
     autodiff's version summed it in the compute dtype (bf16) through a reduce-window that XLA's CPU runs
-    slowly, and took 1.2-3x as long for the whole backward.
+    slowly, and took 1.2-3x as long for the whole backward (a /tmp probe at the tiny and 135M shapes).
     """
     x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    normed = x32 * _inv_rms(x32, eps)
     return weight.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def _inv_rms(x32: jax.Array, eps: float) -> jax.Array:
+    return jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
 
 
 def _rms_norm_fwd(x, weight, eps):
@@ -221,7 +225,7 @@ def _rms_norm_bwd(eps, residuals, g):
     """∂x = r·(∂n − n·mean(∂n·n)) with n = x·r, r = 1/rms(x), ∂n = g·w; ∂w = Σ g·n over every leading dim."""
     x, weight = residuals
     x32, g32 = x.astype(jnp.float32), g.astype(jnp.float32)
-    inv_rms = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    inv_rms = _inv_rms(x32, eps)
     normed32 = x32 * inv_rms
     d_normed = g32 * weight.astype(x.dtype).astype(jnp.float32)
     dx = inv_rms * (d_normed - normed32 * jnp.mean(d_normed * normed32, axis=-1, keepdims=True))
@@ -315,9 +319,9 @@ def _block_scores(q_BKGTH, k_BKTH, segments_BT, start: int, end: int) -> tuple[j
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _flash(q_BKGTH, k_BKTH, v_BKTH, segments_BT, block):
     """Causal attention query block by query block, skipping the keys above each block (a flash-attention
-    schedule in plain XLA: at T = 1024 it halves a layer's attention time on the CPU). The backward keeps only
-    the output and the per-row log-sum-exp and recomputes each block's probabilities, so no [T, T] array is
-    saved between the passes."""
+    schedule in plain XLA: at T = 1024 it halved a layer's attention time on the CPU in a /tmp probe). The
+    backward keeps only the output and the per-row log-sum-exp and recomputes each block's probabilities, so no
+    [T, T] array is saved between the passes."""
     return _flash_fwd(q_BKGTH, k_BKTH, v_BKTH, segments_BT, block)[0]
 
 
