@@ -2,8 +2,9 @@
 
     python launch/gpu_train_bench.py [--models qwen3-0.6b qwen3-1.7b] [--batch 8] [--seq-len 2048] [--steps 5]
 
-The step is the RL train step the trainer runs (fused log-prob kernel, GRPO loss, AdamW, fp32 params with
-bf16 compute, full remat by default). In the same run it measures the matmul ceiling: a bf16
+The step is the RL train step the trainer runs (GRPO loss, AdamW, fp32 params with bf16 compute, full remat by
+default), with the trainer's choices of attention (cuDNN on a GPU) and log-prob path (the chunked XLA reference);
+the flags swap each for the alternatives. In the same run it measures the matmul ceiling: a bf16
 [n, n] x [n, n] matmul's achieved FLOP/s. It prints one JSON line per model with tokens/s, model FLOP/s,
 MFU against that measured ceiling and against the card's dense bf16 peak (when the card is known).
 
@@ -46,7 +47,8 @@ def bench(name: str, args: argparse.Namespace, ceiling: float, peak: float | Non
     params = init_params(model, jax.random.key(0), dtype="float32")
     mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
     settings = StepSettings(model=model, loss=PolicyLossConfig(kl_coef=0.0), compute_dtype="bfloat16",
-                            remat=args.remat, logprob_impl=args.logprob_impl)
+                            remat=args.remat, logprob_impl=args.logprob_impl,
+                            attention=args.attention)
     step, state = make_train_step(settings, optax.adamw(1e-6, weight_decay=0.01), mesh, params)
     rng = np.random.default_rng(0)
     samples = [Sample(rng.integers(0, model.vocab_size, args.seq_len), np.ones(args.seq_len, np.int32),
@@ -66,6 +68,7 @@ def bench(name: str, args: argparse.Namespace, ceiling: float, peak: float | Non
     return {
         "model": name, "params": model.num_params(), "device": jax.devices()[0].device_kind,
         "batch": args.batch, "micro_batches": args.micro_batches, "seq_len": args.seq_len, "remat": args.remat,
+        "attention": args.attention, "logprob_impl": args.logprob_impl,
         "compile_s": round(compile_s, 1), "step_s": round(step_s, 4), "tokens_per_s": round(tokens / step_s, 1),
         "model_tflops": round(model_flops / 1e12, 1), "matmul_ceiling_tflops": round(ceiling / 1e12, 1),
         "mfu_vs_measured_ceiling": round(model_flops / ceiling, 3),
@@ -83,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--remat", default="full", choices=["none", "full", "dots"])
     parser.add_argument("--logprob-impl", default="auto", choices=["auto", "pallas", "reference"])
+    parser.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"])
     parser.add_argument("--matmul-n", type=int, default=8192)
     args = parser.parse_args(argv)
     kind = jax.devices()[0].device_kind

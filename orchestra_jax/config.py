@@ -33,6 +33,8 @@ class ModelConfig:
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     remat: Literal["none", "full", "dots"] = "none"
     """Activation checkpointing of each decoder layer: 'none', 'full' (recompute everything) or 'dots' (save matmul outputs, recompute the rest)."""
+    attention: Literal["auto", "xla", "cudnn"] = "auto"
+    """Training attention: 'cudnn' (fused flash attention; GPU with bf16/fp16 compute), 'xla' (query blocks in plain XLA) or 'auto' (cuDNN where it runs)."""
 
 
 @dataclass(frozen=True)
@@ -255,6 +257,13 @@ def validate(config: TrainConfig, num_devices: int | None = None) -> TrainConfig
     for name, value in sizes.items():
         if value == 0 or value < -1:
             fail(name, value, "must be a positive size or -1")
+    if num_devices is not None and config.model.attention == "cudnn":
+        from orchestra_jax.models.transformer import attention_impl
+
+        try:
+            attention_impl(config.model.attention, config.model.compute_dtype)
+        except ValueError as e:
+            fail("model.attention", config.model.attention, str(e))
     if num_devices is not None:
         from orchestra_jax.parallel.mesh import resolve_mesh_shape
 

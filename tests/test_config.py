@@ -79,6 +79,14 @@ def test_batch_must_divide_over_data_axes():
     C.validate(config, num_devices=1)  # one device divides anything
 
 
+def test_cudnn_attention_is_refused_where_it_cannot_run():
+    """The CPU test run has no cuDNN: asking for it fails before any work, naming the field."""
+    demo = C.cpu_demo()
+    config = dataclasses.replace(demo, model=dataclasses.replace(demo.model, attention="cudnn"))
+    with pytest.raises(C.ConfigError, match=r"model\.attention='cudnn': attention 'cudnn' needs a GPU"):
+        C.validate(config, num_devices=1)
+
+
 def test_json_round_trip(tmp_path):
     config = cli.parse_train_config(["--preset", "orchestrator-8b", "--reward.advantage-clip", "None"], "t")
     path = tmp_path / "run" / "config.json"

@@ -24,6 +24,7 @@ from orchestra_jax.parallel.mesh import with_logical_constraint
 
 Params = dict[str, Any]
 REMAT_POLICIES = ("none", "full", "dots")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 ATTENTION_CHUNK = 1024
 CAUSAL_BLOCK = 128
 MAX_CAUSAL_BLOCKS = 32
@@ -299,6 +300,39 @@ def _causal_attention(q_BTNH, k_BKTH, v_BKTH, segments_BT, block: int) -> jax.Ar
     return _token_major(_flash(q_BKGTH, k_BKTH, v_BKTH, segments_BT, block))
 
 
+def attention_impl(impl: str, dtype: Any) -> str:
+    """Training attention: "cudnn" (cuDNN's fused flash attention; GPU, bf16/fp16 only) or "xla" (`_flash`).
+    "auto" picks cuDNN where it runs."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention {impl!r} is not one of {ATTENTION_IMPLS}")
+    fused_ok = jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    if impl == "auto":
+        return "cudnn" if fused_ok else "xla"
+    if impl == "cudnn" and not fused_ok:
+        raise ValueError(f"attention 'cudnn' needs a GPU and bf16/fp16 compute (here: {jax.default_backend()}, "
+                         f"{jnp.dtype(dtype).name})")
+    return impl
+
+
+def _library_attention(q_BTNH, k_BTKH, v_BTKH, segments_BT, implementation: str) -> jax.Array:
+    """Causal attention within each segment through `jax.nn.dot_product_attention` ("cudnn" on a GPU; "xla"
+    is the same call's plain path, which tests compare with `_flash` on the CPU). Packed rows become a
+    [B, 1, T, T] same-segment mask, which cuDNN adds as a constant bias (its masked training kernels need an
+    even T, so an odd row gets one more position, which no earlier query can see)."""
+    t = q_BTNH.shape[1]
+    k_BTKH, v_BTKH = k_BTKH.astype(q_BTNH.dtype), v_BTKH.astype(q_BTNH.dtype)
+    if t % 2:
+        q_BTNH, k_BTKH, v_BTKH = (jnp.pad(x, [(0, 0), (0, 1), (0, 0), (0, 0)]) for x in (q_BTNH, k_BTKH, v_BTKH))
+        if segments_BT is not None:
+            segments_BT = jnp.pad(segments_BT, [(0, 0), (0, 1)], constant_values=-1)
+    mask_B1TT = None
+    if segments_BT is not None:
+        mask_B1TT = (segments_BT[:, :, None] == segments_BT[:, None, :])[:, None]
+    out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask_B1TT, is_causal=True,
+                                            implementation=implementation)
+    return out_BTNH[:, :t]
+
+
 def _query_blocks(t: int, block: int) -> list[tuple[int, int]]:
     return [(start, min(start + block, t)) for start in range(0, t, block)]
 
@@ -432,11 +466,13 @@ def hidden_states(
     compute_dtype: Any = None,
     remat: str = "none",
     attention_chunk: int | None = ATTENTION_CHUNK,
+    attention: str = "auto",
 ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
     """Final-normed hidden states [B, T, D] (so the log-prob kernel can fuse the LM head) and the new cache.
 
     `attention_chunk`: with a KV cache (prefill), above this many tokens attention runs in query blocks of this
-    size (None: never). Without a cache, attention always runs in causal blocks of `causal_block(T)` rows.
+    size (None: never). `attention` (without a cache): see `attention_impl`; "xla" runs causal blocks of
+    `causal_block(T)` rows.
     """
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat {remat!r} is not one of {REMAT_POLICIES}")
@@ -458,8 +494,11 @@ def hidden_states(
         write_BT = jnp.where(segment_ids_BT == 0, kv_cache["k"].shape[3], positions_BT)  # pads: dropped write
 
     decode = kv_cache is not None and t == 1 and segment_ids_BT is None
+    training_attention = attention_impl(attention, dtype)
 
     def attend(q_BTNH, k_BTKH, v_BTKH, cache_kv):
+        if cache_kv is None and training_attention == "cudnn":
+            return _library_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, "cudnn"), None
         if cache_kv is None:
             k_BKTH, v_BKTH = jnp.moveaxis(k_BTKH, 1, 2), jnp.moveaxis(v_BTKH, 1, 2)
             return _causal_attention(q_BTNH, k_BKTH, v_BKTH, segment_ids_BT, causal_block(t)), None

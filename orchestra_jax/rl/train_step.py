@@ -58,6 +58,7 @@ class StepSettings:
     value_coef: float = 0.5
     use_reference: bool = False
     logprob_impl: str = "auto"
+    attention: str = "auto"
 
 
 def init_critic(model: TransformerConfig, algorithm: str) -> dict[str, jax.Array]:
@@ -98,7 +99,7 @@ def token_logprobs(settings: StepSettings, params: Any, mb: dict[str, jax.Array]
     """(log p(target) [B, T], entropy [B, T], hidden [B, T, D]) for one micro-batch of packed rows."""
     hidden_BTD, _ = hidden_states(
         settings.model, params, mb["tokens"], positions_BT=mb["positions"], segment_ids_BT=mb["segment_ids"],
-        compute_dtype=settings.compute_dtype, remat=settings.remat,
+        compute_dtype=settings.compute_dtype, remat=settings.remat, attention=settings.attention,
     )
     b, t, d = hidden_BTD.shape
     w_DV = lm_head_weight(settings.model, params).astype(hidden_BTD.dtype)

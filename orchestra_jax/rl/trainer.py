@@ -60,6 +60,7 @@ def step_settings(config: TrainConfig, model: Any, *, sft: bool = False) -> Step
         algorithm="grpo" if sft else algorithm.name,
         compute_dtype=config.model.compute_dtype,
         remat=config.model.remat,
+        attention=config.model.attention,
         temperature=1.0 if sft else config.rollout.temperature,
         gamma=algorithm.gamma,
         gae_lambda=algorithm.gae_lambda,

@@ -110,6 +110,44 @@ def test_blocked_causal_attention_and_its_gradients_match_plain_attention(dtype,
         assert _rel_err(got.astype(jnp.float32), want) < tol
 
 
+@pytest.mark.parametrize("implementation, dtype, tol", [
+    ("xla", "float32", 1e-5), ("xla", "bfloat16", 3e-2),
+    pytest.param("cudnn", "bfloat16", 3e-2, marks=pytest.mark.gpu), pytest.param("cudnn", "float16", 5e-3,
+                                                                                   marks=pytest.mark.gpu)])
+def test_library_attention_and_its_gradients_match_plain_attention(implementation, dtype, tol):
+    """The `jax.nn.dot_product_attention` path (cuDNN on a GPU) masks packed segments, the padded tail and the
+    future like `_flash` does; grouped-query heads (8 query heads over 2 K/V heads); an odd row length."""
+    seed = np.random.randint(1 << 30)
+    kq, kk, kv, kg = jax.random.split(jax.random.key(seed), 4)
+    t = 39
+    q = jax.random.normal(kq, (2, t, 8, 64)).astype(dtype)
+    k = jax.random.normal(kk, (2, 2, t, 64)).astype(dtype)
+    v = jax.random.normal(kv, (2, 2, t, 64)).astype(dtype)
+    g = jax.random.normal(kg, q.shape).astype(dtype)
+    segments = jnp.array([[1] * 15 + [2] * 20 + [3] * 4, [1] * 29 + [0] * 10])
+
+    def library(q, k, v):
+        return T._library_attention(q, jnp.moveaxis(k, 1, 2), jnp.moveaxis(v, 1, 2), segments, implementation)
+
+    out, vjp = jax.vjp(jax.jit(library), q, k, v)
+    ref, ref_vjp = jax.vjp(lambda q, k, v: _plain_causal_attention(q, k, v, segments), q, k, v)
+    assert out.dtype == q.dtype and np.isfinite(np.asarray(out, np.float32)).all()
+    assert _rel_err(out.astype(jnp.float32), ref) < tol
+    for got, want in zip(vjp(g), ref_vjp(g.astype(jnp.float32))):
+        assert _rel_err(got.astype(jnp.float32), want) < tol
+
+
+def test_attention_impl_picks_cudnn_only_on_a_gpu_in_half_precision():
+    want = "cudnn" if jax.default_backend() == "gpu" else "xla"
+    assert T.attention_impl("auto", jnp.bfloat16) == want
+    assert T.attention_impl("auto", jnp.float32) == "xla"
+    assert T.attention_impl("xla", jnp.bfloat16) == "xla"
+    with pytest.raises(ValueError, match="attention 'flash' is not one of"):
+        T.attention_impl("flash", jnp.float32)
+    with pytest.raises(ValueError, match="attention 'cudnn' needs a GPU and bf16/fp16 compute"):
+        T.attention_impl("cudnn", jnp.float32)
+
+
 def test_causal_block_grows_with_long_rows():
     assert T.causal_block(100) == T.causal_block(2048) == T.CAUSAL_BLOCK
     assert T.causal_block(32768) == 32768 // T.MAX_CAUSAL_BLOCKS
