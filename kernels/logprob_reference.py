@@ -69,14 +69,14 @@ def _chunk(w_HV: jnp.ndarray, i: jnp.ndarray, size: int, exact: bool):
     return w_HC, jnp.where(cols_C >= i * size, cols_C, num_cols), start, num_cols
 
 
-def _columns(w_HV: jnp.ndarray, start: jnp.ndarray, size: int) -> jnp.ndarray:
-    """w[:, start:start + size]. A 16-bit float w is sliced as its uint16 bits: XLA's CPU compiler upcasts a
-    bf16 dynamic slice to f32 and hoists a float32 copy of the whole of w out of the loop; the bits cost one copy
-    of w's own size instead (a gather costs the f32 copy too)."""
+def _columns(w_HV: jnp.ndarray, start: jnp.ndarray, size: int, axis: int = 1) -> jnp.ndarray:
+    """w[:, start:start + size] (rows with axis=0). A 16-bit float w is sliced as its uint16 bits: XLA's CPU
+    compiler upcasts a bf16 dynamic slice to f32 and hoists a float32 copy of the whole of w out of the loop; the
+    bits cost one copy of w's own size instead (a gather costs the f32 copy too)."""
     if w_HV.dtype.itemsize != 2:
-        return jax.lax.dynamic_slice_in_dim(w_HV, start, size, axis=1)
+        return jax.lax.dynamic_slice_in_dim(w_HV, start, size, axis=axis)
     bits_HV = jax.lax.bitcast_convert_type(w_HV, jnp.uint16)
-    return jax.lax.bitcast_convert_type(jax.lax.dynamic_slice_in_dim(bits_HV, start, size, axis=1), w_HV.dtype)
+    return jax.lax.bitcast_convert_type(jax.lax.dynamic_slice_in_dim(bits_HV, start, size, axis=axis), w_HV.dtype)
 
 
 def _scaled(x, temperature):
@@ -127,6 +127,11 @@ def reference_grads(
     size, count, exact = chunk_plan(hidden_TH.shape[0], w_HV.shape[1], chunk)
     targets_T = targets_T.astype(jnp.int32)
     compute = hidden_TH.dtype
+    # XLA's CPU runs a bf16 matmul natively only when both operands are row-major in memory; ∂h = ∂z·Wᵀ and
+    # ∂W = hᵀ·∂z would read transposed ones and run in f32 at about half the speed. Transposed copies made once,
+    # behind an optimisation barrier (without it XLA folds the transposes back into the dots), keep them native.
+    native = compute == jnp.bfloat16 and jax.default_backend() == "cpu"
+    w_VH, hidden_HT = jax.lax.optimization_barrier((w_HV.T, hidden_TH.T)) if native else (None, None)
 
     def body(carry, i):
         dh_TH, dw_HV = carry
@@ -136,8 +141,13 @@ def reference_grads(
             z_TC, cols_C, targets_T, num_cols, lse_T, mean_z_T, g_logprob_T, g_entropy_T
         )
         dz_TC = _scaled(dz_TC, temperature).astype(compute)
-        dh_TH = dh_TH + jnp.dot(dz_TC, w_HC.T, preferred_element_type=jnp.float32)
-        dw_HC = jnp.dot(hidden_TH.T, dz_TC, preferred_element_type=jnp.float32)
+        if native:
+            w_CH = _columns(w_VH, start, size, axis=0)
+            dh_TH = dh_TH + jnp.dot(dz_TC, w_CH, preferred_element_type=jnp.float32)
+            dw_HC = jnp.dot(hidden_HT, dz_TC, preferred_element_type=jnp.float32)
+        else:
+            dh_TH = dh_TH + jnp.dot(dz_TC, w_HC.T, preferred_element_type=jnp.float32)
+            dw_HC = jnp.dot(hidden_TH.T, dz_TC, preferred_element_type=jnp.float32)
         if not exact:
             # Overlapping columns of the shifted last chunk have dz = 0, so adding (not overwriting) is exact.
             dw_HC = dw_HC + jax.lax.dynamic_slice_in_dim(dw_HV, start, size, axis=1)
