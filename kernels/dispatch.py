@@ -2,7 +2,7 @@
 
 "auto" runs the plain-JAX reference on every backend: on an H100 (2026-11-27, notes/DEVICE_NOTES.md) the
 chunked XLA log-prob path ran forward+backward 3.5-7x faster than these Triton-lowered Pallas kernels, and the
-Qwen3-0.6B train step 1.2x faster with it. "pallas" forces the kernels (GPU; TPU untested), "interpret" runs
+Qwen3-0.6B train step 1.2-1.3x faster with it. "pallas" forces the kernels (GPU; TPU untested), "interpret" runs
 them in interpret mode on any backend (slow; tests use it), "reference" forces the reference.
 The environment variable ORCHESTRA_JAX_KERNELS (one of the impls) replaces "auto" for the whole process, so a
 run can switch to the kernels without touching every caller.

@@ -111,9 +111,11 @@ def test_blocked_causal_attention_and_its_gradients_match_plain_attention(dtype,
 
 
 @pytest.mark.parametrize("implementation, dtype, tol", [
-    ("xla", "float32", 1e-5), ("xla", "bfloat16", 3e-2),
-    pytest.param("cudnn", "bfloat16", 3e-2, marks=pytest.mark.gpu), pytest.param("cudnn", "float16", 5e-3,
-                                                                                   marks=pytest.mark.gpu)])
+    ("xla", "float32", 1e-5),
+    ("xla", "bfloat16", 3e-2),
+    pytest.param("cudnn", "bfloat16", 3e-2, marks=pytest.mark.gpu),
+    pytest.param("cudnn", "float16", 5e-3, marks=pytest.mark.gpu),
+])
 def test_library_attention_and_its_gradients_match_plain_attention(implementation, dtype, tol):
     """The `jax.nn.dot_product_attention` path (cuDNN on a GPU) masks packed segments, the padded tail and the
     future like `_flash` does; grouped-query heads (8 query heads over 2 K/V heads); an odd row length."""
