@@ -25,6 +25,7 @@ from orchestra_jax.parallel.mesh import with_logical_constraint
 Params = dict[str, Any]
 REMAT_POLICIES = ("none", "full", "dots")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+CUDNN_MAX_MASK_ELEMENTS = 1 << 28  # "auto" keeps cuDNN's dense [B, 1, T, T] segment mask under 512 MiB of bf16
 ATTENTION_CHUNK = 1024
 CAUSAL_BLOCK = 128
 MAX_CAUSAL_BLOCKS = 32
@@ -300,14 +301,16 @@ def _causal_attention(q_BTNH, k_BKTH, v_BKTH, segments_BT, block: int) -> jax.Ar
     return _token_major(_flash(q_BKGTH, k_BKTH, v_BKTH, segments_BT, block))
 
 
-def attention_impl(impl: str, dtype: Any) -> str:
+def attention_impl(impl: str, dtype: Any, mask_elements: int = 0) -> str:
     """Training attention: "cudnn" (cuDNN's fused flash attention; GPU, bf16/fp16 only) or "xla" (`_flash`).
-    "auto" picks cuDNN where it runs."""
+    "auto" picks cuDNN where it runs, unless its segment mask (`mask_elements` = B·T² for packed rows) would
+    pass CUDNN_MAX_MASK_ELEMENTS: long packed rows (the 8B recipe's 32K-token context) take the XLA blocks,
+    which never build a [T, T] array."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention {impl!r} is not one of {ATTENTION_IMPLS}")
     fused_ok = jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
     if impl == "auto":
-        return "cudnn" if fused_ok else "xla"
+        return "cudnn" if fused_ok and mask_elements <= CUDNN_MAX_MASK_ELEMENTS else "xla"
     if impl == "cudnn" and not fused_ok:
         raise ValueError(f"attention 'cudnn' needs a GPU and bf16/fp16 compute (here: {jax.default_backend()}, "
                          f"{jnp.dtype(dtype).name})")
@@ -494,7 +497,7 @@ def hidden_states(
         write_BT = jnp.where(segment_ids_BT == 0, kv_cache["k"].shape[3], positions_BT)  # pads: dropped write
 
     decode = kv_cache is not None and t == 1 and segment_ids_BT is None
-    training_attention = attention_impl(attention, dtype)
+    training_attention = attention_impl(attention, dtype, 0 if segment_ids_BT is None else b * t * t)
 
     def attend(q_BTNH, k_BTKH, v_BTKH, cache_kv):
         if cache_kv is None and training_attention == "cudnn":

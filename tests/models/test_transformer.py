@@ -139,10 +139,15 @@ def test_library_attention_and_its_gradients_match_plain_attention(implementatio
         assert _rel_err(got.astype(jnp.float32), want) < tol
 
 
-def test_attention_impl_picks_cudnn_only_on_a_gpu_in_half_precision():
+def test_attention_impl_picks_cudnn_only_on_a_gpu_in_half_precision(monkeypatch):
     want = "cudnn" if jax.default_backend() == "gpu" else "xla"
     assert T.attention_impl("auto", jnp.bfloat16) == want
     assert T.attention_impl("auto", jnp.float32) == "xla"
+    monkeypatch.setattr(T.jax, "default_backend", lambda: "gpu")
+    assert T.attention_impl("auto", jnp.bfloat16, mask_elements=8 * 2048 * 2048) == "cudnn"
+    assert T.attention_impl("auto", jnp.bfloat16, mask_elements=8 * 32768 * 32768) == "xla"  # mask too large
+    assert T.attention_impl("auto", jnp.float32) == "xla"
+    monkeypatch.undo()
     assert T.attention_impl("xla", jnp.bfloat16) == "xla"
     with pytest.raises(ValueError, match="attention 'flash' is not one of"):
         T.attention_impl("flash", jnp.float32)
