@@ -30,11 +30,8 @@ from orchestra_jax.parallel.mesh import make_mesh
 from orchestra_jax.rl.batching import Sample, pack
 from orchestra_jax.rl.bench_train import matmul_flops
 from orchestra_jax.rl.losses import PolicyLossConfig
+from orchestra_jax.rl.plan import PEAK_FLOPS
 from orchestra_jax.rl.train_step import StepSettings, make_train_step
-
-# Dense bf16 peak FLOP/s by device kind substring (vendor figures, no sparsity).
-PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "TPU v5p": 459e12, "TPU v5 lite": 197e12,
-         "TPU v4": 275e12}
 
 
 def matmul_ceiling(n: int = 8192, repeats: int = 20) -> float:
@@ -90,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--matmul-n", type=int, default=8192)
     args = parser.parse_args(argv)
     kind = jax.devices()[0].device_kind
-    peak = next((v for k, v in PEAKS.items() if k.lower() in kind.lower()), None)
+    peak = next((v for k, v in PEAK_FLOPS.items() if k.lower() in kind.lower()), None)
     ceiling = matmul_ceiling(args.matmul_n)
     print(json.dumps({"device": kind, "backend": jax.default_backend(), "matmul_ceiling_tflops": round(ceiling / 1e12, 1),
                       "spec_peak_tflops": peak and peak / 1e12}), flush=True)

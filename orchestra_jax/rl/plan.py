@@ -16,8 +16,10 @@ from orchestra_jax.config import TrainConfig, to_dict
 from orchestra_jax.parallel.mesh import resolve_mesh_shape
 from orchestra_jax.rl import environment as envlib
 
-# Dense bf16 peak FLOP/s of accelerators a plan may target (vendor figures, no sparsity).
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v5p": 459e12, "TPU v5e": 197e12}
+# Dense bf16 peak FLOP/s of accelerators a plan may target (vendor figures, no sparsity). The keys are
+# substrings of JAX's device_kind, so launch/gpu_train_bench.py finds the card it runs on here too.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "TPU v5p": 459e12,
+              "TPU v5e": 197e12, "TPU v5 lite": 197e12, "TPU v4": 275e12}
 # Measured, not hoped for: on one H100 the Qwen3-1.7B train step ran at 26 % of this peak (37 % of a measured
 # bf16 matmul; notes/DEVICE_NOTES.md, 2026-11-27). Larger models run larger matmuls, but long packed rows take
 # the slower XLA attention, so the estimate stays at the measured figure.
