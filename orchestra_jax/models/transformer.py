@@ -18,12 +18,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from orchestra_jax.models.transformer_config import TransformerConfig
 from orchestra_jax.parallel.mesh import with_logical_constraint
 
 Params = dict[str, Any]
 REMAT_POLICIES = ("none", "full", "dots")
+# What remat "dots" keeps of each layer for the backward: its input, each matmul's output, each norm's output and
+# the attention output, so the backward recomputes only elementwise work and attention, never a projection.
+KEPT_ACTIVATIONS = ("layer_in", "attn_in", "q", "k", "v", "attn_out", "attn_residual", "mlp_in", "gate", "up")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 CUDNN_MAX_MASK_ELEMENTS = 1 << 28  # "auto" keeps cuDNN's dense [B, 1, T, T] segment mask under 512 MiB of bf16
 ATTENTION_CHUNK = 1024
@@ -429,15 +433,41 @@ def _decode_attention(q_B1NH, k_cache_BKSH, v_cache_BKSH, k_B1KH, v_B1KH, positi
     return out_BKGH.reshape(b, 1, n, h)
 
 
-def _layer(config: TransformerConfig, x_BTD, p, cos_BTH, sin_BTH, attend, cache_kv):
+def _kept_bits(x: jax.Array, name: str) -> jax.Array:
+    """Name an activation for remat "dots" to keep (its policy saves these names). A 16-bit one is kept as its
+    uint16 bits: XLA's CPU compiler upcasts a stacked bf16 residual to f32 and back at every layer (kernels'
+    `_columns` works around the same conversion), and stacks the bits as they are."""
+    if x.dtype.itemsize != 2:
+        return checkpoint_name(x, name)
+    bits = checkpoint_name(jax.lax.bitcast_convert_type(x, jnp.uint16), name)
+    return jax.lax.bitcast_convert_type(bits, x.dtype)
+
+
+# An integer bitcast has no derivative: the custom JVP passes the tangent through.
+_keep = jax.custom_jvp(_kept_bits, nondiff_argnums=(1,))
+
+
+@_keep.defjvp
+def _keep_jvp(name, primals, tangents):
+    # The primal goes through _kept_bits itself, not _keep: a nested custom_jvp call would hide the name from
+    # the remat policy.
+    return _kept_bits(primals[0], name), tangents[0]
+
+
+def _no_keep(x: jax.Array, name: str) -> jax.Array:
+    return x
+
+
+def _layer(config: TransformerConfig, x_BTD, p, cos_BTH, sin_BTH, attend, cache_kv, keep=_no_keep):
     """One decoder block; returns the new residual stream and what `attend` returns for the cache (the layer's
-    updated K/V cache, its new K/V only, or None)."""
+    updated K/V cache, its new K/V only, or None). `keep` names the activations remat "dots" saves."""
     dtype = x_BTD.dtype
     eps = config.rms_norm_eps
-    h_BTD = _rms_norm(x_BTD, p["attn_norm"], eps)
-    q_BTNH = _einsum("btd,dnh->btnh", h_BTD, p["q"])
-    k_BTKH = _einsum("btd,dkh->btkh", h_BTD, p["k"])
-    v_BTKH = _einsum("btd,dkh->btkh", h_BTD, p["v"])
+    x_BTD = keep(x_BTD, "layer_in")
+    h_BTD = keep(_rms_norm(x_BTD, p["attn_norm"], eps), "attn_in")
+    q_BTNH = keep(_einsum("btd,dnh->btnh", h_BTD, p["q"]), "q")
+    k_BTKH = keep(_einsum("btd,dkh->btkh", h_BTD, p["k"]), "k")
+    v_BTKH = keep(_einsum("btd,dkh->btkh", h_BTD, p["v"]), "v")
     if config.qkv_bias:
         q_BTNH = q_BTNH + p["q_bias"].astype(dtype)
         k_BTKH = k_BTKH + p["k_bias"].astype(dtype)
@@ -448,11 +478,12 @@ def _layer(config: TransformerConfig, x_BTD, p, cos_BTH, sin_BTH, attend, cache_
     q_BTNH = with_logical_constraint(_rope(q_BTNH, cos_BTH, sin_BTH), ("batch", "seq", "heads", "head_dim"))
     k_BTKH = _rope(k_BTKH, cos_BTH, sin_BTH)
     attn_BTNH, new_cache = attend(q_BTNH, k_BTKH, v_BTKH, cache_kv)
-    x_BTD = x_BTD + _einsum("btnh,nhd->btd", attn_BTNH, p["o"])
+    attn_BTNH = keep(attn_BTNH, "attn_out")
+    x_BTD = keep(x_BTD + _einsum("btnh,nhd->btd", attn_BTNH, p["o"]), "attn_residual")
     x_BTD = with_logical_constraint(x_BTD, ("batch", "seq", "embed"))
-    h_BTD = _rms_norm(x_BTD, p["mlp_norm"], eps)
-    gate_BTF = _einsum("btd,df->btf", h_BTD, p["gate"])
-    up_BTF = _einsum("btd,df->btf", h_BTD, p["up"])
+    h_BTD = keep(_rms_norm(x_BTD, p["mlp_norm"], eps), "mlp_in")
+    gate_BTF = keep(_einsum("btd,df->btf", h_BTD, p["gate"]), "gate")
+    up_BTF = keep(_einsum("btd,df->btf", h_BTD, p["up"]), "up")
     act_BTF = with_logical_constraint(jax.nn.silu(gate_BTF) * up_BTF, ("batch", "seq", "mlp"))
     x_BTD = x_BTD + _einsum("btf,fd->btd", act_BTF, p["down"])
     return with_logical_constraint(x_BTD, ("batch", "seq", "embed")), new_cache
@@ -475,7 +506,8 @@ def hidden_states(
 
     `attention_chunk`: with a KV cache (prefill), above this many tokens attention runs in query blocks of this
     size (None: never). `attention` (without a cache): see `attention_impl`; "xla" runs causal blocks of
-    `causal_block(T)` rows.
+    `causal_block(T)` rows. `remat`: "full" keeps only each layer's input for the backward and recomputes the
+    layer; "dots" keeps KEPT_ACTIVATIONS and recomputes only elementwise work and attention.
     """
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat {remat!r} is not one of {REMAT_POLICIES}")
@@ -516,14 +548,17 @@ def hidden_states(
         attn_BTNH = _attention(q_BTNH, k_cache_BKSH, v_cache_BKSH, positions_BT, attention_chunk)
         return attn_BTNH, (k_cache_BKSH, v_cache_BKSH)
 
+    keep = _keep if remat == "dots" else _no_keep
+
     def body(x_BTD, xs):
         layer_params, cache_kv = xs
-        return _layer(config, x_BTD, layer_params, cos_BTH, sin_BTH, attend, cache_kv)
+        return _layer(config, x_BTD, layer_params, cos_BTH, sin_BTH, attend, cache_kv, keep)
 
     if remat == "full":
         body = jax.checkpoint(body, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)
     elif remat == "dots":
-        body = jax.checkpoint(body, prevent_cse=False, policy=jax.checkpoint_policies.checkpoint_dots)
+        policy = jax.checkpoint_policies.save_only_these_names(*KEPT_ACTIVATIONS)
+        body = jax.checkpoint(body, prevent_cse=False, policy=policy)
     cache_xs = None if kv_cache is None else (kv_cache["k"], kv_cache["v"])
     x_BTD, new_cache = jax.lax.scan(body, x_BTD, (params["layers"], cache_xs))
     x_BTD = _rms_norm(x_BTD, params["final_norm"], config.rms_norm_eps)
