@@ -2,13 +2,15 @@
 
 Both sides get the same weights (a random transformers model, saved and loaded by models.load_pretrained),
 the same batch of token ids, and do the same work: forward, backward of the mean token NLL, one AdamW update,
-on the CPU, with float32 params and optimizer state. A side's step time is the median over at least `repeats`
-steps and at least `min_seconds` of them. Activations are float32 on both sides, or with
+on the CPU, with float32 params and optimizer state. The sides take turns in blocks (`rounds` of them each: ours,
+PyTorch, ours, PyTorch), so a slow spell of this shared machine lands on both sides rather than one; a block is at
+least `repeats` steps and at least `min_seconds` of them. A side's step time is the median over all its blocks'
+steps, and each round's own ratio is printed as the spread. Activations are float32 on both sides, or with
 --compute-dtype bfloat16 ours are bf16 (matmuls accumulating in f32) and PyTorch's step runs under bf16
 autocast, its own mixed-precision recipe. Our side is the RL train step with unit advantages (whose gradient is
 the NLL's, see sft.py), so the number measures the step training actually runs. Timings exclude the first
-(compiling) call. Each side runs its steps back to back: taking turns with PyTorch slowed our step by up to 40%
-(fp32 135M: 89.8 vs 124-133 tok/s), more than the noise that turn-taking guards against.
+(compiling) call and each block's first (warm-up) step. Within a block a side runs its steps back to back: taking
+turns step by step slowed our step by up to 40% (fp32 135M: 89.8 vs 124-133 tok/s).
 
 The same run measures each framework's matmul ceiling (an n x n x n matmul in the compute dtype, accumulating
 in f32) and prints each step's model FLOP/s (TransformerConfig.train_flops_per_token) against it, and the
@@ -45,13 +47,16 @@ class TrainBenchArgs:
     seq_len: int = 256
     repeats: int = 3
     min_seconds: float = 3.0
-    """Each side keeps stepping past `repeats` until its timed steps add up to this many seconds."""
+    """In each block a side keeps stepping past `repeats` until its timed steps add up to this many seconds."""
+    rounds: int = 2
+    """Blocks per side, taken in turns."""
     torch_reference: bool = True
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     """Activations' dtype (params and AdamW state stay float32); PyTorch's step runs under bf16 autocast then."""
     remat: Literal["none", "full", "dots"] = "none"
-    """Our step's rematerialisation. On the CPU in bf16, 'full' is faster: XLA upcasts each bf16 layer residual
-    stacked by the layer scan to f32 and back, a copy of the whole stack per layer."""
+    """Our step's rematerialisation. On the CPU in bf16, 'dots' and 'full' are faster than 'none': XLA upcasts each
+    bf16 residual that the layer scan stacks to f32 and back, a copy of the whole stack per layer ('dots' stacks
+    its activations as 16-bit bits instead, 'full' stacks only each layer's input)."""
     seed: int = 0
 
 
@@ -78,11 +83,6 @@ def _timings(fn, repeats: int, min_seconds: float = 0.0) -> list[float]:
         fn()
         times.append(time.perf_counter() - start)
     return times
-
-
-def _time(fn, repeats: int, min_seconds: float) -> float:
-    """The median step time: one slow spell of this shared machine moves a mean of a few calls by 20%."""
-    return float(np.median(_timings(fn, repeats, min_seconds)))
 
 
 def _best_flops(fn, flops: float, repeats: int) -> float:
@@ -134,12 +134,7 @@ def bench_model(name: str, args: TrainBenchArgs) -> dict:
         holder["state"], metrics = step(holder["state"], batch.arrays)
         return metrics
 
-    jax_s = _time(jax_step, args.repeats, args.min_seconds)
-    step_flops = model.train_flops_per_token(args.seq_len) * tokens
-    result = {"model": name, "params": model.num_params(), "batch": args.batch, "seq_len": args.seq_len,
-              "compute_dtype": args.compute_dtype, "remat": args.remat,
-              "jax_tokens_per_s": round(tokens / jax_s, 1), "jax_step_s": round(jax_s, 3),
-              "jax_model_gflops": round(step_flops / jax_s / 1e9, 2)}
+    sides = {"jax": jax_step}
     if args.torch_reference:
         torch.set_num_threads(max(1, torch.get_num_threads()))
         ids = torch.tensor(ids_BT, dtype=torch.long)
@@ -153,9 +148,27 @@ def bench_model(name: str, args: TrainBenchArgs) -> dict:
             loss.backward()
             torch_opt.step()
 
-        torch_s = _time(torch_step, args.repeats, args.min_seconds)
-        result.update(torch_tokens_per_s=round(tokens / torch_s, 1), torch_step_s=round(torch_s, 3),
-                      speedup=round(torch_s / jax_s, 2), torch_model_gflops=round(step_flops / torch_s / 1e9, 2))
+        sides["torch"] = torch_step
+    blocks: dict[str, list[list[float]]] = {side: [] for side in sides}
+    for _ in range(args.rounds):
+        for side, step_fn in sides.items():
+            # Each block starts with an untimed step: the first step after the other side's block ran up to 1.5x
+            # slower (both ways; 135M bf16 in a /tmp probe).
+            blocks[side].append(_timings(step_fn, args.repeats, args.min_seconds))
+
+    step_flops = model.train_flops_per_token(args.seq_len) * tokens
+    result = {"model": name, "params": model.num_params(), "batch": args.batch, "seq_len": args.seq_len,
+              "compute_dtype": args.compute_dtype, "remat": args.remat, "rounds": args.rounds}
+    step_s = {}
+    for side, side_blocks in blocks.items():
+        step_s[side] = float(np.median(sum(side_blocks, [])))
+        result.update({f"{side}_tokens_per_s": round(tokens / step_s[side], 1),
+                       f"{side}_step_s": round(step_s[side], 3),
+                       f"{side}_model_gflops": round(step_flops / step_s[side] / 1e9, 2)})
+    if args.torch_reference:
+        result["speedup"] = round(step_s["torch"] / step_s["jax"], 2)
+        result["round_speedups"] = [round(float(np.median(t) / np.median(j)), 2)
+                                    for j, t in zip(blocks["jax"], blocks["torch"])]
     return result
 
 
@@ -163,11 +176,12 @@ def run(args: TrainBenchArgs) -> int:
     rows = [bench_model(name, args) for name in args.models]
     nan = float("nan")
     print(f"{'model':<14} {'params':>11} {'jax tok/s':>10} {'torch tok/s':>12} {'speedup':>8} "
-          f"{'jax GF/s':>9} {'torch GF/s':>11}")
+          f"{'jax GF/s':>9} {'torch GF/s':>11}  per round")
     for r in rows:
+        spread = " ".join(f"{x:.2f}x" for x in r.get("round_speedups", []))
         print(f"{r['model']:<14} {r['params']:>11,} {r['jax_tokens_per_s']:>10.1f} "
               f"{r.get('torch_tokens_per_s', nan):>12.1f} {r.get('speedup', nan):>7.2f}x "
-              f"{r['jax_model_gflops']:>9.1f} {r.get('torch_model_gflops', nan):>11.1f}")
+              f"{r['jax_model_gflops']:>9.1f} {r.get('torch_model_gflops', nan):>11.1f}  {spread}")
     summary = {"bench": "train", "batch": args.batch, "seq_len": args.seq_len, "compute_dtype": args.compute_dtype,
                "results": rows}
     if args.torch_reference:
@@ -187,6 +201,6 @@ def run(args: TrainBenchArgs) -> int:
 def check_args(args: TrainBenchArgs) -> None:
     for name in args.models:
         get_preset(name)
-    if args.batch < 1 or args.seq_len < 2 or args.repeats < 1 or args.min_seconds < 0:
-        raise ValueError(f"batch={args.batch}, seq_len={args.seq_len}, repeats={args.repeats}, "
+    if args.batch < 1 or args.seq_len < 2 or args.repeats < 1 or args.rounds < 1 or args.min_seconds < 0:
+        raise ValueError(f"batch={args.batch}, seq_len={args.seq_len}, repeats={args.repeats}, rounds={args.rounds}, "
                          f"min_seconds={args.min_seconds}: must be positive (seq_len >= 2, min_seconds >= 0)")
