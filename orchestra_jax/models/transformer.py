@@ -25,8 +25,9 @@ from orchestra_jax.parallel.mesh import with_logical_constraint
 
 Params = dict[str, Any]
 REMAT_POLICIES = ("none", "full", "dots")
-# What remat "dots" keeps of each layer for the backward: its input, each matmul's output, each norm's output and
-# the attention output, so the backward recomputes only elementwise work and attention, never a projection.
+# What remat "dots" keeps of each layer for the backward: its input, both norm outputs, the q/k/v, gate and up
+# projections, the attention output and the residual after it. The backward then recomputes only elementwise work
+# and attention, never a projection (the o and down outputs are needed by no gradient).
 KEPT_ACTIVATIONS = ("layer_in", "attn_in", "q", "k", "v", "attn_out", "attn_residual", "mlp_in", "gate", "up")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 CUDNN_MAX_MASK_ELEMENTS = 1 << 28  # "auto" keeps cuDNN's dense [B, 1, T, T] segment mask under 512 MiB of bf16
