@@ -32,13 +32,19 @@ def _backend(impl: str, temperature: float, with_entropy: bool = True) -> tuple[
         )
     interpret = kind == "interpret"
 
+    def stats(hidden_TH, w_HV, targets_T):
+        # The kernels read W in the hidden states' dtype (the reference path casts a wider W chunk by chunk).
+        return pk.pallas_stats(hidden_TH, w_HV.astype(hidden_TH.dtype), targets_T, temperature=temperature,
+                               interpret=interpret)
+
     def grads(hidden_TH, w_HV, targets_T, lse_T, mean_z_T, g_logprob_T, g_entropy_T):
         if g_entropy_T is None:
             mean_z_T, g_entropy_T = jnp.zeros_like(lse_T), jnp.zeros_like(lse_T)
-        args = (hidden_TH, w_HV, targets_T, lse_T, mean_z_T, g_logprob_T, g_entropy_T)
-        return pk.pallas_grads(*args, temperature=temperature, interpret=interpret)
+        args = (hidden_TH, w_HV.astype(hidden_TH.dtype), targets_T, lse_T, mean_z_T, g_logprob_T, g_entropy_T)
+        dh_TH, dw_HV = pk.pallas_grads(*args, temperature=temperature, interpret=interpret)
+        return dh_TH, dw_HV.astype(w_HV.dtype)
 
-    return functools.partial(pk.pallas_stats, temperature=temperature, interpret=interpret), grads
+    return stats, grads
 
 
 def _check(hidden_TH, w_HV, targets_T, temperature) -> None:
@@ -105,7 +111,9 @@ def fused_logprob(
 ):
     """log p(target) per token (fp32, never positive), and the entropy of p if asked, for p = softmax(h·W/τ).
 
-    hidden [T, H] and w [H, V] may be bf16 or fp32 (accumulation is fp32). Differentiable in hidden and w.
+    hidden [T, H] and w [H, V] may be bf16 or fp32 (accumulation is fp32); the logits are computed in hidden's
+    dtype, so an fp32 w with bf16 hidden states is read as bf16 (the reference path casts it chunk by chunk, with
+    no whole bf16 copy) and its gradient comes back in fp32. Differentiable in hidden and w.
     impl: "auto" | "pallas" | "interpret" | "reference" (see dispatch).
     """
     hidden_TH, w_HV, targets_T = jnp.asarray(hidden_TH), jnp.asarray(w_HV), jnp.asarray(targets_T)

@@ -104,7 +104,8 @@ def target_logits(
     """
     num_cols = w_HV.shape[1]
     inside_T = (targets_T >= 0) & (targets_T < num_cols)
-    w_HT = jnp.take(w_HV, jnp.clip(targets_T, 0, num_cols - 1), axis=1)
+    # In the hidden states' dtype, as the chunked logits read W (a wider head is cast as it is read).
+    w_HT = jnp.take(w_HV, jnp.clip(targets_T, 0, num_cols - 1), axis=1).astype(hidden_TH.dtype)
     tz_T = jnp.einsum("th,ht->t", hidden_TH, w_HT, preferred_element_type=jnp.float32) * (1.0 / temperature)
     return jnp.where(inside_T, tz_T, 0.0)
 

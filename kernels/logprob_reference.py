@@ -55,28 +55,33 @@ def naive_logprob(
     return logprob_T, -jnp.sum(jnp.exp(logp_TV) * logp_TV, axis=-1)
 
 
-def _chunk(w_HV: jnp.ndarray, i: jnp.ndarray, size: int, exact: bool):
-    """Chunk i of the columns, their indices, its first column, and num_cols for the tile maths (None: exact).
+def _chunk(w_HV: jnp.ndarray, i: jnp.ndarray, size: int, exact: bool, dtype):
+    """Chunk i of the columns (in `dtype`), their indices, its first column, and num_cols for the tile maths
+    (None: exact).
 
     When the chunks do not tile the columns, the last one is shifted left to stay in bounds; the columns it
     shares with chunk i−1 get the sentinel index V (treated as padding), so none counts twice."""
     num_cols = w_HV.shape[1]
     start = i * size if exact else jnp.minimum(i * size, num_cols - size)
-    w_HC = _columns(w_HV, start, size)
+    w_HC = _columns(w_HV, start, size, dtype)
     cols_C = start + jnp.arange(size)
     if exact:
         return w_HC, cols_C, start, None
     return w_HC, jnp.where(cols_C >= i * size, cols_C, num_cols), start, num_cols
 
 
-def _columns(w_HV: jnp.ndarray, start: jnp.ndarray, size: int, axis: int = 1) -> jnp.ndarray:
-    """w[:, start:start + size] (rows with axis=0). A 16-bit float w is sliced as its uint16 bits: XLA's CPU
+def _columns(w_HV: jnp.ndarray, start: jnp.ndarray, size: int, dtype, axis: int = 1) -> jnp.ndarray:
+    """w[:, start:start + size] (rows with axis=0), cast to `dtype`.
+
+    A wider w (an f32 head for bf16 hidden states) is cast chunk by chunk as it is read: casting it whole first
+    cost XLA's CPU compiler two more copies of the head. A 16-bit float w is sliced as its uint16 bits: XLA's CPU
     compiler upcasts a bf16 dynamic slice to f32 and hoists a float32 copy of the whole of w out of the loop; the
     bits cost one copy of w's own size instead (a gather costs the f32 copy too)."""
     if w_HV.dtype.itemsize != 2:
-        return jax.lax.dynamic_slice_in_dim(w_HV, start, size, axis=axis)
+        return jax.lax.dynamic_slice_in_dim(w_HV, start, size, axis=axis).astype(dtype)
     bits_HV = jax.lax.bitcast_convert_type(w_HV, jnp.uint16)
-    return jax.lax.bitcast_convert_type(jax.lax.dynamic_slice_in_dim(bits_HV, start, size, axis=axis), w_HV.dtype)
+    cols = jax.lax.bitcast_convert_type(jax.lax.dynamic_slice_in_dim(bits_HV, start, size, axis=axis), w_HV.dtype)
+    return cols.astype(dtype)
 
 
 def _scaled(x, temperature):
@@ -100,7 +105,7 @@ def reference_stats(
     targets_T = targets_T.astype(jnp.int32)
 
     def body(stats, i):
-        w_HC, cols_C, _, num_cols = _chunk(w_HV, i, size, exact)
+        w_HC, cols_C, _, num_cols = _chunk(w_HV, i, size, exact, hidden_TH.dtype)
         z_TC = _scaled(jnp.dot(hidden_TH, w_HC, preferred_element_type=jnp.float32), temperature)
         tile = lm.tile_stats(z_TC, cols_C, None, num_cols, with_entropy=with_entropy, separate_reductions=True)
         return lm.merge_stats(stats, tile), None
@@ -130,19 +135,23 @@ def reference_grads(
     # XLA's CPU runs a bf16 matmul natively only when both operands are row-major in memory; ∂h = ∂z·Wᵀ and
     # ∂W = hᵀ·∂z would read transposed ones and run in f32 at about half the speed. Transposed copies made once,
     # behind an optimisation barrier (without it XLA folds the transposes back into the dots), keep them native.
+    # Wᵀ is cast to bf16 before the barrier: read through a cast inside the loop, with one vocabulary chunk XLA
+    # folded the transposes into a dot its CPU runtime cannot run ("BF16 x BF16 = F32").
     native = compute == jnp.bfloat16 and jax.default_backend() == "cpu"
-    w_VH, hidden_HT = jax.lax.optimization_barrier((w_HV.T, hidden_TH.T)) if native else (None, None)
+    w_VH, hidden_HT = (None, None)
+    if native:
+        w_VH, hidden_HT = jax.lax.optimization_barrier((w_HV.T.astype(compute), hidden_TH.T))
 
     def body(carry, i):
         dh_TH, dw_HV = carry
-        w_HC, cols_C, start, num_cols = _chunk(w_HV, i, size, exact)
+        w_HC, cols_C, start, num_cols = _chunk(w_HV, i, size, exact, compute)
         z_TC = _scaled(jnp.dot(hidden_TH, w_HC, preferred_element_type=jnp.float32), temperature)
         dz_TC = lm.tile_logit_grad(
             z_TC, cols_C, targets_T, num_cols, lse_T, mean_z_T, g_logprob_T, g_entropy_T
         )
         dz_TC = _scaled(dz_TC, temperature).astype(compute)
         if native:
-            w_CH = _columns(w_VH, start, size, axis=0)
+            w_CH = _columns(w_VH, start, size, compute, axis=0)
             dh_TH = dh_TH + jnp.dot(dz_TC, w_CH, preferred_element_type=jnp.float32)
             dw_HC = jnp.dot(hidden_HT, dz_TC, preferred_element_type=jnp.float32)
         else:
@@ -156,4 +165,6 @@ def reference_grads(
 
     init = (jnp.zeros(hidden_TH.shape, jnp.float32), jnp.zeros(w_HV.shape, jnp.float32))
     (dh_TH, dw_HV), _ = jax.lax.scan(body, init, jnp.arange(count))
+    if native:  # nor may a transpose that follows (a tied embedding's) be folded back into a one-chunk loop's ∂W dot
+        dw_HV = jax.lax.optimization_barrier(dw_HV)
     return dh_TH.astype(hidden_TH.dtype), dw_HV.astype(w_HV.dtype)

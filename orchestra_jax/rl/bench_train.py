@@ -2,7 +2,8 @@
 
 Both sides get the same weights (a random transformers model, saved and loaded by models.load_pretrained),
 the same batch of token ids, and do the same work: forward, backward of the mean token NLL, one AdamW update,
-on the CPU, with float32 params and optimizer state. The sides take turns in blocks (`rounds` of them each: ours,
+on the CPU, with float32 params and optimizer state. Each side first runs `warmup` untimed steps (PyTorch's step
+takes a few to reach its steady speed). The sides then take turns in blocks (`rounds` of them each: ours,
 PyTorch, ours, PyTorch), so a slow spell of this shared machine lands on both sides rather than one; a block is at
 least `repeats` steps and at least `min_seconds` of them. A side's step time is the median over all its blocks'
 steps, and each round's own ratio is printed as the spread. Activations are float32 on both sides, or with
@@ -50,6 +51,10 @@ class TrainBenchArgs:
     """In each block a side keeps stepping past `repeats` until its timed steps add up to this many seconds."""
     rounds: int = 2
     """Blocks per side, taken in turns."""
+    warmup: int = 5
+    """Untimed steps each side runs before its first block. PyTorch's 135M step settles only after a few steps
+    (bf16, 4 x 128: 2.9, 2.6, 2.5, 2.5, 2.3 s, then about 2.2 s); timed from its second step it looked up to 1.3x
+    slower than it runs."""
     torch_reference: bool = True
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     """Activations' dtype (params and AdamW state stay float32); PyTorch's step runs under bf16 autocast then."""
@@ -149,6 +154,9 @@ def bench_model(name: str, args: TrainBenchArgs) -> dict:
             torch_opt.step()
 
         sides["torch"] = torch_step
+    for step_fn in sides.values():
+        for _ in range(args.warmup):
+            step_fn()
     blocks: dict[str, list[list[float]]] = {side: [] for side in sides}
     for _ in range(args.rounds):
         for side, step_fn in sides.items():
@@ -158,7 +166,7 @@ def bench_model(name: str, args: TrainBenchArgs) -> dict:
 
     step_flops = model.train_flops_per_token(args.seq_len) * tokens
     result = {"model": name, "params": model.num_params(), "batch": args.batch, "seq_len": args.seq_len,
-              "compute_dtype": args.compute_dtype, "remat": args.remat, "rounds": args.rounds}
+              "compute_dtype": args.compute_dtype, "remat": args.remat, "rounds": args.rounds, "warmup": args.warmup}
     step_s = {}
     for side, side_blocks in blocks.items():
         step_s[side] = float(np.median(sum(side_blocks, [])))
@@ -201,6 +209,8 @@ def run(args: TrainBenchArgs) -> int:
 def check_args(args: TrainBenchArgs) -> None:
     for name in args.models:
         get_preset(name)
-    if args.batch < 1 or args.seq_len < 2 or args.repeats < 1 or args.rounds < 1 or args.min_seconds < 0:
+    if (args.batch < 1 or args.seq_len < 2 or args.repeats < 1 or args.rounds < 1 or args.min_seconds < 0
+            or args.warmup < 0):
         raise ValueError(f"batch={args.batch}, seq_len={args.seq_len}, repeats={args.repeats}, rounds={args.rounds}, "
-                         f"min_seconds={args.min_seconds}: must be positive (seq_len >= 2, min_seconds >= 0)")
+                         f"min_seconds={args.min_seconds}, warmup={args.warmup}: must be positive (seq_len >= 2, "
+                         "min_seconds >= 0, warmup >= 0)")

@@ -102,7 +102,7 @@ def token_logprobs(settings: StepSettings, params: Any, mb: dict[str, jax.Array]
         compute_dtype=settings.compute_dtype, remat=settings.remat, attention=settings.attention,
     )
     b, t, d = hidden_BTD.shape
-    w_DV = lm_head_weight(settings.model, params).astype(hidden_BTD.dtype)
+    w_DV = lm_head_weight(settings.model, params)  # fused_logprob casts it to the hidden dtype chunk by chunk
     logp_N, entropy_N = fused_logprob(
         hidden_BTD.reshape(b * t, d), w_DV, mb["targets"].reshape(b * t), temperature=settings.temperature,
         return_entropy=True, impl=settings.logprob_impl,

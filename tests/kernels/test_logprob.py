@@ -198,3 +198,21 @@ def test_target_logits_ignore_targets_outside_the_shard():
     full = np.asarray(h @ w / 2.0)
     want = [full[i, int(shifted[i])] if 0 <= int(shifted[i]) < 40 else 0.0 for i in range(6)]
     np.testing.assert_allclose(np.asarray(tz), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("tokens,vocab", [(2048, 2048), (24, 300)])
+def test_bf16_hidden_with_a_tied_fp32_embedding(tokens, vocab):
+    # The train step's LM head: an fp32 embedding [V, H], read transposed and cast to bf16 chunk by chunk, its
+    # gradient transposed back. With one vocabulary chunk (tokens = vocab = 2048) XLA's CPU compiler once folded
+    # those transposes into a ∂W dot that its runtime cannot run ("BF16 x BF16 = F32").
+    h, w, targets, g_lp, _ = random_case(np.random.SeedSequence().entropy % 2**32, tokens, 64, vocab)
+    embed_VH = w.T
+
+    def loss(h, embed_VH):
+        return jnp.sum(fused_logprob(h, embed_VH.T, targets) * g_lp)
+
+    dh, d_embed = jax.jit(jax.grad(loss, argnums=(0, 1)))(h.astype(jnp.bfloat16), embed_VH)
+    want = float64_reference(h.astype(jnp.bfloat16), w.astype(jnp.bfloat16), targets, 1.0, g_lp,
+                             jnp.zeros_like(g_lp))
+    assert dh.dtype == jnp.bfloat16 and d_embed.dtype == jnp.float32
+    assert rel_err(jnp.asarray(dh, jnp.float32), want[2]) <= 1e-2 and rel_err(d_embed.T, want[3]) <= 1e-2
