@@ -73,8 +73,9 @@ def _chunk(w_HV: jnp.ndarray, i: jnp.ndarray, size: int, exact: bool, dtype):
 def _columns(w_HV: jnp.ndarray, start: jnp.ndarray, size: int, dtype, axis: int = 1) -> jnp.ndarray:
     """w[:, start:start + size] (rows with axis=0), cast to `dtype`.
 
-    A wider w (an f32 head for bf16 hidden states) is cast chunk by chunk as it is read: casting it whole first
-    cost XLA's CPU compiler two more copies of the head. A 16-bit float w is sliced as its uint16 bits: XLA's CPU
+    A wider w (an f32 head for bf16 hidden states) is cast chunk by chunk as it is read: a bf16 copy made by the
+    caller, shared by the forward and the backward, cost XLA's CPU compiler two more copies of the head (the
+    backward's own cast, made before its barrier, is one fused pass). A 16-bit float w is sliced as its uint16 bits: XLA's CPU
     compiler upcasts a bf16 dynamic slice to f32 and hoists a float32 copy of the whole of w out of the loop; the
     bits cost one copy of w's own size instead (a gather costs the f32 copy too)."""
     if w_HV.dtype.itemsize != 2:
