@@ -2,7 +2,8 @@
 
 Both sides get the same weights (a random transformers model, saved and loaded by models.load_pretrained),
 the same batch of token ids, and do the same work: forward, backward of the mean token NLL, one AdamW update,
-on the CPU, with float32 params and optimizer state. Each side first runs `warmup` untimed steps (PyTorch's step
+on the CPU, with float32 params and optimizer state. PyTorch's step runs in a process of its own (bench_torch:
+beside our JAX step it ran 10-15 % slower than alone). Each side first runs `warmup` untimed steps (PyTorch's step
 takes a few to reach its steady speed). The sides then take turns in blocks (`rounds` of them each: ours,
 PyTorch, ours, PyTorch), so a slow spell of this shared machine lands on both sides rather than one; a block is at
 least `repeats` steps and at least `min_seconds` of them. A side's step time is the median over all its blocks'
@@ -14,16 +15,15 @@ the NLL's, see sft.py), so the number measures the step training actually runs. 
 turns step by step slowed our step by up to 40% (fp32 135M: 89.8 vs 124-133 tok/s).
 
 The same run measures each framework's matmul ceiling (an n x n x n matmul in the compute dtype, accumulating
-in f32) and prints each step's model FLOP/s (TransformerConfig.train_flops_per_token) against it, and the
-bound it implies: were our step as fast as our matmul ceiling, it could run at most jax ceiling / PyTorch step
-FLOP/s times the PyTorch step.
+in f32; PyTorch's in its worker) and prints each step's model FLOP/s (TransformerConfig.train_flops_per_token)
+against it, and the bound it implies: were our step as fast as our matmul ceiling, it could run at most
+jax ceiling / PyTorch step FLOP/s times the PyTorch step.
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
-import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -36,6 +36,7 @@ from orchestra_jax.config import MeshConfig
 from orchestra_jax.models.transformer_config import get_preset
 from orchestra_jax.parallel.mesh import make_mesh
 from orchestra_jax.rl.batching import Sample, pack
+from orchestra_jax.rl.bench_torch import TorchReference, timings
 from orchestra_jax.rl.losses import PolicyLossConfig
 from orchestra_jax.rl.train_step import StepSettings, make_train_step
 
@@ -78,20 +79,8 @@ def _hf_model(name: str, seed: int):
     return model, transformers.AutoModelForCausalLM.from_config(config_cls, dtype=torch.float32)
 
 
-def _timings(fn, repeats: int, min_seconds: float = 0.0) -> list[float]:
-    """Seconds of each call after one untimed call (compile / warm up): `repeats` calls, and more until they add
-    up to `min_seconds`, so a 15 ms step gets as many samples as a 2 s one gets time."""
-    fn()
-    times: list[float] = []
-    while len(times) < repeats or sum(times) < min_seconds:
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def _best_flops(fn, flops: float, repeats: int) -> float:
-    return flops / min(_timings(fn, repeats))
+    return flops / min(timings(fn, repeats))
 
 
 def matmul_flops(n: int = 2048, dtype: str = "float32", repeats: int = 5, out_dtype: str | None = None) -> float:
@@ -104,26 +93,28 @@ def matmul_flops(n: int = 2048, dtype: str = "float32", repeats: int = 5, out_dt
     return _best_flops(lambda: matmul(a, b).block_until_ready(), 2 * n**3, repeats)
 
 
-def gemm_ceilings(n: int = 2048, dtype: str = "float32", repeats: int = 5) -> dict[str, float]:
-    """Achieved FLOP/s of an n x n x n matmul of `dtype` inputs (f32 accumulation) in JAX and in PyTorch."""
-    import torch
-
-    a, b = (torch.randn(n, n, dtype=getattr(torch, dtype)) for _ in range(2))
-    return {"jax": matmul_flops(n, dtype, repeats, out_dtype="float32"),
-            "torch": _best_flops(lambda: a @ b, 2 * n**3, repeats)}
-
-
 def bench_model(name: str, args: TrainBenchArgs) -> dict:
-    import torch
-
+    """One model's row: each side's tokens/s and model GFLOP/s, the speedup and its per-round spread, and
+    PyTorch's matmul ceiling measured in its worker."""
     from orchestra_jax.models import load_pretrained
 
     model, hf = _hf_model(name, args.seed)
-    with tempfile.TemporaryDirectory() as tmp:
-        hf.save_pretrained(tmp)
-        model, params = load_pretrained(tmp)
     rng = np.random.default_rng(args.seed)
     ids_BT = rng.integers(0, model.vocab_size, (args.batch, args.seq_len))
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.save_pretrained(tmp)
+        del hf
+        model, params = load_pretrained(tmp)
+        if not args.torch_reference:
+            return _bench_sides(name, model, params, ids_BT, args, None)
+        with TorchReference(tmp, ids_BT, args.compute_dtype) as reference:
+            row = _bench_sides(name, model, params, ids_BT, args, reference)
+            row["torch_gemm_gflops"] = round(reference.gemm_flops(2048, args.compute_dtype, 5) / 1e9, 1)
+            return row
+
+
+def _bench_sides(name: str, model, params, ids_BT: np.ndarray, args: TrainBenchArgs,
+                 reference: TorchReference | None) -> dict:
     samples = [Sample(row, np.ones(args.seq_len, np.int32), 1.0) for row in ids_BT]
     batch = pack(samples, micro_batch_size=args.batch, max_row_len=args.seq_len)
     tokens = args.batch * (args.seq_len - 1)
@@ -139,30 +130,21 @@ def bench_model(name: str, args: TrainBenchArgs) -> dict:
         holder["state"], metrics = step(holder["state"], batch.arrays)
         return metrics
 
-    sides = {"jax": jax_step}
-    if args.torch_reference:
-        torch.set_num_threads(max(1, torch.get_num_threads()))
-        ids = torch.tensor(ids_BT, dtype=torch.long)
-        torch_opt = torch.optim.AdamW(hf.parameters(), lr=1e-5, weight_decay=0.01)
-        hf.train()
+    def jax_block():
+        return timings(jax_step, args.repeats, args.min_seconds)
 
-        def torch_step():
-            torch_opt.zero_grad(set_to_none=True)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.compute_dtype == "bfloat16"):
-                loss = hf(input_ids=ids, labels=ids).loss
-            loss.backward()
-            torch_opt.step()
-
-        sides["torch"] = torch_step
-    for step_fn in sides.values():
-        for _ in range(args.warmup):
-            step_fn()
-    blocks: dict[str, list[list[float]]] = {side: [] for side in sides}
+    for _ in range(args.warmup):
+        jax_step()
+    blocks: dict[str, list[list[float]]] = {"jax": []}
+    if reference is not None:
+        reference.steps(args.warmup)
+        blocks["torch"] = []
     for _ in range(args.rounds):
-        for side, step_fn in sides.items():
-            # Each block starts with an untimed step: the first step after the other side's block ran up to 1.5x
-            # slower (both ways; 135M bf16 in a /tmp probe).
-            blocks[side].append(_timings(step_fn, args.repeats, args.min_seconds))
+        # Each block starts with an untimed step: the first step after the other side's block ran up to 1.5x
+        # slower (both ways; 135M bf16 in a /tmp probe, when both sides shared a process).
+        blocks["jax"].append(jax_block())
+        if reference is not None:
+            blocks["torch"].append(reference.block(args.repeats, args.min_seconds))
 
     step_flops = model.train_flops_per_token(args.seq_len) * tokens
     result = {"model": name, "params": model.num_params(), "batch": args.batch, "seq_len": args.seq_len,
@@ -173,7 +155,7 @@ def bench_model(name: str, args: TrainBenchArgs) -> dict:
         result.update({f"{side}_tokens_per_s": round(tokens / step_s[side], 1),
                        f"{side}_step_s": round(step_s[side], 3),
                        f"{side}_model_gflops": round(step_flops / step_s[side] / 1e9, 2)})
-    if args.torch_reference:
+    if reference is not None:
         result["speedup"] = round(step_s["torch"] / step_s["jax"], 2)
         result["round_speedups"] = [round(float(np.median(t) / np.median(j)), 2)
                                     for j, t in zip(blocks["jax"], blocks["torch"])]
@@ -193,14 +175,15 @@ def run(args: TrainBenchArgs) -> int:
     summary = {"bench": "train", "batch": args.batch, "seq_len": args.seq_len, "compute_dtype": args.compute_dtype,
                "results": rows}
     if args.torch_reference:
-        ceiling = gemm_ceilings(dtype=args.compute_dtype)
-        summary["gemm_ceiling_gflops"] = {k: round(v / 1e9, 1) for k, v in ceiling.items()}
-        print(f"{args.compute_dtype} matmul ceiling (2048^3): jax {ceiling['jax'] / 1e9:.1f} GF/s, torch {ceiling['torch'] / 1e9:.1f} "
-              "GF/s")
+        ceiling = {"jax": matmul_flops(2048, args.compute_dtype, 5, out_dtype="float32") / 1e9,
+                   "torch": max(r["torch_gemm_gflops"] for r in rows)}
+        summary["gemm_ceiling_gflops"] = {k: round(v, 1) for k, v in ceiling.items()}
+        print(f"{args.compute_dtype} matmul ceiling (2048^3): jax {ceiling['jax']:.1f} GF/s, torch "
+              f"{ceiling['torch']:.1f} GF/s (PyTorch's in its worker)")
         for r in rows:
-            r["speedup_bound_at_jax_ceiling"] = round(ceiling["jax"] / 1e9 / r["torch_model_gflops"], 2)
-            print(f"  {r['model']}: torch's step runs at {1e9 * r['torch_model_gflops'] / ceiling['torch']:.0%} of "
-                  f"its ceiling, ours at {1e9 * r['jax_model_gflops'] / ceiling['jax']:.0%}; a step at our ceiling "
+            r["speedup_bound_at_jax_ceiling"] = round(ceiling["jax"] / r["torch_model_gflops"], 2)
+            print(f"  {r['model']}: torch's step runs at {r['torch_model_gflops'] / r['torch_gemm_gflops']:.0%} of "
+                  f"its ceiling, ours at {r['jax_model_gflops'] / ceiling['jax']:.0%}; a step at our ceiling "
                   f"would be {r['speedup_bound_at_jax_ceiling']:.2f}x torch's")
     print(json.dumps(summary))
     return 0

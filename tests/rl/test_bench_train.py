@@ -3,9 +3,10 @@
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 
-from orchestra_jax.rl import bench_train
+from orchestra_jax.rl import bench_torch, bench_train
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -31,3 +32,9 @@ def test_bench_train_rejects_bad_counts():
     for bad in (dict(rounds=0), dict(warmup=-1), dict(seq_len=1), dict(min_seconds=-1.0)):
         with pytest.raises(ValueError, match="must be positive"):
             bench_train.check_args(dataclasses.replace(bench_train.TrainBenchArgs(), **bad))
+
+
+def test_torch_worker_reports_a_bad_model_dir_in_one_line(tmp_path):
+    with pytest.raises(RuntimeError, match=r"PyTorch worker failed: \w+Error") as info:
+        bench_torch.TorchReference(str(tmp_path / "missing"), np.zeros((1, 4), np.int64), "float32")
+    assert "\n" not in str(info.value)
