@@ -1,5 +1,5 @@
 import sys
 
-from orchestra_jax.cli import main
+from orchestra_jax.cli import entry
 
-sys.exit(main())
+sys.exit(entry())

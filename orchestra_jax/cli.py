@@ -18,6 +18,7 @@ from typing import TypeVar
 import tyro
 
 from orchestra_jax import config as config_lib
+from orchestra_jax import hugepages
 
 T = TypeVar("T")
 
@@ -388,5 +389,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def entry() -> int:
+    """The `orchestra-jax` console script: main() in a process with huge pages for XLA (see hugepages)."""
+    hugepages.reexec([sys.executable, "-m", "orchestra_jax", *sys.argv[1:]])
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

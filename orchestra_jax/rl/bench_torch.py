@@ -8,12 +8,16 @@ turns with it block by block, and the side that waits blocks on a pipe, idle.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
+import os
 import time
 import traceback
 from collections.abc import Callable
 
 import numpy as np
+
+from orchestra_jax import hugepages
 
 
 def timings(fn: Callable[[], object], repeats: int, min_seconds: float = 0.0) -> list[float]:
@@ -37,7 +41,8 @@ class TorchReference:
         self._conn, child = ctx.Pipe()
         self._process = ctx.Process(target=_serve, args=(child, model_dir, np.asarray(ids_BT), compute_dtype),
                                     daemon=True)
-        self._process.start()
+        with _launch_environment():
+            self._process.start()
         child.close()
         self._ask(None)  # the worker's "ready" (or its load error)
 
@@ -78,6 +83,20 @@ class TorchReference:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def _launch_environment():
+    """os.environ as the user launched the CLI, while the worker starts: PyTorch's step runs with its default
+    allocator, not the huge pages our CLI asks glibc for (see orchestra_jax.hugepages)."""
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(hugepages.launch_environment())
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def _serve(conn, model_dir: str, ids_BT: np.ndarray, compute_dtype: str) -> None:
