@@ -390,8 +390,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entry() -> int:
-    """The `orchestra-jax` console script: main() in a process with huge pages for XLA (see hugepages)."""
-    hugepages.reexec([sys.executable, "-m", "orchestra_jax", *sys.argv[1:]])
+    """The `orchestra-jax` console script: main(), for a training command in a process with huge pages for XLA
+    (see hugepages)."""
+    if hugepages.helps(sys.argv[1:]):
+        hugepages.reexec([sys.executable, "-m", "orchestra_jax", *sys.argv[1:]])
     return main()
 
 

@@ -5,9 +5,12 @@ at 4 x 128) and unmaps it afterwards, so each step touches every page anew: abou
 0.4 s of kernel time per step. With `glibc.malloc.hugetlb=1` malloc asks for transparent huge pages: about 900
 faults, and the 135M step ran in 1.79-1.84 s against 1.99-2.08 s (min of 6, taken in turn); the tiny model's
 step in `bench train` at 8 x 256 gained about 22 % (notes/BENCHMARKS.md, session 11). glibc reads its tunables
-only at start-up, so `orchestra-jax` re-executes itself once with the tunable added. It leaves alone a process
-whose GLIBC_TUNABLES already sets it, a libc other than glibc >= 2.35, and ORCHESTRA_JAX_HUGEPAGES=0. The kernel
-must allow it (/sys/kernel/mm/transparent_hugepage/enabled: `madvise` or `always`); elsewhere it changes nothing.
+only at start-up, so the training commands (`train`, `sft`, `bench train`) re-execute themselves once with the
+tunable added. Others do not: loading 513 MiB of weights into the in-process server of `bench rollout` took
+1.62-1.64 s with huge pages against 0.93 s without, and decode did not move beyond the noise. It leaves alone a
+process whose GLIBC_TUNABLES already sets it, a libc other than glibc >= 2.35, and ORCHESTRA_JAX_HUGEPAGES=0. The
+kernel must allow it (/sys/kernel/mm/transparent_hugepage/enabled: `madvise` or `always`); elsewhere it changes
+nothing.
 """
 
 from __future__ import annotations
@@ -21,6 +24,12 @@ TUNABLE = "glibc.malloc.hugetlb"
 # The GLIBC_TUNABLES the user launched with ("" for none), kept across the re-exec.
 PRIOR = "ORCHESTRA_JAX_PRIOR_GLIBC_TUNABLES"
 SWITCH = "ORCHESTRA_JAX_HUGEPAGES"
+COMMANDS = (("train",), ("sft",), ("bench", "train"))
+
+
+def helps(argv: Sequence[str]) -> bool:
+    """Whether the CLI command `argv` is one that trains (where huge pages were measured to help)."""
+    return any(tuple(argv[: len(command)]) == command for command in COMMANDS)
 
 
 def wanted(environ: Mapping[str, str], libc: tuple[str, str] | None = None) -> bool:

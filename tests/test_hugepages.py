@@ -20,6 +20,12 @@ def test_wanted_only_once_and_only_on_a_recent_glibc():
     assert not hugepages.wanted(hugepages.with_hugepages({}), GLIBC)  # no loop after the re-exec
 
 
+def test_only_training_commands_ask_for_huge_pages():
+    assert hugepages.helps(["train"]) and hugepages.helps(["sft", "--steps", "3"])
+    assert hugepages.helps(["bench", "train", "--models", "qwen3-tiny"])
+    assert not hugepages.helps(["bench", "rollout"]) and not hugepages.helps(["serve"]) and not hugepages.helps([])
+
+
 @pytest.mark.parametrize("prior", [None, "glibc.malloc.arena_max=2"])
 def test_the_user_environment_comes_back_for_a_reference_process(prior):
     user = {"HOME": "/h"} | ({} if prior is None else {"GLIBC_TUNABLES": prior})
