@@ -130,9 +130,6 @@ def _bench_sides(name: str, model, params, ids_BT: np.ndarray, args: TrainBenchA
         holder["state"], metrics = step(holder["state"], batch.arrays)
         return metrics
 
-    def jax_block():
-        return timings(jax_step, args.repeats, args.min_seconds)
-
     for _ in range(args.warmup):
         jax_step()
     blocks: dict[str, list[list[float]]] = {"jax": []}
@@ -142,7 +139,7 @@ def _bench_sides(name: str, model, params, ids_BT: np.ndarray, args: TrainBenchA
     for _ in range(args.rounds):
         # Each block starts with an untimed step: the first step after the other side's block ran up to 1.5x
         # slower (both ways; 135M bf16 in a /tmp probe, when both sides shared a process).
-        blocks["jax"].append(jax_block())
+        blocks["jax"].append(timings(jax_step, args.repeats, args.min_seconds))
         if reference is not None:
             blocks["torch"].append(reference.block(args.repeats, args.min_seconds))
 
