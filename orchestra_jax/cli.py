@@ -387,6 +387,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, config_lib.ConfigError) as e:
         print(f"orchestra-jax {name}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"orchestra-jax {name}: interrupted", file=sys.stderr)
+        return 130
 
 
 def entry() -> int:

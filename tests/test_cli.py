@@ -37,3 +37,13 @@ def test_console_script_reports_bad_flag_in_one_line():
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0
     assert "--optimizer.lr" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_ctrl_c_ends_a_command_with_one_line(capsys, monkeypatch):
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, "config", ("prints the config", interrupted))
+    assert cli.main(["config"]) == 130
+    err = capsys.readouterr().err
+    assert err == "orchestra-jax config: interrupted\n"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import signal
 import time
 import traceback
 from collections.abc import Callable
@@ -100,14 +101,16 @@ def _launch_environment():
 
 
 def _serve(conn, model_dir: str, ids_BT: np.ndarray, compute_dtype: str) -> None:
-    """The worker: answer each request with ("ok", value) or ("error", one line) until it gets None."""
+    """The worker: answer each request with ("ok", value) or ("error", one line) until it gets None or the
+    parent goes away. Ctrl-C is the parent's to handle: it closes the worker."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         step = _reference_step(model_dir, ids_BT, compute_dtype)
         conn.send(("ok", None))
     except Exception as exc:  # noqa: BLE001 -- reported to the parent as one line
         conn.send(("error", _one_line(exc)))
         return
-    while (request := conn.recv()) is not None:
+    while (request := _receive(conn)) is not None:
         try:
             kind, *args = request
             if kind == "steps":
@@ -121,6 +124,13 @@ def _serve(conn, model_dir: str, ids_BT: np.ndarray, compute_dtype: str) -> None
             conn.send(("ok", value))
         except Exception as exc:  # noqa: BLE001
             conn.send(("error", _one_line(exc)))
+
+
+def _receive(conn):
+    try:
+        return conn.recv()
+    except EOFError:  # the parent died without closing us
+        return None
 
 
 def _reference_step(model_dir: str, ids_BT: np.ndarray, compute_dtype: str) -> Callable[[], None]:
