@@ -159,7 +159,12 @@ def test_entropy_off_gives_the_same_logprobs_and_gradients(impl):
     on = jax.value_and_grad(loss, argnums=(0, 1))(h, w, True)
     want = float64_reference(h, w, targets, 0.8, g_lp, jnp.zeros_like(g_lp))
     assert rel_err(fused_logprob(h, w, targets, temperature=0.8, impl=impl), want[0]) <= 1e-5
-    for a, b, c in zip((off[0], *off[1]), (on[0], *on[1]), (np.sum(want[0] * np.asarray(g_lp)), *want[2:])):
+    # The loss sums terms of either sign, so it is measured against their size, not against itself (which can
+    # cancel to near zero: seed 84 gave a relative error of 1.4e-5 with an absolute one of 2e-8 of that size).
+    terms = want[0] * np.asarray(g_lp)
+    assert abs(float(off[0]) - float(on[0])) <= 1e-6 * np.sum(np.abs(terms))
+    assert abs(float(off[0]) - np.sum(terms)) <= 1e-5 * np.sum(np.abs(terms))
+    for a, b, c in zip(off[1], on[1], want[2:]):
         assert rel_err(a, b) <= 1e-6 and rel_err(a, c) <= 1e-5
 
 
