@@ -33,6 +33,11 @@ def timings(fn: Callable[[], object], repeats: int, min_seconds: float = 0.0) ->
     return times
 
 
+def best_flops(fn: Callable[[], object], flops: float, repeats: int) -> float:
+    """FLOP/s of the fastest of `repeats` timed calls of fn, which does `flops` each."""
+    return flops / min(timings(fn, repeats))
+
+
 class TorchReference:
     """A transformers model from `model_dir` stepping forward + backward of the token NLL + AdamW on `ids_BT`, in
     a spawned process. Use as a context manager; each method waits for the worker's answer."""
@@ -45,7 +50,7 @@ class TorchReference:
         with _launch_environment():
             self._process.start()
         child.close()
-        self._ask(None)  # the worker's "ready" (or its load error)
+        self._reply()  # the worker's "ready" (or its load error)
 
     def steps(self, count: int) -> None:
         """`count` untimed steps (warm-up)."""
@@ -60,8 +65,10 @@ class TorchReference:
         return self._ask(("gemm", n, dtype, repeats))
 
     def _ask(self, request):
-        if request is not None:
-            self._conn.send(request)
+        self._conn.send(request)
+        return self._reply()
+
+    def _reply(self):
         try:
             status, value = self._conn.recv()
         except EOFError:
@@ -156,7 +163,7 @@ def _gemm_flops(n: int, dtype: str, repeats: int) -> float:
     import torch
 
     a, b = (torch.randn(n, n, dtype=getattr(torch, dtype)) for _ in range(2))
-    return 2 * n**3 / min(timings(lambda: a @ b, repeats))
+    return best_flops(lambda: a @ b, 2 * n**3, repeats)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -36,7 +36,7 @@ from orchestra_jax.config import MeshConfig
 from orchestra_jax.models.transformer_config import get_preset
 from orchestra_jax.parallel.mesh import make_mesh
 from orchestra_jax.rl.batching import Sample, pack
-from orchestra_jax.rl.bench_torch import TorchReference, timings
+from orchestra_jax.rl.bench_torch import TorchReference, best_flops, timings
 from orchestra_jax.rl.losses import PolicyLossConfig
 from orchestra_jax.rl.train_step import StepSettings, make_train_step
 
@@ -79,10 +79,6 @@ def _hf_model(name: str, seed: int):
     return model, transformers.AutoModelForCausalLM.from_config(config_cls, dtype=torch.float32)
 
 
-def _best_flops(fn, flops: float, repeats: int) -> float:
-    return flops / min(timings(fn, repeats))
-
-
 def matmul_flops(n: int = 2048, dtype: str = "float32", repeats: int = 5, out_dtype: str | None = None) -> float:
     """Achieved FLOP/s of a JAX n x n x n matmul on the default device (best of `repeats`): the ceiling a
     train step's model FLOP/s is read against (also launch/gpu_train_bench.py's, in bf16). `out_dtype`:
@@ -90,7 +86,7 @@ def matmul_flops(n: int = 2048, dtype: str = "float32", repeats: int = 5, out_dt
     key_a, key_b = jax.random.split(jax.random.key(0))
     a, b = jax.random.normal(key_a, (n, n), dtype), jax.random.normal(key_b, (n, n), dtype)
     matmul = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=out_dtype))
-    return _best_flops(lambda: matmul(a, b).block_until_ready(), 2 * n**3, repeats)
+    return best_flops(lambda: matmul(a, b).block_until_ready(), 2 * n**3, repeats)
 
 
 def bench_model(name: str, args: TrainBenchArgs) -> dict:
