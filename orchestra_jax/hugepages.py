@@ -1,16 +1,16 @@
 """Transparent huge pages for the CLI's process, asked of glibc's malloc before Python starts.
 
-XLA's CPU runtime maps a fresh temporary buffer for every call of a compiled step (737 MB for the 135M train step
-at 4 x 128) and unmaps it afterwards, so each step touches every page anew: about 235,000 minor page faults and
-0.4 s of kernel time per step. With `glibc.malloc.hugetlb=1` malloc asks for transparent huge pages: about 900
-faults, and the 135M step ran in 1.79-1.84 s against 1.99-2.08 s (min of 6, taken in turn); the tiny model's
-step in `bench train` at 8 x 256 gained about 22 % (notes/BENCHMARKS.md, session 11). glibc reads its tunables
-only at start-up, so the training commands (`train`, `sft`, `bench train`) re-execute themselves once with the
-tunable added. Others do not: loading 513 MiB of weights into the in-process server of `bench rollout` took
-1.62-1.64 s with huge pages against 0.93 s without, and decode did not move beyond the noise. It leaves alone a
-process whose GLIBC_TUNABLES already sets it, a libc other than glibc >= 2.35, and ORCHESTRA_JAX_HUGEPAGES=0. The
-kernel must allow it (/sys/kernel/mm/transparent_hugepage/enabled: `madvise` or `always`); elsewhere it changes
-nothing.
+XLA's CPU runtime maps a fresh temporary buffer for every call of a compiled step (737 MB for the 135M train step at
+4 x 128) and unmaps it afterwards, so each step touches every page anew: about 235,000 minor page faults and 0.4 s
+of kernel time per step. With `glibc.malloc.hugetlb=1` malloc asks for transparent huge pages: about 900 faults, and
+the 135M step ran 6 % faster in `bench train` (269.9 and 276.1 against 252.2 and 260.6 tok/s, on and off in turn, no
+PyTorch side); the tiny model's step in `bench train` at 8 x 256 gained about 22 % (notes/BENCHMARKS.md, session
+11). glibc reads its tunables only at start-up, so the training commands (`train`, `sft`, `bench train`) re-execute
+themselves once with the tunable added. Others do not: loading 513 MiB of weights into the in-process server of
+`bench rollout` took 1.62-1.64 s with huge pages against 0.93 s without, and decode did not move beyond the noise.
+It leaves alone a process whose GLIBC_TUNABLES already sets it, a libc other than glibc >= 2.35, and
+ORCHESTRA_JAX_HUGEPAGES=0. The kernel must allow it (/sys/kernel/mm/transparent_hugepage/enabled: `madvise` or
+`always`); elsewhere it changes nothing.
 """
 
 from __future__ import annotations
