@@ -2,7 +2,8 @@
 
 `fused_logprob` is the single-device entry point; `sharded_fused_logprob` splits the vocabulary over a mesh
 axis (each shard summarises its columns, the summaries combine with pmax/psum) and the tokens over others.
-Both are differentiable in hidden and W through a custom VJP whose backward recomputes logits tile by tile.
+Both are differentiable in hidden and W through a custom VJP whose backward recomputes logits tile by tile
+(the single-device reference path keeps them instead while they fit in a small budget).
 """
 
 from __future__ import annotations
@@ -21,30 +22,38 @@ from orchestra_jax.kernels import logprob_pallas as pk
 from orchestra_jax.kernels import logprob_reference as ref
 
 
-def _backend(impl: str, temperature: float, with_entropy: bool = True) -> tuple[Callable, Callable]:
-    """(stats_fn, grads_fn) for an implementation. grads_fn takes mean_z = g_entropy = None when the loss has
-    no entropy term; the reference path then skips that work, the Pallas kernels get zeros."""
+def _backend(impl: str, temperature: float, with_entropy: bool = True,
+             keep_logits: bool = True) -> tuple[Callable, Callable]:
+    """(stats_fn, grads_fn) for an implementation. stats_fn returns (the summary, what the backward may reuse:
+    the reference path's logits when keep_logits and they fit its budget, or None); grads_fn takes that as
+    `saved`, and mean_z = g_entropy = None when the loss has no entropy term (the reference path then skips
+    that work, the Pallas kernels get zeros)."""
     kind = dispatch.resolve_impl(impl)
     if kind == "reference":
-        return (
-            functools.partial(ref.reference_stats, temperature=temperature, with_entropy=with_entropy),
-            functools.partial(ref.reference_grads, temperature=temperature),
-        )
+        def stats(hidden_TH, w_HV, targets_T):
+            keep = keep_logits and ref.keeps_logits(hidden_TH.shape[0], w_HV.shape[1])
+            return ref.stats_and_logits(hidden_TH, w_HV, targets_T, temperature=temperature,
+                                        with_entropy=with_entropy, keep_logits=keep)
+
+        def grads(*args, saved=None):
+            return ref.reference_grads(*args, temperature=temperature, logits_NTC=saved)
+
+        return stats, grads
     interpret = kind == "interpret"
 
-    def stats(hidden_TH, w_HV, targets_T):
+    def pallas_stats(hidden_TH, w_HV, targets_T):
         # The kernels read W in the hidden states' dtype (the reference path casts a wider W chunk by chunk).
         return pk.pallas_stats(hidden_TH, w_HV.astype(hidden_TH.dtype), targets_T, temperature=temperature,
-                               interpret=interpret)
+                               interpret=interpret), None
 
-    def grads(hidden_TH, w_HV, targets_T, lse_T, mean_z_T, g_logprob_T, g_entropy_T):
+    def pallas_grads(hidden_TH, w_HV, targets_T, lse_T, mean_z_T, g_logprob_T, g_entropy_T, saved=None):
         if g_entropy_T is None:
             mean_z_T, g_entropy_T = jnp.zeros_like(lse_T), jnp.zeros_like(lse_T)
         args = (hidden_TH, w_HV.astype(hidden_TH.dtype), targets_T, lse_T, mean_z_T, g_logprob_T, g_entropy_T)
         dh_TH, dw_HV = pk.pallas_grads(*args, temperature=temperature, interpret=interpret)
         return dh_TH, dw_HV.astype(w_HV.dtype)
 
-    return stats, grads
+    return pallas_stats, pallas_grads
 
 
 def _check(hidden_TH, w_HV, targets_T, temperature) -> None:
@@ -72,10 +81,11 @@ def _forward(hidden_TH, w_HV, targets_T, temperature, impl, with_entropy):
     """Outputs logprob, or (logprob, entropy) when with_entropy (static): without it, neither pass touches the
     first moment u or the entropy term of ∂z."""
     stats_fn, _ = _backend(impl, temperature, with_entropy)
-    logprob_T, entropy_T, lse_T, mean_z_T = lm.finish_stats(stats_fn(hidden_TH, w_HV, targets_T))
+    stats, saved = stats_fn(hidden_TH, w_HV, targets_T)
+    logprob_T, entropy_T, lse_T, mean_z_T = lm.finish_stats(stats)
     if not with_entropy:
-        return logprob_T, (hidden_TH, w_HV, targets_T, lse_T, None)
-    return (logprob_T, entropy_T), (hidden_TH, w_HV, targets_T, lse_T, mean_z_T)
+        return logprob_T, (hidden_TH, w_HV, targets_T, lse_T, None, saved)
+    return (logprob_T, entropy_T), (hidden_TH, w_HV, targets_T, lse_T, mean_z_T, saved)
 
 
 def _fused_fwd(hidden_TH, w_HV, targets_T, temperature, impl, with_entropy):
@@ -86,14 +96,14 @@ def _fused_fwd(hidden_TH, w_HV, targets_T, temperature, impl, with_entropy):
 def _fused_bwd(temperature, impl, with_entropy, residuals, cotangents):
     """An entropy that is only logged (its cotangent a symbolic zero) skips the entropy term of ∂z: in a train
     step without an entropy bonus that term cost more than the rest of the backward."""
-    hidden_TH, w_HV, targets_T, lse_T, mean_z_T = residuals
+    hidden_TH, w_HV, targets_T, lse_T, mean_z_T, saved = residuals
     g_logprob_T, g_entropy_T = cotangents if with_entropy else (cotangents, None)
     if isinstance(g_entropy_T, SymbolicZero):
         mean_z_T, g_entropy_T = None, None
     if isinstance(g_logprob_T, SymbolicZero):
         g_logprob_T = jnp.zeros_like(lse_T)
     _, grads_fn = _backend(impl, temperature, with_entropy)
-    dh_TH, dw_HV = grads_fn(hidden_TH, w_HV, targets_T, lse_T, mean_z_T, g_logprob_T, g_entropy_T)
+    dh_TH, dw_HV = grads_fn(hidden_TH, w_HV, targets_T, lse_T, mean_z_T, g_logprob_T, g_entropy_T, saved=saved)
     return dh_TH, dw_HV, None
 
 
@@ -152,7 +162,7 @@ def sharded_fused_logprob(
             f"sharded_fused_logprob: T={hidden_TH.shape[0]} must divide by {token_shards} token shards "
             f"{token_axes} and V={w_HV.shape[1]} by {mesh.shape[vocab_axis]} '{vocab_axis}' shards"
         )
-    stats_fn, grads_fn = _backend(impl, float(temperature))
+    stats_fn, grads_fn = _backend(impl, float(temperature), keep_logits=False)
     tok = PartitionSpec(token_axes or None)
     rows = PartitionSpec(token_axes or None, None)
     cols = PartitionSpec(None, vocab_axis)
@@ -164,7 +174,7 @@ def sharded_fused_logprob(
         return targets_T - jax.lax.axis_index(vocab_axis) * w_HV.shape[1]
 
     def local_forward(hidden_TH, w_HV, targets_T):
-        m, s, u, tz = stats_fn(hidden_TH, w_HV, local_targets(targets_T, w_HV))
+        (m, s, u, tz), _ = stats_fn(hidden_TH, w_HV, local_targets(targets_T, w_HV))
         m_all = jax.lax.pmax(m, vocab_axis)
         s, u = lm.rescale(m_all, m, s, u)
         total = jax.lax.psum((s, u, tz), vocab_axis)

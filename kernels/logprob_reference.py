@@ -2,8 +2,10 @@
 reference (a scan over vocabulary chunks with an online log-sum-exp), which is the default on CPU.
 
 The chunked functions work on one vocabulary shard: `targets_T` are already relative to the shard's first
-column, so a target outside [0, V) simply contributes nothing. Gradients are recomputed chunk by chunk, so
-neither pass keeps more than one [T, chunk] tile alive.
+column, so a target outside [0, V) simply contributes nothing. They read W as row chunks of its [V, H]
+transpose, the tied embedding's own layout (XLA cancels the two transposes), so no pass copies a tied head.
+The backward recomputes the logits chunk by chunk, unless the forward kept them (`keeps_logits`: only while
+all T·V of them fit in KEEP_LOGITS_ELEMENTS), so above that neither pass holds more than one [T, chunk] tile.
 """
 
 from __future__ import annotations
@@ -15,11 +17,18 @@ from orchestra_jax.kernels import logprob_math as lm
 # A chunk of logits holds about 2^24 fp32 values (64 MiB): big enough for efficient matmuls, small enough
 # that the handful of chunk-sized temporaries stay far below one [T, V] array.
 CHUNK_ELEMENTS = 1 << 24
+# Up to this many logits (512 MiB of fp32) the forward keeps them for the backward: at SmolLM2-135M's 4 x 128
+# step on the CPU, the head's forward+backward took 328-354 ms instead of 373-402 ms (a /tmp probe).
+KEEP_LOGITS_ELEMENTS = 1 << 27
 
 
 def default_chunk(rows: int) -> int:
     """Vocabulary chunk width for `rows` tokens: a multiple of 128 in [512, 8192]."""
     return max(512, min(8192, CHUNK_ELEMENTS // max(rows, 1) // 128 * 128))
+
+
+def keeps_logits(rows: int, num_cols: int) -> bool:
+    return rows * num_cols <= KEEP_LOGITS_ELEMENTS
 
 
 def chunk_plan(rows: int, num_cols: int, chunk: int | None = None) -> tuple[int, int, bool]:
@@ -55,34 +64,32 @@ def naive_logprob(
     return logprob_T, -jnp.sum(jnp.exp(logp_TV) * logp_TV, axis=-1)
 
 
-def _chunk(w_HV: jnp.ndarray, i: jnp.ndarray, size: int, exact: bool, dtype):
-    """Chunk i of the columns (in `dtype`), their indices, its first column, and num_cols for the tile maths
-    (None: exact).
+def _chunk(w_VH: jnp.ndarray, i: jnp.ndarray, size: int, exact: bool, dtype):
+    """Chunk i of W's columns as rows of w_VH (in `dtype`), their indices, its first column, and num_cols for
+    the tile maths (None: exact).
 
     When the chunks do not tile the columns, the last one is shifted left to stay in bounds; the columns it
     shares with chunk i−1 get the sentinel index V (treated as padding), so none counts twice."""
-    num_cols = w_HV.shape[1]
+    num_cols = w_VH.shape[0]
     start = i * size if exact else jnp.minimum(i * size, num_cols - size)
-    w_HC = _columns(w_HV, start, size, dtype)
+    w_CH = _rows(w_VH, start, size, dtype)
     cols_C = start + jnp.arange(size)
     if exact:
-        return w_HC, cols_C, start, None
-    return w_HC, jnp.where(cols_C >= i * size, cols_C, num_cols), start, num_cols
+        return w_CH, cols_C, start, None
+    return w_CH, jnp.where(cols_C >= i * size, cols_C, num_cols), start, num_cols
 
 
-def _columns(w_HV: jnp.ndarray, start: jnp.ndarray, size: int, dtype, axis: int = 1) -> jnp.ndarray:
-    """w[:, start:start + size] (rows with axis=0), cast to `dtype`.
+def _rows(w_VH: jnp.ndarray, start: jnp.ndarray, size: int, dtype) -> jnp.ndarray:
+    """w[start:start + size], cast to `dtype`.
 
     A wider w (an f32 head for bf16 hidden states) is cast chunk by chunk as it is read: a bf16 copy made by the
-    caller, shared by the forward and the backward, cost XLA's CPU compiler two more copies of the head (the
-    backward's own cast, made before its barrier, is one fused pass). A 16-bit float w is sliced as its uint16 bits: XLA's CPU
-    compiler upcasts a bf16 dynamic slice to f32 and hoists a float32 copy of the whole of w out of the loop; the
-    bits cost one copy of w's own size instead (a gather costs the f32 copy too)."""
-    if w_HV.dtype.itemsize != 2:
-        return jax.lax.dynamic_slice_in_dim(w_HV, start, size, axis=axis).astype(dtype)
-    bits_HV = jax.lax.bitcast_convert_type(w_HV, jnp.uint16)
-    cols = jax.lax.bitcast_convert_type(jax.lax.dynamic_slice_in_dim(bits_HV, start, size, axis=axis), w_HV.dtype)
-    return cols.astype(dtype)
+    caller, shared by the forward and the backward, cost XLA's CPU compiler two more copies of the head. A 16-bit
+    float w is sliced as its uint16 bits: XLA's CPU compiler upcasts a bf16 dynamic slice to f32 and hoists a
+    float32 copy of the whole of w out of the loop; the bits cost one copy of w's own size instead."""
+    if w_VH.dtype.itemsize != 2:
+        return jax.lax.dynamic_slice_in_dim(w_VH, start, size).astype(dtype)
+    bits_VH = jax.lax.bitcast_convert_type(w_VH, jnp.uint16)
+    return jax.lax.bitcast_convert_type(jax.lax.dynamic_slice_in_dim(bits_VH, start, size), w_VH.dtype).astype(dtype)
 
 
 def _scaled(x, temperature):
@@ -102,17 +109,34 @@ def reference_stats(
     """The (m, s, u, tz) summary of each row of h·W / τ over this shard's columns (see logprob_math).
 
     with_entropy=False leaves u = 0 (entropy and mean_z from finish_stats are then meaningless)."""
+    return stats_and_logits(hidden_TH, w_HV, targets_T, temperature=temperature, chunk=chunk,
+                            with_entropy=with_entropy, keep_logits=False)[0]
+
+
+def stats_and_logits(
+    hidden_TH: jnp.ndarray,
+    w_HV: jnp.ndarray,
+    targets_T: jnp.ndarray,
+    *,
+    temperature: float,
+    chunk: int | None = None,
+    with_entropy: bool = True,
+    keep_logits: bool = False,
+) -> tuple[tuple[jnp.ndarray, ...], jnp.ndarray | None]:
+    """`reference_stats`, and with keep_logits the scaled fp32 logit chunks [chunks, T, chunk] for
+    `reference_grads` (else None)."""
     size, count, exact = chunk_plan(hidden_TH.shape[0], w_HV.shape[1], chunk)
-    targets_T = targets_T.astype(jnp.int32)
+    w_VH = w_HV.T
 
     def body(stats, i):
-        w_HC, cols_C, _, num_cols = _chunk(w_HV, i, size, exact, hidden_TH.dtype)
-        z_TC = _scaled(jnp.dot(hidden_TH, w_HC, preferred_element_type=jnp.float32), temperature)
+        w_CH, cols_C, _, num_cols = _chunk(w_VH, i, size, exact, hidden_TH.dtype)
+        z_TC = _scaled(jnp.einsum("th,ch->tc", hidden_TH, w_CH, preferred_element_type=jnp.float32), temperature)
         tile = lm.tile_stats(z_TC, cols_C, None, num_cols, with_entropy=with_entropy, separate_reductions=True)
-        return lm.merge_stats(stats, tile), None
+        return lm.merge_stats(stats, tile), (z_TC if keep_logits else None)
 
-    (m_T, s_T, u_T, _), _ = jax.lax.scan(body, lm.empty_stats(hidden_TH.shape[0]), jnp.arange(count))
-    return m_T, s_T, u_T, lm.target_logits(hidden_TH, w_HV, targets_T, temperature)
+    (m_T, s_T, u_T, _), logits_NTC = jax.lax.scan(body, lm.empty_stats(hidden_TH.shape[0]), jnp.arange(count))
+    tz_T = lm.target_logits(hidden_TH, w_HV, targets_T.astype(jnp.int32), temperature)
+    return (m_T, s_T, u_T, tz_T), logits_NTC
 
 
 def reference_grads(
@@ -126,38 +150,36 @@ def reference_grads(
     *,
     temperature: float,
     chunk: int | None = None,
+    logits_NTC: jnp.ndarray | None = None,
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """(∂L/∂h, ∂L/∂W) for this shard's columns, recomputing each logit chunk; fp32 accumulation.
+    """(∂L/∂h, ∂L/∂W) for this shard's columns, from the logit chunks `stats_and_logits` kept, or recomputing
+    each one (logits_NTC=None); fp32 accumulation.
 
     mean_z_T = g_entropy_T = None: the loss has no entropy term, and its per-element work is skipped."""
     size, count, exact = chunk_plan(hidden_TH.shape[0], w_HV.shape[1], chunk)
     targets_T = targets_T.astype(jnp.int32)
     compute = hidden_TH.dtype
-    # XLA's CPU runs a bf16 matmul natively only when both operands are row-major in memory; ∂h = ∂z·Wᵀ and
-    # ∂W = hᵀ·∂z would read transposed ones and run in f32 at about half the speed. Transposed copies made once,
-    # behind an optimisation barrier (without it XLA folds the transposes back into the dots), keep them native.
-    # Wᵀ is cast to bf16 before the barrier: read through a cast inside the loop, with one vocabulary chunk XLA
-    # folded the transposes into a dot its CPU runtime cannot run ("BF16 x BF16 = F32").
+    w_VH = w_HV.T
+    # XLA's CPU runs a bf16 matmul natively unless its left operand is contracted over its first dimension
+    # (then about half as fast, in f32): ∂W = hᵀ·∂z reads hᵀ from a transposed copy made once, behind an
+    # optimisation barrier so that XLA does not fold the transpose back into the dot.
     native = compute == jnp.bfloat16 and jax.default_backend() == "cpu"
-    w_VH, hidden_HT = (None, None)
-    if native:
-        w_VH, hidden_HT = jax.lax.optimization_barrier((w_HV.T.astype(compute), hidden_TH.T))
+    hidden_HT = jax.lax.optimization_barrier(hidden_TH.T) if native else hidden_TH.T
 
     def body(carry, i):
         dh_TH, dw_HV = carry
-        w_HC, cols_C, start, num_cols = _chunk(w_HV, i, size, exact, compute)
-        z_TC = _scaled(jnp.dot(hidden_TH, w_HC, preferred_element_type=jnp.float32), temperature)
+        w_CH, cols_C, start, num_cols = _chunk(w_VH, i, size, exact, compute)
+        if logits_NTC is None:
+            z_TC = jnp.einsum("th,ch->tc", hidden_TH, w_CH, preferred_element_type=jnp.float32)
+            z_TC = _scaled(z_TC, temperature)
+        else:
+            z_TC = logits_NTC[i]
         dz_TC = lm.tile_logit_grad(
             z_TC, cols_C, targets_T, num_cols, lse_T, mean_z_T, g_logprob_T, g_entropy_T
         )
         dz_TC = _scaled(dz_TC, temperature).astype(compute)
-        if native:
-            w_CH = _columns(w_VH, start, size, compute, axis=0)
-            dh_TH = dh_TH + jnp.dot(dz_TC, w_CH, preferred_element_type=jnp.float32)
-            dw_HC = jnp.dot(hidden_HT, dz_TC, preferred_element_type=jnp.float32)
-        else:
-            dh_TH = dh_TH + jnp.dot(dz_TC, w_HC.T, preferred_element_type=jnp.float32)
-            dw_HC = jnp.dot(hidden_TH.T, dz_TC, preferred_element_type=jnp.float32)
+        dh_TH = dh_TH + jnp.dot(dz_TC, w_CH, preferred_element_type=jnp.float32)
+        dw_HC = jnp.dot(hidden_HT, dz_TC, preferred_element_type=jnp.float32)
         if not exact:
             # Overlapping columns of the shifted last chunk have dz = 0, so adding (not overwriting) is exact.
             dw_HC = dw_HC + jax.lax.dynamic_slice_in_dim(dw_HV, start, size, axis=1)
@@ -166,6 +188,6 @@ def reference_grads(
 
     init = (jnp.zeros(hidden_TH.shape, jnp.float32), jnp.zeros(w_HV.shape, jnp.float32))
     (dh_TH, dw_HV), _ = jax.lax.scan(body, init, jnp.arange(count))
-    if native:  # nor may a transpose that follows (a tied embedding's) be folded back into a one-chunk loop's ∂W dot
+    if native:  # nor may a transpose that follows (a tied embedding's) be folded into a one-chunk loop's ∂W dot
         dw_HV = jax.lax.optimization_barrier(dw_HV)
     return dh_TH.astype(hidden_TH.dtype), dw_HV.astype(w_HV.dtype)

@@ -440,7 +440,7 @@ def _decode_attention(q_B1NH, k_cache_BKSH, v_cache_BKSH, k_B1KH, v_B1KH, positi
 def _kept_bits(x: jax.Array, name: str) -> jax.Array:
     """Name an activation for remat "dots" to keep (its policy saves these names). A 16-bit one is kept as its
     uint16 bits: XLA's CPU compiler upcasts a stacked bf16 residual to f32 and back at every layer (kernels'
-    `_columns` works around the same conversion), and stacks the bits as they are."""
+    `_rows` works around the same conversion), and stacks the bits as they are."""
     if x.dtype.itemsize != 2:
         return checkpoint_name(x, name)
     bits = checkpoint_name(jax.lax.bitcast_convert_type(x, jnp.uint16), name)

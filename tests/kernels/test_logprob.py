@@ -10,6 +10,7 @@ from orchestra_jax.kernels import logprob_math as lm
 from orchestra_jax.kernels import logprob_pallas as pk
 from orchestra_jax.kernels import logprob_reference as ref
 from orchestra_jax.kernels.bench import peak_bytes
+from orchestra_jax.kernels.logprob import _backend
 
 IMPLS = ["reference", "interpret"]
 
@@ -110,6 +111,31 @@ def test_reference_chunks_that_do_not_divide_the_vocabulary(dtype, tol):
     want = float64_reference(h, w, targets, 0.9, g_lp, g_ent)
     for a, b in zip((logp, entropy, dh, dw), want):
         assert rel_err(jnp.asarray(a, jnp.float32), b) <= tol
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
+def test_kept_logits_give_what_recomputing_them_gives(dtype, tol):
+    # 3 chunks of 128 over V = 300, the last one shifted: the backward must pair each kept chunk with its columns.
+    seed = np.random.SeedSequence().entropy % 2**32
+    h, w, targets, g_lp, g_ent = random_case(seed, 33, 24, 300, dtype=dtype)
+    stats, kept = ref.stats_and_logits(h, w, targets, temperature=0.8, chunk=128, keep_logits=True)
+    assert kept.shape == (3, 33, 128)
+    logp, entropy, lse, mean_z = lm.finish_stats(stats)
+    args = (h, w, targets, lse, mean_z, g_lp, g_ent)
+    got = ref.reference_grads(*args, temperature=0.8, chunk=128, logits_NTC=kept)
+    recomputed = ref.reference_grads(*args, temperature=0.8, chunk=128)
+    want = float64_reference(h, w, targets, 0.8, g_lp, g_ent)[2:]
+    for name, a, b, c in zip(("d_hidden", "d_w"), got, recomputed, want):
+        a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+        assert rel_err(a, b) <= tol / 10 and rel_err(a, c) <= tol, (name, seed)
+
+
+def test_fused_reference_keeps_logits_only_within_the_budget(monkeypatch):
+    h, w, targets, _, _ = random_case(0, 8, 16, 64)
+    stats_fn, _ = _backend("reference", 1.0)
+    assert stats_fn(h, w, targets)[1].shape == (1, 8, 64)
+    monkeypatch.setattr(ref, "KEEP_LOGITS_ELEMENTS", 8 * 64 - 1)
+    assert stats_fn(h, w, targets)[1] is None
 
 
 def test_reference_path_never_materialises_token_by_vocab_logits():
