@@ -3,7 +3,7 @@
 `fused_logprob` is the single-device entry point; `sharded_fused_logprob` splits the vocabulary over a mesh
 axis (each shard summarises its columns, the summaries combine with pmax/psum) and the tokens over others.
 Both are differentiable in hidden and W through a custom VJP whose backward recomputes logits tile by tile
-(the single-device reference path keeps them instead while they fit in a small budget).
+(the single-device reference path keeps them instead while they fit in its KEEP_LOGITS_ELEMENTS).
 """
 
 from __future__ import annotations
@@ -103,7 +103,8 @@ def _fused_bwd(temperature, impl, with_entropy, residuals, cotangents):
     if isinstance(g_logprob_T, SymbolicZero):
         g_logprob_T = jnp.zeros_like(lse_T)
     _, grads_fn = _backend(impl, temperature, with_entropy)
-    dh_TH, dw_HV = grads_fn(hidden_TH, w_HV, targets_T, lse_T, mean_z_T, g_logprob_T, g_entropy_T, saved=saved)
+    dh_TH, dw_HV = grads_fn(hidden_TH, w_HV, targets_T, lse_T, mean_z_T, g_logprob_T, g_entropy_T,
+                            saved=saved)
     return dh_TH, dw_HV, None
 
 

@@ -17,8 +17,9 @@ from orchestra_jax.kernels import logprob_math as lm
 # A chunk of logits holds about 2^24 fp32 values (64 MiB): big enough for efficient matmuls, small enough
 # that the handful of chunk-sized temporaries stay far below one [T, V] array.
 CHUNK_ELEMENTS = 1 << 24
-# Up to this many logits (512 MiB of fp32) the forward keeps them for the backward: at SmolLM2-135M's 4 x 128
-# step on the CPU, the head's forward+backward took 328-354 ms instead of 373-402 ms (a /tmp probe).
+# Up to this many logits (512 MiB of fp32) the forward keeps them for the backward, which then skips a matmul:
+# SmolLM2-135M's head at 4 x 128 tokens (fwd+bwd, bf16, CPU) took 342 ms against 403 ms recomputing them with
+# the earlier column-chunk layout (a /tmp probe; notes/BENCHMARKS.md, session 12).
 KEEP_LOGITS_ELEMENTS = 1 << 27
 
 
@@ -82,14 +83,14 @@ def _chunk(w_VH: jnp.ndarray, i: jnp.ndarray, size: int, exact: bool, dtype):
 def _rows(w_VH: jnp.ndarray, start: jnp.ndarray, size: int, dtype) -> jnp.ndarray:
     """w[start:start + size], cast to `dtype`.
 
-    A wider w (an f32 head for bf16 hidden states) is cast chunk by chunk as it is read: a bf16 copy made by the
-    caller, shared by the forward and the backward, cost XLA's CPU compiler two more copies of the head. A 16-bit
-    float w is sliced as its uint16 bits: XLA's CPU compiler upcasts a bf16 dynamic slice to f32 and hoists a
-    float32 copy of the whole of w out of the loop; the bits cost one copy of w's own size instead."""
+    A wider w (an f32 head for bf16 hidden states) is cast chunk by chunk as it is read: a bf16 copy made by
+    the caller, shared by the forward and the backward, cost XLA's CPU compiler two more copies of the head.
+    A 16-bit float w is sliced as its uint16 bits: XLA's CPU compiler upcasts a bf16 dynamic slice to f32
+    and hoists a float32 copy of the whole of w out of the loop; the bits cost one copy of w's own size."""
     if w_VH.dtype.itemsize != 2:
         return jax.lax.dynamic_slice_in_dim(w_VH, start, size).astype(dtype)
-    bits_VH = jax.lax.bitcast_convert_type(w_VH, jnp.uint16)
-    return jax.lax.bitcast_convert_type(jax.lax.dynamic_slice_in_dim(bits_VH, start, size), w_VH.dtype).astype(dtype)
+    rows_CH = jax.lax.dynamic_slice_in_dim(jax.lax.bitcast_convert_type(w_VH, jnp.uint16), start, size)
+    return jax.lax.bitcast_convert_type(rows_CH, w_VH.dtype).astype(dtype)
 
 
 def _scaled(x, temperature):
@@ -130,8 +131,10 @@ def stats_and_logits(
 
     def body(stats, i):
         w_CH, cols_C, _, num_cols = _chunk(w_VH, i, size, exact, hidden_TH.dtype)
-        z_TC = _scaled(jnp.einsum("th,ch->tc", hidden_TH, w_CH, preferred_element_type=jnp.float32), temperature)
-        tile = lm.tile_stats(z_TC, cols_C, None, num_cols, with_entropy=with_entropy, separate_reductions=True)
+        z_TC = jnp.einsum("th,ch->tc", hidden_TH, w_CH, preferred_element_type=jnp.float32)
+        z_TC = _scaled(z_TC, temperature)
+        tile = lm.tile_stats(z_TC, cols_C, None, num_cols, with_entropy=with_entropy,
+                             separate_reductions=True)
         return lm.merge_stats(stats, tile), (z_TC if keep_logits else None)
 
     (m_T, s_T, u_T, _), logits_NTC = jax.lax.scan(body, lm.empty_stats(hidden_TH.shape[0]), jnp.arange(count))
@@ -188,6 +191,6 @@ def reference_grads(
 
     init = (jnp.zeros(hidden_TH.shape, jnp.float32), jnp.zeros(w_HV.shape, jnp.float32))
     (dh_TH, dw_HV), _ = jax.lax.scan(body, init, jnp.arange(count))
-    if native:  # nor may a transpose that follows (a tied embedding's) be folded into a one-chunk loop's ∂W dot
+    if native:  # nor may a transpose that follows (a tied embedding's) fold into a one-chunk loop's ∂W dot
         dw_HV = jax.lax.optimization_barrier(dw_HV)
     return dh_TH.astype(hidden_TH.dtype), dw_HV.astype(w_HV.dtype)
