@@ -32,8 +32,8 @@ def _backend(impl: str, temperature: float, with_entropy: bool = True,
     if kind == "reference":
         def stats(hidden_TH, w_HV, targets_T):
             keep = keep_logits and ref.keeps_logits(hidden_TH.shape[0], w_HV.shape[1])
-            return ref.stats_and_logits(hidden_TH, w_HV, targets_T, temperature=temperature,
-                                        with_entropy=with_entropy, keep_logits=keep)
+            return ref.reference_stats(hidden_TH, w_HV, targets_T, temperature=temperature,
+                                       with_entropy=with_entropy, keep_logits=keep)
 
         def grads(*args, saved=None):
             return ref.reference_grads(*args, temperature=temperature, logits_NTC=saved)

@@ -187,7 +187,7 @@ def pallas_stats(
     interpret=False,
     poison=False,
 ):
-    """The (m, s, u, tz) summary of each row over this shard's columns (same contract as reference_stats)."""
+    """The (m, s, u, tz) summary of each row over this shard's columns (what reference_stats returns first)."""
     lay = _Layout(hidden_TH, w_HV, block_t, block_v, block_k, temperature)
     h, w, tgt = lay.pad(hidden_TH, w_HV, targets_T)
     vec = pl.BlockSpec((block_t,), lambda i: (i,))

@@ -106,26 +106,12 @@ def reference_stats(
     temperature: float,
     chunk: int | None = None,
     with_entropy: bool = True,
-) -> tuple[jnp.ndarray, ...]:
-    """The (m, s, u, tz) summary of each row of h·W / τ over this shard's columns (see logprob_math).
-
-    with_entropy=False leaves u = 0 (entropy and mean_z from finish_stats are then meaningless)."""
-    return stats_and_logits(hidden_TH, w_HV, targets_T, temperature=temperature, chunk=chunk,
-                            with_entropy=with_entropy, keep_logits=False)[0]
-
-
-def stats_and_logits(
-    hidden_TH: jnp.ndarray,
-    w_HV: jnp.ndarray,
-    targets_T: jnp.ndarray,
-    *,
-    temperature: float,
-    chunk: int | None = None,
-    with_entropy: bool = True,
     keep_logits: bool = False,
 ) -> tuple[tuple[jnp.ndarray, ...], jnp.ndarray | None]:
-    """`reference_stats`, and with keep_logits the scaled fp32 logit chunks [chunks, T, chunk] for
-    `reference_grads` (else None)."""
+    """The (m, s, u, tz) summary of each row of h·W / τ over this shard's columns (see logprob_math), and with
+    keep_logits the scaled fp32 logit chunks [chunks, T, chunk] for `reference_grads` (else None).
+
+    with_entropy=False leaves u = 0 (entropy and mean_z from finish_stats are then meaningless)."""
     size, count, exact = chunk_plan(hidden_TH.shape[0], w_HV.shape[1], chunk)
     w_VH = w_HV.T
 
@@ -155,7 +141,7 @@ def reference_grads(
     chunk: int | None = None,
     logits_NTC: jnp.ndarray | None = None,
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """(∂L/∂h, ∂L/∂W) for this shard's columns, from the logit chunks `stats_and_logits` kept, or recomputing
+    """(∂L/∂h, ∂L/∂W) for this shard's columns, from the logit chunks `reference_stats` kept, or recomputing
     each one (logits_NTC=None); fp32 accumulation.
 
     mean_z_T = g_entropy_T = None: the loss has no entropy term, and its per-element work is skipped."""

@@ -105,7 +105,7 @@ def test_reference_chunks_that_do_not_divide_the_vocabulary(dtype, tol):
     # (A 16-bit head is sliced as its uint16 bits.)
     h, w, targets, g_lp, g_ent = random_case(np.random.SeedSequence().entropy % 2**32, 10, 16, 300, dtype=dtype)
     logp, entropy, lse, mean_z = lm.finish_stats(
-        ref.reference_stats(h, w, targets, temperature=0.9, chunk=128)
+        ref.reference_stats(h, w, targets, temperature=0.9, chunk=128)[0]
     )
     dh, dw = ref.reference_grads(h, w, targets, lse, mean_z, g_lp, g_ent, temperature=0.9, chunk=128)
     want = float64_reference(h, w, targets, 0.9, g_lp, g_ent)
@@ -118,7 +118,7 @@ def test_kept_logits_give_what_recomputing_them_gives(dtype, tol):
     # 3 chunks of 128 over V = 300, the last one shifted: the backward must pair each kept chunk with its columns.
     seed = np.random.SeedSequence().entropy % 2**32
     h, w, targets, g_lp, g_ent = random_case(seed, 33, 24, 300, dtype=dtype)
-    stats, kept = ref.stats_and_logits(h, w, targets, temperature=0.8, chunk=128, keep_logits=True)
+    stats, kept = ref.reference_stats(h, w, targets, temperature=0.8, chunk=128, keep_logits=True)
     assert kept.shape == (3, 33, 128)
     logp, entropy, lse, mean_z = lm.finish_stats(stats)
     args = (h, w, targets, lse, mean_z, g_lp, g_ent)
@@ -209,7 +209,7 @@ def test_chunk_plan_prefers_an_exact_divisor():
 @pytest.mark.parametrize("with_entropy", [True, False])
 def test_reference_exact_and_masked_chunks(chunk, with_entropy):
     h, w, targets, g_lp, g_ent = random_case(np.random.SeedSequence().entropy % 2**32, 10, 16, 300)
-    stats = ref.reference_stats(h, w, targets, temperature=0.9, chunk=chunk, with_entropy=with_entropy)
+    stats, _ = ref.reference_stats(h, w, targets, temperature=0.9, chunk=chunk, with_entropy=with_entropy)
     logp, entropy, lse, mean_z = lm.finish_stats(stats)
     if not with_entropy:
         mean_z, g_ent = None, jnp.zeros_like(g_lp)
