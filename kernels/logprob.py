@@ -163,6 +163,7 @@ def sharded_fused_logprob(
             f"sharded_fused_logprob: T={hidden_TH.shape[0]} must divide by {token_shards} token shards "
             f"{token_axes} and V={w_HV.shape[1]} by {mesh.shape[vocab_axis]} '{vocab_axis}' shards"
         )
+    # No kept logits here: they would have to leave the shard_map as one more sharded output.
     stats_fn, grads_fn = _backend(impl, float(temperature), keep_logits=False)
     tok = PartitionSpec(token_axes or None)
     rows = PartitionSpec(token_axes or None, None)

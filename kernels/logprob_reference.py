@@ -98,6 +98,12 @@ def _scaled(x, temperature):
     return x if temperature == 1.0 else x * (1.0 / temperature)
 
 
+def _chunk_logits(hidden_TH: jnp.ndarray, w_CH: jnp.ndarray, temperature: float) -> jnp.ndarray:
+    """Scaled fp32 logits of one chunk: w_CH's rows contracted on their last axis, which XLA's CPU (YNNPACK)
+    runs natively in bf16, so the tied embedding is read in its own layout."""
+    return _scaled(jnp.einsum("th,ch->tc", hidden_TH, w_CH, preferred_element_type=jnp.float32), temperature)
+
+
 def reference_stats(
     hidden_TH: jnp.ndarray,
     w_HV: jnp.ndarray,
@@ -117,8 +123,7 @@ def reference_stats(
 
     def body(stats, i):
         w_CH, cols_C, _, num_cols = _chunk(w_VH, i, size, exact, hidden_TH.dtype)
-        z_TC = jnp.einsum("th,ch->tc", hidden_TH, w_CH, preferred_element_type=jnp.float32)
-        z_TC = _scaled(z_TC, temperature)
+        z_TC = _chunk_logits(hidden_TH, w_CH, temperature)
         tile = lm.tile_stats(z_TC, cols_C, None, num_cols, with_entropy=with_entropy,
                              separate_reductions=True)
         return lm.merge_stats(stats, tile), (z_TC if keep_logits else None)
@@ -158,11 +163,7 @@ def reference_grads(
     def body(carry, i):
         dh_TH, dw_HV = carry
         w_CH, cols_C, start, num_cols = _chunk(w_VH, i, size, exact, compute)
-        if logits_NTC is None:
-            z_TC = jnp.einsum("th,ch->tc", hidden_TH, w_CH, preferred_element_type=jnp.float32)
-            z_TC = _scaled(z_TC, temperature)
-        else:
-            z_TC = logits_NTC[i]
+        z_TC = _chunk_logits(hidden_TH, w_CH, temperature) if logits_NTC is None else logits_NTC[i]
         dz_TC = lm.tile_logit_grad(
             z_TC, cols_C, targets_T, num_cols, lse_T, mean_z_T, g_logprob_T, g_entropy_T
         )
