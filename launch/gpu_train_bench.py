@@ -1,6 +1,7 @@
 """Train-step throughput and MFU on one accelerator, for Qwen3-0.6B and Qwen3-1.7B shapes (random weights).
 
     python launch/gpu_train_bench.py [--models qwen3-0.6b qwen3-1.7b] [--batch 8] [--seq-len 2048] [--steps 5]
+    python launch/gpu_train_bench.py --models qwen3-0.6b --override MODULE.CONSTANT=VALUE   # a what-if run
 
 The step is the RL train step the trainer runs (GRPO loss, AdamW, fp32 params with bf16 compute, full remat by
 default), with the trainer's choices of attention (cuDNN on a GPU) and log-prob path (the chunked XLA reference);
@@ -15,6 +16,8 @@ PaLM's accounting). Remat recomputation is not counted as useful work (MFU, not 
 from __future__ import annotations
 
 import argparse
+import ast
+import importlib
 import json
 import sys
 import time
@@ -39,7 +42,23 @@ def matmul_ceiling(n: int = 8192, repeats: int = 20) -> float:
     return matmul_flops(n, "bfloat16", repeats)
 
 
-def bench(name: str, args: argparse.Namespace, ceiling: float, peak: float | None) -> dict:
+def apply_overrides(overrides: list[str]) -> None:
+    """Set module constants for a what-if run, e.g. `orchestra_jax.kernels.logprob_reference.CHUNK_ELEMENTS=
+    67108864`; each is checked to exist, and the values are Python literals."""
+    for item in overrides:
+        target, _, value = item.partition("=")
+        module_name, _, attr = target.rpartition(".")
+        try:
+            module = importlib.import_module(module_name)
+            if not hasattr(module, attr) or not value:
+                raise AttributeError(f"{module_name} has no constant {attr}")
+            setattr(module, attr, ast.literal_eval(value))
+        except (ImportError, AttributeError, ValueError, SyntaxError) as e:
+            raise SystemExit(f"--override {item!r}: {e}") from None
+
+
+def build(name: str, args: argparse.Namespace):
+    """(model, step, state, batch): the trainer's step on one device for a preset, random weights and tokens."""
     model = get_preset(name)
     params = init_params(model, jax.random.key(0), dtype="float32")
     mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
@@ -51,6 +70,16 @@ def bench(name: str, args: argparse.Namespace, ceiling: float, peak: float | Non
     samples = [Sample(rng.integers(0, model.vocab_size, args.seq_len), np.ones(args.seq_len, np.int32),
                       float(rng.normal())) for _ in range(args.batch * args.micro_batches)]
     batch = pack(samples, micro_batch_size=args.batch, max_row_len=args.seq_len).arrays
+    return model, step, state, batch
+
+
+def model_flops_per_step(model, args: argparse.Namespace) -> float:
+    tokens = args.batch * args.micro_batches * (args.seq_len - 1)
+    return model.train_flops_per_token(args.seq_len) * tokens
+
+
+def bench(name: str, args: argparse.Namespace, ceiling: float, peak: float | None) -> dict:
+    model, step, state, batch = build(name, args)
     start = time.perf_counter()
     state, metrics = step(state, batch)  # compile + first step
     compile_s = time.perf_counter() - start
@@ -61,11 +90,11 @@ def bench(name: str, args: argparse.Namespace, ceiling: float, peak: float | Non
         times.append(time.perf_counter() - start)
     step_s = float(np.median(times))
     tokens = args.batch * args.micro_batches * (args.seq_len - 1)
-    model_flops = model.train_flops_per_token(args.seq_len) * tokens / step_s
+    model_flops = model_flops_per_step(model, args) / step_s
     return {
         "model": name, "params": model.num_params(), "device": jax.devices()[0].device_kind,
         "batch": args.batch, "micro_batches": args.micro_batches, "seq_len": args.seq_len, "remat": args.remat,
-        "attention": args.attention, "logprob_impl": args.logprob_impl,
+        "attention": args.attention, "logprob_impl": args.logprob_impl, "overrides": args.override,
         "compile_s": round(compile_s, 1), "step_s": round(step_s, 4), "tokens_per_s": round(tokens / step_s, 1),
         "model_tflops": round(model_flops / 1e12, 1), "matmul_ceiling_tflops": round(ceiling / 1e12, 1),
         "mfu_vs_measured_ceiling": round(model_flops / ceiling, 3),
@@ -74,18 +103,25 @@ def bench(name: str, args: argparse.Namespace, ceiling: float, peak: float | Non
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["qwen3-0.6b", "qwen3-1.7b"])
+def add_step_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=8, help="rows per micro-batch")
     parser.add_argument("--micro-batches", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--remat", default="full", choices=["none", "full", "dots"])
     parser.add_argument("--logprob-impl", default="auto", choices=["auto", "pallas", "reference"])
     parser.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"])
+    parser.add_argument("--override", action="append", default=[], metavar="MODULE.CONSTANT=VALUE",
+                        help="set a module constant first (a what-if run; repeatable)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["qwen3-0.6b", "qwen3-1.7b"])
+    parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--matmul-n", type=int, default=8192)
+    add_step_args(parser)
     args = parser.parse_args(argv)
+    apply_overrides(args.override)
     kind = jax.devices()[0].device_kind
     peak = next((v for k, v in PEAK_FLOPS.items() if k.lower() in kind.lower()), None)
     ceiling = matmul_ceiling(args.matmul_n)

@@ -31,6 +31,9 @@ REMAT_POLICIES = ("none", "full", "dots")
 KEPT_ACTIVATIONS = ("layer_in", "attn_in", "q", "k", "v", "attn_out", "attn_residual", "mlp_in", "gate", "up")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 CUDNN_MAX_MASK_ELEMENTS = 1 << 28  # "auto" keeps cuDNN's dense [B, 1, T, T] segment mask under 512 MiB of bf16
+# cuDNN's packed layout (Hopper and later) takes each row's segments as offsets, compiled for at most this many
+# per row; a batch with more takes the XLA blocks. Below 2: packed rows always take the dense mask.
+CUDNN_MAX_SEGMENTS = 16
 ATTENTION_CHUNK = 1024
 CAUSAL_BLOCK = 128
 CPU_CAUSAL_BLOCK = 64  # 135M bf16 4 x 128 step 6 % faster, tiny 8 x 256 9 % (session 11); GPUs keep 128
@@ -311,37 +314,88 @@ def _causal_attention(q_BTNH, k_BKTH, v_BKTH, segments_BT, block: int) -> jax.Ar
 
 def attention_impl(impl: str, dtype: Any, mask_elements: int = 0) -> str:
     """Training attention: "cudnn" (cuDNN's fused flash attention; GPU, bf16/fp16 only) or "xla" (`_flash`).
-    "auto" picks cuDNN where it runs, unless its segment mask (`mask_elements` = B·T² for packed rows) would
-    pass CUDNN_MAX_MASK_ELEMENTS: long packed rows (the 8B recipe's 32K-token context) take the XLA blocks,
-    which never build a [T, T] array."""
+    "auto" picks cuDNN where it runs, unless it would need a dense segment mask (no packed layout: before
+    Hopper) of more than CUDNN_MAX_MASK_ELEMENTS (`mask_elements` = B·T² for packed rows): long packed rows then
+    take the XLA blocks, which never build a [T, T] array."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention {impl!r} is not one of {ATTENTION_IMPLS}")
     fused_ok = jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
     if impl == "auto":
-        return "cudnn" if fused_ok and mask_elements <= CUDNN_MAX_MASK_ELEMENTS else "xla"
+        small_mask = mask_elements <= CUDNN_MAX_MASK_ELEMENTS
+        return "cudnn" if fused_ok and (small_mask or cudnn_packs()) else "xla"
     if impl == "cudnn" and not fused_ok:
         raise ValueError(f"attention 'cudnn' needs a GPU and bf16/fp16 compute (here: {jax.default_backend()}, "
                          f"{jnp.dtype(dtype).name})")
     return impl
 
 
+def cudnn_packs() -> bool:
+    """Whether cuDNN takes packed rows as segment offsets here (compute capability 9.0 and later)."""
+    if CUDNN_MAX_SEGMENTS < 2 or jax.default_backend() != "gpu":
+        return False
+    capability = getattr(jax.devices()[0], "compute_capability", "0")
+    return tuple(int(x) for x in str(capability).split(".")) >= (9, 0)
+
+
 def _library_attention(q_BTNH, k_BTKH, v_BTKH, segments_BT, implementation: str) -> jax.Array:
     """Causal attention within each segment through `jax.nn.dot_product_attention` ("cudnn" on a GPU; "xla"
-    is the same call's plain path, which tests compare with `_flash` on the CPU). Packed rows become a
-    [B, 1, T, T] same-segment mask, which cuDNN adds as a constant bias (its masked training kernels need an
-    even T, so an odd row gets one more position, which no earlier query can see)."""
+    is the same call's plain path, which tests compare with `_flash` on the CPU). Packed rows go to cuDNN as
+    segment offsets where it `cudnn_packs`; otherwise they become a [B, 1, T, T] same-segment mask, which cuDNN
+    adds as a bias (and, in the backward, computes that bias's unused gradient). Its masked training kernels
+    need an even T, so an odd row gets one more position, which no earlier query can see."""
     t = q_BTNH.shape[1]
     k_BTKH, v_BTKH = k_BTKH.astype(q_BTNH.dtype), v_BTKH.astype(q_BTNH.dtype)
     if t % 2:
         q_BTNH, k_BTKH, v_BTKH = (jnp.pad(x, [(0, 0), (0, 1), (0, 0), (0, 0)]) for x in (q_BTNH, k_BTKH, v_BTKH))
         if segments_BT is not None:
             segments_BT = jnp.pad(segments_BT, [(0, 0), (0, 1)], constant_values=-1)
+    if segments_BT is not None and implementation == "cudnn" and cudnn_packs():
+        fits = jnp.max(segments_BT) <= CUDNN_MAX_SEGMENTS
+        out_BTNH = jax.lax.cond(fits, _cudnn_packed_attention, _blocks_attention, q_BTNH, k_BTKH, v_BTKH,
+                                segments_BT)
+        return out_BTNH[:, :t]
     mask_B1TT = None
     if segments_BT is not None:
         mask_B1TT = (segments_BT[:, :, None] == segments_BT[:, None, :])[:, None]
     out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask_B1TT, is_causal=True,
                                             implementation=implementation)
     return out_BTNH[:, :t]
+
+
+def segment_layout(segments_BT: jax.Array, max_segments: int) -> tuple[jax.Array, jax.Array]:
+    """(lengths [B, M], starts [B, M + 1]) of each row's segments 1..M, -1 where a row has fewer: cuDNN's
+    packed layout. Segments are contiguous and numbered from 1 in order (rl.batching.pack); 0 is padding."""
+    ids_M = jnp.arange(1, max_segments + 1, dtype=segments_BT.dtype)
+    lengths_BM = jnp.sum(segments_BT[:, :, None] == ids_M, axis=1, dtype=jnp.int32)
+    starts_BM = jnp.cumsum(lengths_BM, axis=1, dtype=jnp.int32) - lengths_BM
+    present_BM = lengths_BM > 0
+    starts_BM = jnp.where(present_BM, starts_BM, -1)
+    return jnp.where(present_BM, lengths_BM, -1), jnp.pad(starts_BM, [(0, 0), (0, 1)], constant_values=-1)
+
+
+def _cudnn_packed_attention(q_BTNH, k_BTKH, v_BTKH, segments_BT) -> jax.Array:
+    """cuDNN flash attention over the packed layout. K/V heads are repeated to the query heads: jax's wrapper
+    scales both offset tensors by the query's heads x head_dim, which is K/V's token stride only without
+    grouped queries. Padding (outside every segment) is zeroed on the way in and out, so whatever cuDNN leaves
+    in those rows, forward or backward, reaches nothing."""
+    from jax._src.cudnn.fused_attention_stablehlo import MaskType
+    from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
+
+    groups = q_BTNH.shape[2] // k_BTKH.shape[2]
+    valid_BT11 = (segments_BT > 0)[:, :, None, None]
+    q_BTNH, k_BTNH, v_BTNH = (jnp.where(valid_BT11, x, 0) for x in (
+        q_BTNH, jnp.repeat(k_BTKH, groups, axis=2), jnp.repeat(v_BTKH, groups, axis=2)))
+    lengths_BM, starts_BM = segment_layout(segments_BT, CUDNN_MAX_SEGMENTS)
+    out_BTNH = cudnn_attention(q_BTNH, k_BTNH, v_BTNH, q_seqlen=lengths_BM, kv_seqlen=lengths_BM,
+                               q_offsets=starts_BM, kv_offsets=starts_BM, scale=1.0 / math.sqrt(q_BTNH.shape[-1]),
+                               mask_type=MaskType.PADDING_CAUSAL, qkv_layout="BTNH")
+    return jnp.where(valid_BT11, out_BTNH, 0)
+
+
+def _blocks_attention(q_BTNH, k_BTKH, v_BTKH, segments_BT) -> jax.Array:
+    """The XLA blocks, for a batch with more segments per row than cuDNN's packed layout was compiled for."""
+    k_BKTH, v_BKTH = jnp.moveaxis(k_BTKH, 1, 2), jnp.moveaxis(v_BTKH, 1, 2)
+    return _causal_attention(q_BTNH, k_BKTH, v_BKTH, segments_BT, causal_block(q_BTNH.shape[1]))
 
 
 def _query_blocks(t: int, block: int) -> list[tuple[int, int]]:
@@ -539,8 +593,7 @@ def hidden_states(
         if cache_kv is None and training_attention == "cudnn":
             return _library_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, "cudnn"), None
         if cache_kv is None:
-            k_BKTH, v_BKTH = jnp.moveaxis(k_BTKH, 1, 2), jnp.moveaxis(v_BTKH, 1, 2)
-            return _causal_attention(q_BTNH, k_BKTH, v_BKTH, segment_ids_BT, causal_block(t)), None
+            return _blocks_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT), None
         k_cache_BKSH, v_cache_BKSH = cache_kv
         if decode:
             attn_BTNH = _decode_attention(q_BTNH, k_cache_BKSH, v_cache_BKSH, k_BTKH, v_BTKH, positions_BT)

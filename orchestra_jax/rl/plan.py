@@ -14,7 +14,6 @@ from typing import Any
 
 from orchestra_jax.config import TrainConfig, to_dict
 from orchestra_jax.parallel.mesh import resolve_mesh_shape
-from orchestra_jax.rl import environment as envlib
 
 # Dense bf16 peak FLOP/s of accelerators a plan may target (vendor figures, no sparsity). The keys are
 # substrings of JAX's device_kind, so launch/gpu_train_bench.py finds the card it runs on here too.
@@ -27,6 +26,9 @@ ASSUMED_MFU = 0.25
 
 
 def estimate(config: TrainConfig, num_devices: int, accelerator: str = "H100") -> dict[str, Any]:
+    # Imported here: the GPU scripts read PEAK_FLOPS on machines without the environment's packages.
+    from orchestra_jax.rl import environment as envlib
+
     model = envlib.model_config(config, None)
     params = model.num_params()
     shape = resolve_mesh_shape(config.mesh, num_devices)

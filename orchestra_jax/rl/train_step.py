@@ -198,12 +198,22 @@ class TrainStep:
         )
 
     def __call__(self, state: TrainState, batch: dict) -> tuple[TrainState, dict[str, float]]:
-        if self.settings.use_reference and "ref_logprobs" not in batch:
-            raise ValueError("this step computes KL to a reference model: the batch needs ref_logprobs")
-        arrays = {k: jax.device_put(v, self._batch_sharding) for k, v in batch.items() if k in BATCH_KEYS}
+        arrays = self.place(batch)
         with jax.set_mesh(self.mesh):
             state, metrics = self._jitted(state, arrays)
         return state, {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+    def place(self, batch: dict) -> dict[str, jax.Array]:
+        """The step's inputs from `batch`, laid out on the mesh."""
+        if self.settings.use_reference and "ref_logprobs" not in batch:
+            raise ValueError("this step computes KL to a reference model: the batch needs ref_logprobs")
+        return {k: jax.device_put(v, self._batch_sharding) for k, v in batch.items() if k in BATCH_KEYS}
+
+    def lower(self, state: TrainState, batch: dict):
+        """The step lowered for this state and batch: `.compile()` gives the executable and its optimised HLO
+        (launch/profile_step.py runs and reads that), called as `compiled(state, self.place(batch))`."""
+        with jax.set_mesh(self.mesh):
+            return self._jitted.lower(state, self.place(batch))
 
 
 class LogprobFn:

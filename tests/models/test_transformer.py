@@ -111,15 +111,20 @@ def test_blocked_causal_attention_and_its_gradients_match_plain_attention(dtype,
         assert _rel_err(got.astype(jnp.float32), want) < tol
 
 
-@pytest.mark.parametrize("implementation, dtype, tol", [
-    ("xla", "float32", 1e-5),
-    ("xla", "bfloat16", 3e-2),
-    pytest.param("cudnn", "bfloat16", 3e-2, marks=pytest.mark.gpu),
-    pytest.param("cudnn", "float16", 5e-3, marks=pytest.mark.gpu),
+@pytest.mark.parametrize("implementation, dtype, tol, max_segments", [
+    ("xla", "float32", 1e-5, 16),
+    ("xla", "bfloat16", 3e-2, 16),
+    # segment offsets on Hopper (else the mask); 3 segments > 2: the XLA blocks; 0: the dense mask
+    pytest.param("cudnn", "bfloat16", 3e-2, 16, marks=pytest.mark.gpu, id="cudnn-packed-bf16"),
+    pytest.param("cudnn", "float16", 5e-3, 16, marks=pytest.mark.gpu, id="cudnn-packed-fp16"),
+    pytest.param("cudnn", "bfloat16", 3e-2, 2, marks=pytest.mark.gpu, id="cudnn-overflow-bf16"),
+    pytest.param("cudnn", "bfloat16", 3e-2, 0, marks=pytest.mark.gpu, id="cudnn-mask-bf16"),
 ])
-def test_library_attention_and_its_gradients_match_plain_attention(implementation, dtype, tol):
+def test_library_attention_and_its_gradients_match_plain_attention(implementation, dtype, tol, max_segments,
+                                                                   monkeypatch):
     """The `jax.nn.dot_product_attention` path (cuDNN on a GPU) masks packed segments, the padded tail and the
     future like `_flash` does; grouped-query heads (8 query heads over 2 K/V heads); an odd row length."""
+    monkeypatch.setattr(T, "CUDNN_MAX_SEGMENTS", max_segments)
     seed = np.random.randint(1 << 30)
     kq, kk, kv, kg = jax.random.split(jax.random.key(seed), 4)
     t = 39
@@ -140,6 +145,13 @@ def test_library_attention_and_its_gradients_match_plain_attention(implementatio
         assert _rel_err(got.astype(jnp.float32), want) < tol
 
 
+def test_segment_layout_gives_each_segments_length_and_start():
+    segments = jnp.array([[1, 1, 2, 2, 2, 3, 0, 0], [1] * 8, [0] * 8])
+    lengths, starts = T.segment_layout(segments, 4)
+    np.testing.assert_array_equal(lengths, [[2, 3, 1, -1], [8, -1, -1, -1], [-1, -1, -1, -1]])
+    np.testing.assert_array_equal(starts, [[0, 2, 5, -1, -1], [0, -1, -1, -1, -1], [-1] * 5])
+
+
 def test_attention_impl_picks_cudnn_only_on_a_gpu_in_half_precision(monkeypatch):
     want = "cudnn" if jax.default_backend() == "gpu" else "xla"
     assert T.attention_impl("auto", jnp.bfloat16) == want
@@ -147,6 +159,8 @@ def test_attention_impl_picks_cudnn_only_on_a_gpu_in_half_precision(monkeypatch)
     monkeypatch.setattr(T.jax, "default_backend", lambda: "gpu")
     assert T.attention_impl("auto", jnp.bfloat16, mask_elements=8 * 2048 * 2048) == "cudnn"
     assert T.attention_impl("auto", jnp.bfloat16, mask_elements=8 * 32768 * 32768) == "xla"  # mask too large
+    monkeypatch.setattr(T, "cudnn_packs", lambda: True)  # Hopper: segment offsets, no mask
+    assert T.attention_impl("auto", jnp.bfloat16, mask_elements=8 * 32768 * 32768) == "cudnn"
     assert T.attention_impl("auto", jnp.float32) == "xla"
     monkeypatch.undo()
     assert T.attention_impl("xla", jnp.bfloat16) == "xla"
