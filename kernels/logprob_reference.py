@@ -14,9 +14,13 @@ import jax
 import jax.numpy as jnp
 from orchestra_jax.kernels import logprob_math as lm
 
-# A chunk of logits holds about 2^24 fp32 values (64 MiB): big enough for efficient matmuls, small enough
-# that the handful of chunk-sized temporaries stay far below one [T, V] array.
+# On the CPU a chunk of logits holds about 2^24 fp32 values (64 MiB): big enough for efficient matmuls, small
+# enough that the handful of chunk-sized temporaries stay far below one [T, V] array.
 CHUNK_ELEMENTS = 1 << 24
+# Elsewhere (a GPU) 2^27 (512 MiB), in widths that are multiples of 128: on an H200 the Qwen3-0.6B step's head
+# ran its 128 chunks of V / 128 = 1187 columns at about 170 TFLOP/s (unaligned rows), and the whole step took
+# 0.31 s against 0.26 s with 16 chunks of 9496 (notes/DEVICE_NOTES.md, session 13).
+ACCELERATOR_CHUNK_ELEMENTS = 1 << 27
 # Up to this many logits (512 MiB of fp32) the forward keeps them for the backward, which then skips a matmul:
 # SmolLM2-135M's head at 4 x 128 tokens (fwd+bwd, bf16, CPU) took 342 ms against 403 ms recomputing them with
 # the earlier column-chunk layout (a /tmp probe; notes/BENCHMARKS.md, session 12).
@@ -25,7 +29,8 @@ KEEP_LOGITS_ELEMENTS = 1 << 27
 
 def default_chunk(rows: int) -> int:
     """Vocabulary chunk width for `rows` tokens: a multiple of 128 in [512, 8192]."""
-    return max(512, min(8192, CHUNK_ELEMENTS // max(rows, 1) // 128 * 128))
+    elements = CHUNK_ELEMENTS if jax.default_backend() == "cpu" else ACCELERATOR_CHUNK_ELEMENTS
+    return max(512, min(8192, elements // max(rows, 1) // 128 * 128))
 
 
 def keeps_logits(rows: int, num_cols: int) -> bool:
@@ -35,10 +40,13 @@ def keeps_logits(rows: int, num_cols: int) -> bool:
 def chunk_plan(rows: int, num_cols: int, chunk: int | None = None) -> tuple[int, int, bool]:
     """(chunk width, chunk count, exact) for a scan over num_cols columns.
 
-    Without an explicit chunk, a divisor of num_cols within 2x of default_chunk(rows) is preferred (the one
-    nearest in ratio): then the chunks tile the columns exactly and the padding masks are dropped statically.
-    Qwen3's V = 151936 = 2^7 · 1187 has no multiple-of-128 divisor near 2048, but 2374 = V / 64 divides it.
+    Without an explicit chunk, on the CPU a divisor of num_cols within 2x of default_chunk(rows) is preferred
+    (the one nearest in ratio): then the chunks tile the columns exactly and the padding masks are dropped
+    statically. Qwen3's V = 151936 = 2^7 · 1187 has no multiple-of-128 divisor near 2048, but 2374 = V / 64
+    divides it. A GPU keeps default_chunk's multiple of 128, whose rows stay aligned for its matmuls.
     """
+    if chunk is None and jax.default_backend() != "cpu":
+        chunk = default_chunk(rows)
     if chunk is None:
         target = default_chunk(rows)
         divisors = [d for d in range(max(1, target // 2), 2 * target + 1) if num_cols % d == 0]

@@ -6,7 +6,8 @@ It builds the step launch/gpu_train_bench.py times (random weights, bf16 compute
 under `jax.profiler`, and joins each traced op with the compiled HLO. It prints the step's wall time, the
 device's busy time, then time per kind of op (matmul, attention, reduce, elementwise, layout copies, ...), per
 loop of the program (the layer scan's forward and backward, the LM head's vocabulary chunks, ...) and the
-slowest ops. It runs on any backend; on the CPU the ops run on host threads and may overlap, so busy time can
+slowest ops. On a GPU it turns off XLA's CUDA graphs so that each op is traced by name (so the step may run a
+little slower than in gpu_train_bench.py). It runs on any backend; on the CPU the ops run on host threads and may overlap, so busy time can
 exceed wall time. Under --out it leaves the summary as JSON, the optimised HLO and the raw trace.
 """
 
@@ -17,6 +18,7 @@ import collections
 import glob
 import gzip
 import json
+import os
 import re
 import shutil
 import sys
@@ -24,8 +26,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import jax
-import numpy as np
+# XLA's GPU runtime replays runs of ops as CUDA graphs ("command buffers"), which the trace shows as one event
+# each, named after no HLO op: off, unless --keep-command-buffers (set before jax starts its backend).
+if "--keep-command-buffers" not in sys.argv:
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer="
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_train_bench import add_step_args, apply_overrides, build, model_flops_per_step  # noqa: E402
@@ -281,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--top", type=int, default=30, help="slowest ops listed")
     parser.add_argument("--out", default="profile_out", help="folder for summary.json, the HLO and the trace")
+    parser.add_argument("--keep-command-buffers", action="store_true",
+                        help="leave XLA's CUDA graphs on (the trace then cannot name their ops)")
     add_step_args(parser)
     args = parser.parse_args(argv)
     apply_overrides(args.override)

@@ -194,6 +194,12 @@ def test_entropy_off_gives_the_same_logprobs_and_gradients(impl):
         assert rel_err(a, b) <= 1e-6 and rel_err(a, c) <= 1e-5
 
 
+def test_chunk_plan_keeps_wide_aligned_chunks_on_a_gpu(monkeypatch):
+    monkeypatch.setattr(ref.jax, "default_backend", lambda: "gpu")
+    assert ref.chunk_plan(16384, 151936) == (8192, 19, False)  # 2^27 logits a chunk, no divisor of V
+    assert ref.chunk_plan(65536, 151936) == (2048, 75, False)
+
+
 def test_chunk_plan_prefers_an_exact_divisor():
     assert ref.chunk_plan(8192, 151936) == (2374, 64, True)  # Qwen3: V / 64
     assert ref.chunk_plan(8192, 150001) == (
