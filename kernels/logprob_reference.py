@@ -18,8 +18,8 @@ from orchestra_jax.kernels import logprob_math as lm
 # enough that the handful of chunk-sized temporaries stay far below one [T, V] array.
 CHUNK_ELEMENTS = 1 << 24
 # Elsewhere (a GPU) 2^27 (512 MiB), in widths that are multiples of 128: on an H200 the Qwen3-0.6B step's head
-# ran its 128 chunks of V / 128 = 1187 columns at about 170 TFLOP/s (unaligned rows), and the whole step took
-# 0.31 s against 0.26 s with 16 chunks of 9496 (notes/DEVICE_NOTES.md, session 13).
+# ran the backward matmuls of its 128 chunks of V / 128 = 1187 columns at about 170 TFLOP/s, and the whole step
+# took 0.31 s against 0.26 s with 16 chunks of 9496 (notes/DEVICE_NOTES.md, session 13).
 ACCELERATOR_CHUNK_ELEMENTS = 1 << 27
 # Up to this many logits (512 MiB of fp32) the forward keeps them for the backward, which then skips a matmul:
 # SmolLM2-135M's head at 4 x 128 tokens (fwd+bwd, bf16, CPU) took 342 ms against 403 ms recomputing them with

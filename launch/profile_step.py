@@ -1,6 +1,7 @@
 """Where one train step's device time goes: per-op times from a profiler trace, grouped by kind and by loop.
 
     python launch/profile_step.py [--model qwen3-0.6b] [--steps 3] [--out DIR] [gpu_train_bench.py's step flags]
+    python launch/profile_step.py --from DIR          # analyse a profile saved under DIR again
 
 It builds the step launch/gpu_train_bench.py times (random weights, bf16 compute), compiles it once, runs it
 under `jax.profiler`, and joins each traced op with the compiled HLO. It prints the step's wall time, the
@@ -94,7 +95,7 @@ def source_of(name: str, instructions: dict, frames: dict) -> str:
 
 
 def _called(rest: str) -> list[str]:
-    names = re.findall(r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)", rest)
+    names = re.findall(r"(?:calls|to_apply|body|condition|true_computation|false_computation)=%?([\w.\-]+)", rest)
     for group in re.findall(r"branch_computations=\{([^}]*)\}", rest):
         names += [n.strip().lstrip("%") for n in group.split(",")]
     return names
@@ -183,13 +184,47 @@ def op_times(trace_dir: str) -> tuple[dict[str, list[float]], list[tuple[str, st
                 count += 1
                 if line.name in ("XLA Ops", "XLA Modules", "Launch Stats"):
                     continue  # summaries of the kernel lines
-                op = dict(event.stats).get("hlo_op")
+                op = next((value for key, value in event.stats if key == "hlo_op"), None)
                 if op:
                     slot = per_source[on_device].setdefault(op, [0.0, 0])
                     slot[0] += event.duration_ns * 1e-9
                     slot[1] += 1
             lines.append((plane.name, line.name, count, total))
     return per_source[True] or per_source[False], lines
+
+
+def analyse(times: dict[str, list[float]], hlo: str, steps: int, top: int) -> dict:
+    """Per-step times by kind, loop and source function, and the `top` slowest ops, from op_times and the HLO."""
+    computations, instructions, frames = parse_hlo(hlo)
+    parents = callers(computations)
+    per_kind, per_loop, per_source = collections.Counter(), collections.Counter(), collections.Counter()
+    rows = []
+    for op, (seconds, calls) in times.items():
+        if op in instructions and instructions[op][2] in ("while", "conditional", "call"):
+            continue  # a container: the ops inside it are traced themselves
+        kind, loop, source = kind_of(op, computations, instructions), loop_of(op, instructions, parents), \
+            source_of(op, instructions, frames)
+        per_kind[kind] += seconds / steps
+        per_loop[loop] += seconds / steps
+        per_source[source.split(" (")[0]] += seconds / steps
+        shape = instructions[op][1] if op in instructions else "?"
+        rows.append({"op": op, "ms": round(1e3 * seconds / steps, 3), "calls": calls / steps, "kind": kind,
+                     "loop": loop, "source": source, "shape": shape[:80]})
+    loop_sources = {}
+    for loop in per_loop:
+        inner = loop.split(" > ")[-1].split(" x")[0]
+        backward = inner in instructions and "transpose(" in instructions[inner][3]
+        loop_sources[loop] = "" if inner == "top" else \
+            source_of(inner, instructions, frames) + (" backward" if backward else "")
+    rows.sort(key=lambda r: -r["ms"])
+    return {
+        "busy_ms": round(1e3 * sum(per_kind.values()), 2),
+        "kinds_ms": {k: round(1e3 * v, 2) for k, v in per_kind.most_common()},
+        "loops_ms": {k: round(1e3 * v, 2) for k, v in per_loop.most_common()},
+        "loop_sources": loop_sources,
+        "functions_ms": {k: round(1e3 * v, 2) for k, v in per_source.most_common()},
+        "top_ops": rows[:top],
+    }
 
 
 def profile(args: argparse.Namespace) -> dict:
@@ -216,30 +251,7 @@ def profile(args: argparse.Namespace) -> dict:
             state = run(state)
             walls.append(time.perf_counter() - start)
     times, lines = op_times(trace_dir)
-    computations, instructions, frames = parse_hlo(hlo)
-    parents = callers(computations)
-    per_kind, per_loop, per_source = collections.Counter(), collections.Counter(), collections.Counter()
-    rows = []
-    for op, (seconds, calls) in times.items():
-        if op in instructions and instructions[op][2] in ("while", "conditional", "call"):
-            continue  # a container: the ops inside it are traced themselves
-        kind, loop, source = kind_of(op, computations, instructions), loop_of(op, instructions, parents), \
-            source_of(op, instructions, frames)
-        per_kind[kind] += seconds / args.steps
-        per_loop[loop] += seconds / args.steps
-        per_source[source.split(" (")[0]] += seconds / args.steps
-        shape = instructions[op][1] if op in instructions else "?"
-        rows.append({"op": op, "ms": 1e3 * seconds / args.steps, "calls": calls / args.steps, "kind": kind,
-                     "loop": loop, "source": source, "shape": shape[:80]})
-    loop_sources = {}
-    for loop in per_loop:
-        inner = loop.split(" > ")[-1].split(" x")[0]
-        backward = inner in instructions and "transpose(" in instructions[inner][3]
-        loop_sources[loop] = "" if inner == "top" else \
-            source_of(inner, instructions, frames) + (" backward" if backward else "")
-    rows.sort(key=lambda r: -r["ms"])
     wall = float(np.median(walls))
-    busy = sum(per_kind.values())
     out = Path(args.out)
     (out / "step_hlo.txt").write_text(hlo)
     for path in glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True):
@@ -249,16 +261,26 @@ def profile(args: argparse.Namespace) -> dict:
     return {
         "model": args.model, "device": jax.devices()[0].device_kind, "batch": args.batch, "seq_len": args.seq_len,
         "remat": args.remat, "attention": args.attention, "logprob_impl": args.logprob_impl,
-        "overrides": args.override, "compile_s": round(compile_s, 1), "wall_ms": round(1e3 * wall, 2),
-        "busy_ms": round(1e3 * busy, 2), "model_tflops": round(model_flops_per_step(model, args) / wall / 1e12, 1),
-        "kinds_ms": {k: round(1e3 * v, 2) for k, v in per_kind.most_common()},
-        "loops_ms": {k: round(1e3 * v, 2) for k, v in per_loop.most_common()},
-        "loop_sources": loop_sources,
-        "functions_ms": {k: round(1e3 * v, 2) for k, v in per_source.most_common()},
-        "top_ops": [{**r, "ms": round(r["ms"], 3)} for r in rows[: args.top]],
+        "overrides": args.override, "steps": args.steps, "compile_s": round(compile_s, 1),
+        "wall_ms": round(1e3 * wall, 2), "model_tflops": round(model_flops_per_step(model, args) / wall / 1e12, 1),
+        **analyse(times, hlo, args.steps, args.top),
         "trace_lines": [{"plane": p, "line": n, "events": c, "ms": round(1e3 * s, 1)} for p, n, c, s in lines
                         if c],
     }
+
+
+def reread(folder: Path, top: int) -> dict:
+    """A saved profile (summary.json, step_hlo.txt, trace.xplane.pb.gz) analysed again, e.g. on a laptop."""
+    try:
+        summary = json.loads((folder / "summary.json").read_text())
+        hlo = (folder / "step_hlo.txt").read_text()
+        with tempfile.TemporaryDirectory() as tmp:
+            with gzip.open(folder / "trace.xplane.pb.gz", "rb") as src, open(f"{tmp}/t.xplane.pb", "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            times, _ = op_times(tmp)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--from {folder}: {e}") from None
+    return {**summary, **analyse(times, hlo, summary.get("steps", 3), top)}
 
 
 def report(summary: dict) -> str:
@@ -290,8 +312,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="profile_out", help="folder for summary.json, the HLO and the trace")
     parser.add_argument("--keep-command-buffers", action="store_true",
                         help="leave XLA's CUDA graphs on (the trace then cannot name their ops)")
+    parser.add_argument("--from", dest="source", type=Path, metavar="DIR",
+                        help="analyse a profile saved under DIR instead of running one")
     add_step_args(parser)
     args = parser.parse_args(argv)
+    if args.source:
+        print(report(reread(args.source, args.top)), flush=True)
+        return 0
     apply_overrides(args.override)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     summary = profile(args)

@@ -34,7 +34,7 @@ class ModelConfig:
     remat: Literal["none", "full", "dots"] = "none"
     """Activation checkpointing of each decoder layer: 'none', 'full' (recompute everything) or 'dots' (save matmul outputs, recompute the rest)."""
     attention: Literal["auto", "xla", "cudnn"] = "auto"
-    """Training attention: 'cudnn' (fused flash attention; GPU with bf16/fp16 compute; packed rows cost a dense [B, 1, T, T] mask), 'xla' (query blocks in plain XLA) or 'auto' (cuDNN where it runs and that mask stays under 512 MiB)."""
+    """Training attention: 'cudnn' (fused flash attention; GPU with bf16/fp16 compute; packed rows go as segment offsets on Hopper and later, else as a dense [B, 1, T, T] mask), 'xla' (query blocks in plain XLA) or 'auto' (cuDNN where it runs, unless it would need a mask over 512 MiB)."""
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,9 @@ from orchestra_jax.parallel.mesh import resolve_mesh_shape
 # substrings of JAX's device_kind, so launch/gpu_train_bench.py finds the card it runs on here too.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "TPU v5p": 459e12,
               "TPU v5e": 197e12, "TPU v5 lite": 197e12, "TPU v4": 275e12}
-# Measured, not hoped for: on one H100 the Qwen3-1.7B train step ran at 26 % of this peak (37 % of a measured
-# bf16 matmul; notes/DEVICE_NOTES.md, 2026-11-27). Larger models run larger matmuls, but long packed rows take
-# the slower XLA attention, so the estimate stays at the measured figure.
+# Measured, not hoped for: on one H200 the Qwen3-1.7B train step ran at 35 % of this peak and the 0.6B step at
+# 28 % (52 % and 41 % of a measured bf16 matmul; notes/DEVICE_NOTES.md, session 13). Larger models run larger
+# matmuls, but nothing of 8B size ran, so the estimate takes the 0.6B figure, rounded down.
 ASSUMED_MFU = 0.25
 
 

@@ -1,0 +1,59 @@
+"""launch/profile_step.py and launch/gpu_train_bench.py's --override, on the CPU with the tiny model."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+LAUNCH = pathlib.Path(__file__).resolve().parents[1] / "launch"
+
+
+def _module(name: str):
+    spec = importlib.util.spec_from_file_location(name, LAUNCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_profile_step_accounts_the_step_by_kind_and_loop_and_rereads_it(tmp_path):
+    out = tmp_path / "prof"
+    flags = ["--model", "qwen3-tiny", "--batch", "2", "--seq-len", "32", "--steps", "1", "--warmup", "1"]
+    run = subprocess.run([sys.executable, str(LAUNCH / "profile_step.py"), *flags, "--out", str(out)],
+                         capture_output=True, text=True, timeout=300, env=os.environ.copy())
+    assert run.returncode == 0, run.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["busy_ms"] > 0 and summary["kinds_ms"]["matmul"] > 0
+    assert abs(sum(summary["kinds_ms"].values()) - summary["busy_ms"]) < 0.05
+    layer_loops = [loop for loop, source in summary["loop_sources"].items() if source.startswith("hidden_states")]
+    assert {loop.endswith("x2") for loop in layer_loops} == {True}  # two layers: the scan runs twice
+    assert any(summary["loop_sources"][loop].endswith("backward") for loop in layer_loops)
+    assert "kind" in run.stdout and "loop (outermost first)" in run.stdout
+
+    again = subprocess.run([sys.executable, str(LAUNCH / "profile_step.py"), "--from", str(out)],
+                           capture_output=True, text=True, timeout=120, env=os.environ.copy())
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"ops busy {summary['busy_ms']:.1f} ms" in again.stdout
+
+
+def test_profile_step_from_a_missing_folder_is_one_line(tmp_path):
+    run = subprocess.run([sys.executable, str(LAUNCH / "profile_step.py"), "--from", str(tmp_path / "none")],
+                         capture_output=True, text=True, timeout=120, env=os.environ.copy())
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    assert run.stderr.strip().startswith("--from") and len(run.stderr.strip().splitlines()) == 1
+
+
+def test_override_sets_a_module_constant_and_names_a_missing_one(monkeypatch):
+    bench = _module("gpu_train_bench")
+    from orchestra_jax.kernels import logprob_reference
+
+    monkeypatch.setattr(logprob_reference, "CHUNK_ELEMENTS", logprob_reference.CHUNK_ELEMENTS)
+    bench.apply_overrides(["orchestra_jax.kernels.logprob_reference.CHUNK_ELEMENTS=4096"])
+    assert logprob_reference.CHUNK_ELEMENTS == 4096
+    with pytest.raises(SystemExit, match="has no constant NOPE"):
+        bench.apply_overrides(["orchestra_jax.kernels.logprob_reference.NOPE=1"])
+    with pytest.raises(SystemExit, match="--override 'orchestra_jax.kernels.logprob_reference.CHUNK_ELEMENTS=x"):
+        bench.apply_overrides(["orchestra_jax.kernels.logprob_reference.CHUNK_ELEMENTS=x+"])
