@@ -187,7 +187,7 @@ def train_small_tokenizer(
 def _split_pattern(digits_per_token: int) -> str:
     if digits_per_token < 1:
         raise TokenizerError(f"digits_per_token={digits_per_token} must be >= 1")
-    return QWEN_SPLIT_PATTERN.replace(r"|\p{N}|", r"|\p{N}{1,%d}|" % digits_per_token)
+    return QWEN_SPLIT_PATTERN.replace(r"|\p{N}|", r"|\p{N}{1," + str(digits_per_token) + "}|")
 
 
 def _minimal_config(
