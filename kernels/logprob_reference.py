@@ -45,12 +45,11 @@ def chunk_plan(rows: int, num_cols: int, chunk: int | None = None) -> tuple[int,
     statically. Qwen3's V = 151936 = 2^7 · 1187 has no multiple-of-128 divisor near 2048, but 2374 = V / 64
     divides it. A GPU keeps default_chunk's multiple of 128, whose rows stay aligned for its matmuls.
     """
-    if chunk is None and jax.default_backend() != "cpu":
-        chunk = default_chunk(rows)
     if chunk is None:
-        target = default_chunk(rows)
-        divisors = [d for d in range(max(1, target // 2), 2 * target + 1) if num_cols % d == 0]
-        chunk = min(divisors, key=lambda d: max(d / target, target / d), default=target)
+        chunk = target = default_chunk(rows)
+        if jax.default_backend() == "cpu":
+            divisors = [d for d in range(max(1, target // 2), 2 * target + 1) if num_cols % d == 0]
+            chunk = min(divisors, key=lambda d: max(d / target, target / d), default=target)
     size = min(chunk, num_cols)
     count = -(-num_cols // size)
     return size, count, count * size == num_cols
