@@ -8,8 +8,9 @@ under `jax.profiler`, and joins each traced op with the compiled HLO. It prints 
 device's busy time, then time per kind of op (matmul, attention, reduce, elementwise, layout copies, ...), per
 loop of the program (the layer scan's forward and backward, the LM head's vocabulary chunks, ...) and the
 slowest ops. On a GPU it turns off XLA's CUDA graphs so that each op is traced by name (so the step may run a
-little slower than in gpu_train_bench.py). It runs on any backend; on the CPU the ops run on host threads and may overlap, so busy time can
-exceed wall time. Under --out it leaves the summary as JSON, the optimised HLO and the raw trace.
+little slower than in gpu_train_bench.py). It runs on any backend; on the CPU the ops run on host threads and
+may overlap, so busy time can exceed wall time. Under --out it leaves the summary as JSON, the optimised HLO
+and the raw trace.
 """
 
 from __future__ import annotations
