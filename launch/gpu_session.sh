@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One lent-GPU session in one command: environment, the GPU attention parity tests, the train-step MFU benchmark
 # (Qwen3-0.6B/1.7B shapes), a per-op profile of the 0.6B step, variants side by side (the dense segment mask,
-# no remat), then a profile of the 1.7B step.
+# rows of four packed samples with either, no remat), then a profile of the 1.7B step.
 #
-#   bash launch/gpu_session.sh [SECONDS] [OUT_DIR]      # SECONDS: the whole script's budget (default 320)
+#   bash launch/gpu_session.sh [SECONDS] [OUT_DIR]      # SECONDS: the whole script's budget (default 400)
 #
 # It runs from the repository root on a machine whose Python already has a CUDA jax, flax and optax (the
 # device image has jax 0.11.2; pyproject pins 0.10.2 for CPU CI, so the package is put on PYTHONPATH as a copy
@@ -12,7 +12,7 @@
 # profiles' JSON summaries, HLO and traces are packed into OUT_DIR/gpu_session.tgz after each stage (the device
 # tool brings back a few files only); OUT_DIR/summary.log is the stage list.
 set -u
-budget=${1:-320}
+budget=${1:-400}
 out=${2:-${OUT:-/tmp/gpu_session}}
 logs=/tmp/gpu_session_logs
 rm -rf "$logs" && mkdir -p "$out" "$logs"
@@ -70,7 +70,10 @@ variant() {  # variant NAME RESERVE FLAGS...: the step with the chosen attention
   stage "variant_$name" "$reserve" python3 launch/gpu_train_bench.py "${attention[@]}" "$@"
 }
 [ ${#mask[@]} -gt 0 ] && variant dense_mask $((budget * 35 / 100)) --models qwen3-0.6b "${mask[@]}"
-variant remat_none $((budget * 17 / 100)) --remat none
+variant four_per_row $((budget * 28 / 100)) --models qwen3-0.6b --samples-per-row 4
+[ ${#mask[@]} -gt 0 ] && variant four_per_row_dense_mask $((budget * 21 / 100)) --models qwen3-0.6b \
+  --samples-per-row 4 "${mask[@]}"
+variant remat_none $((budget * 8 / 100)) --remat none
 stage profile_17 0 python3 launch/profile_step.py --model qwen3-1.7b --out "$logs/profile_17" --top 40 \
   "${attention[@]}"
 

@@ -67,15 +67,24 @@ def build(name: str, args: argparse.Namespace):
                             attention=args.attention)
     step, state = make_train_step(settings, optax.adamw(1e-6, weight_decay=0.01), mesh, params)
     rng = np.random.default_rng(0)
-    samples = [Sample(rng.integers(0, model.vocab_size, args.seq_len), np.ones(args.seq_len, np.int32),
-                      float(rng.normal())) for _ in range(args.batch * args.micro_batches)]
-    batch = pack(samples, micro_batch_size=args.batch, max_row_len=args.seq_len).arrays
-    return model, step, state, batch
+    length = args.seq_len // args.samples_per_row
+    samples = [Sample(rng.integers(0, model.vocab_size, length), np.ones(length, np.int32), float(rng.normal()))
+               for _ in range(args.batch * args.micro_batches * args.samples_per_row)]
+    packed = pack(samples, micro_batch_size=args.batch, max_row_len=args.seq_len, min_row_len=args.seq_len)
+    if packed.arrays["tokens"].shape[:2] != (args.micro_batches, args.batch):
+        raise SystemExit(f"{len(samples)} samples of {length} tokens packed into {packed.arrays['tokens'].shape[:2]}"
+                         f" micro-batches x rows, not {args.micro_batches} x {args.batch}")
+    return model, step, state, packed.arrays
+
+
+def trained_tokens(args: argparse.Namespace) -> int:
+    """Tokens with a target: each sample's last token predicts nothing."""
+    length = args.seq_len // args.samples_per_row
+    return args.batch * args.micro_batches * args.samples_per_row * (length - 1)
 
 
 def model_flops_per_step(model, args: argparse.Namespace) -> float:
-    tokens = args.batch * args.micro_batches * (args.seq_len - 1)
-    return model.train_flops_per_token(args.seq_len) * tokens
+    return model.train_flops_per_token(args.seq_len // args.samples_per_row) * trained_tokens(args)
 
 
 def bench(name: str, args: argparse.Namespace, ceiling: float, peak: float | None) -> dict:
@@ -89,11 +98,12 @@ def bench(name: str, args: argparse.Namespace, ceiling: float, peak: float | Non
         state, metrics = step(state, batch)  # returns floats: the device work is finished
         times.append(time.perf_counter() - start)
     step_s = float(np.median(times))
-    tokens = args.batch * args.micro_batches * (args.seq_len - 1)
+    tokens = trained_tokens(args)
     model_flops = model_flops_per_step(model, args) / step_s
     return {
         "model": name, "params": model.num_params(), "device": jax.devices()[0].device_kind,
-        "batch": args.batch, "micro_batches": args.micro_batches, "seq_len": args.seq_len, "remat": args.remat,
+        "batch": args.batch, "micro_batches": args.micro_batches, "seq_len": args.seq_len,
+        "samples_per_row": args.samples_per_row, "remat": args.remat,
         "attention": args.attention, "logprob_impl": args.logprob_impl, "overrides": args.override,
         "compile_s": round(compile_s, 1), "step_s": round(step_s, 4), "tokens_per_s": round(tokens / step_s, 1),
         "model_tflops": round(model_flops / 1e12, 1), "matmul_ceiling_tflops": round(ceiling / 1e12, 1),
@@ -107,6 +117,8 @@ def add_step_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=8, help="rows per micro-batch")
     parser.add_argument("--micro-batches", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--samples-per-row", type=int, default=1,
+                        help="packed samples (segments) per row, each seq_len / this long, as RL batches pack them")
     parser.add_argument("--remat", default="full", choices=["none", "full", "dots"])
     parser.add_argument("--logprob-impl", default="auto", choices=["auto", "pallas", "reference"])
     parser.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"])

@@ -261,6 +261,7 @@ def profile(args: argparse.Namespace) -> dict:
     shutil.rmtree(trace_dir, ignore_errors=True)
     return {
         "model": args.model, "device": jax.devices()[0].device_kind, "batch": args.batch, "seq_len": args.seq_len,
+        "samples_per_row": args.samples_per_row,
         "remat": args.remat, "attention": args.attention, "logprob_impl": args.logprob_impl,
         "overrides": args.override, "steps": args.steps, "compile_s": round(compile_s, 1),
         "wall_ms": round(1e3 * wall, 2), "model_tflops": round(model_flops_per_step(model, args) / wall / 1e12, 1),

@@ -57,3 +57,17 @@ def test_override_sets_a_module_constant_and_names_a_missing_one(monkeypatch):
         bench.apply_overrides(["orchestra_jax.kernels.logprob_reference.NOPE=1"])
     with pytest.raises(SystemExit, match="--override 'orchestra_jax.kernels.logprob_reference.CHUNK_ELEMENTS=x"):
         bench.apply_overrides(["orchestra_jax.kernels.logprob_reference.CHUNK_ELEMENTS=x+"])
+
+
+def test_bench_rows_hold_the_asked_number_of_packed_samples():
+    bench = _module("gpu_train_bench")
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    bench.add_step_args(parser)
+    args = parser.parse_args(["--batch", "2", "--seq-len", "64", "--samples-per-row", "4"])
+    model, _, _, batch = bench.build("qwen3-tiny", args)
+    assert batch["segment_ids"].shape == (1, 2, 64)
+    assert [sorted(set(row.tolist())) for row in batch["segment_ids"][0]] == [[1, 2, 3, 4]] * 2
+    assert bench.trained_tokens(args) == int(batch["mask"].sum()) == 2 * 4 * 15
+    assert bench.model_flops_per_step(model, args) == model.train_flops_per_token(16) * 120
