@@ -38,6 +38,8 @@ ATTENTION_CHUNK = 1024
 CAUSAL_BLOCK = 128
 CPU_CAUSAL_BLOCK = 64  # 135M bf16 4 x 128 step 6 % faster, tiny 8 x 256 9 % (session 11); GPUs keep 128
 MAX_CAUSAL_BLOCKS = 32
+# bf16 weight gradients on the CPU read their activations transposed as 32-bit row pairs (see _weight_grad).
+CPU_PAIR_TRANSPOSE = True
 
 
 def _layer_shapes(config: TransformerConfig) -> dict[str, tuple[tuple[int, ...], tuple[str | None, ...]]]:
@@ -178,37 +180,96 @@ def _mixed_einsum_bwd(spec, out_dtype, residuals, g):
     x_spec, y_spec = inputs.split(",")
     g = g.astype(x.dtype)
     dx = jnp.einsum(f"{out},{y_spec}->{x_spec}", g, y.astype(x.dtype), preferred_element_type=jnp.float32)
-    dy = jnp.einsum(f"{x_spec},{out}->{y_spec}", x, g, preferred_element_type=jnp.float32)
+    dy = _weight_grad(x_spec, out, y_spec, x, g)
     return dx.astype(x.dtype), dy.astype(y.dtype)
+
+
+def _weight_grad(x_spec: str, out: str, y_spec: str, x: jax.Array, g: jax.Array) -> jax.Array:
+    """einsum(x, g -> y_spec) in f32, for a weight y whose product x·y shares leading (token) axes with x.
+
+    That matmul contracts both operands over their leading axes. XLA's CPU then writes x transposed, fused
+    into whatever produced x: for the MLP's down projection that is the recomputed silu(gate)·up, and the
+    fused transposing pass took longer than the matmul. With CPU_PAIR_TRANSPOSE the transpose is made apart,
+    on 32-bit pairs of rows (`_transposed`).
+    """
+    shared = "".join(c for c in x_spec if c not in y_spec)
+    rows = math.prod(x.shape[: len(shared)])
+    plain = (not CPU_PAIR_TRANSPOSE or jax.default_backend() != "cpu" or x.dtype.itemsize != 2 or rows % 2
+             or not (x_spec.startswith(shared) and out.startswith(shared)
+                     and y_spec == x_spec[len(shared):] + out[len(shared):]))
+    if plain:
+        return jnp.einsum(f"{x_spec},{out}->{y_spec}", x, g, preferred_element_type=jnp.float32)
+    x_RI, g_RO = x.reshape(rows, -1), g.reshape(rows, -1)
+    dy_IO = jnp.dot(_transposed(x_RI), g_RO, preferred_element_type=jnp.float32)
+    return dy_IO.reshape(x.shape[len(shared):] + g.shape[len(shared):])
+
+
+def _transposed(x_RC: jax.Array) -> jax.Array:
+    """x [R, C] (16-bit, R even) transposed as a [R/2, C] array of 32-bit row pairs: XLA's CPU ran that about
+    twice as fast as a 16-bit transpose fused into x's producer. The barriers keep the two apart, and keep XLA
+    from folding the transpose back into the matmul that reads it (which then runs in f32)."""
+    r, c = x_RC.shape
+    pairs = jax.lax.bitcast_convert_type(jax.lax.optimization_barrier(x_RC).reshape(r // 2, 2, c).transpose(0, 2, 1),
+                                         jnp.uint32)
+    return jax.lax.optimization_barrier(jax.lax.bitcast_convert_type(pairs.T, x_RC.dtype).reshape(c, r))
 
 
 _mixed_einsum.defvjp(_mixed_einsum_fwd, _mixed_einsum_bwd)
 
 
 @jax.custom_vjp
-def _rope(x_BTNH: jax.Array, cos_BTH: jax.Array, sin_BTH: jax.Array) -> jax.Array:
-    """HF's rotate-half convention: the first and second halves of head_dim form the rotated pairs.
+def _rope(x_BTNH: jax.Array, cos_BTR: jax.Array, sin_BTR: jax.Array) -> jax.Array:
+    """HF's rotate-half convention: dims i and i + R of head_dim (R = head_dim / 2) form pair i, rotated by the
+    angle whose cos/sin are [..., i].
 
-    A rotation's gradient is the inverse rotation (sin negated; both halves share each angle), which the custom
-    VJP applies as one elementwise pass: autodiff's version is a chain of slices, pads and, in bf16, rounding
-    converts that XLA's CPU runs several times slower. cos/sin come from positions and get no gradient.
+    A rotation's gradient is the inverse rotation (sin negated), which the custom VJP applies as one
+    elementwise pass: autodiff's version is a chain of slices, pads and, in bf16, rounding converts that XLA's
+    CPU runs several times slower. cos/sin come from positions and get no gradient.
     """
     half = x_BTNH.shape[-1] // 2
-    rotated = jnp.concatenate([-x_BTNH[..., half:], x_BTNH[..., :half]], axis=-1)
-    cos, sin = cos_BTH[:, :, None, :], sin_BTH[:, :, None, :]
-    return (x_BTNH.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x_BTNH.dtype)
+    x = x_BTNH.astype(jnp.float32)
+    x1, x2 = x[..., :half], x[..., half:]
+    cos, sin = cos_BTR[:, :, None, :], sin_BTR[:, :, None, :]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BTNH.dtype)
 
 
-def _rope_fwd(x_BTNH, cos_BTH, sin_BTH):
-    return _rope(x_BTNH, cos_BTH, sin_BTH), (cos_BTH, sin_BTH)
+def _rope_fwd(x_BTNH, cos_BTR, sin_BTR):
+    return _rope(x_BTNH, cos_BTR, sin_BTR), (cos_BTR, sin_BTR)
 
 
 def _rope_bwd(residuals, g_BTNH):
-    cos_BTH, sin_BTH = residuals
-    return _rope(g_BTNH, cos_BTH, -sin_BTH), None, None
+    cos_BTR, sin_BTR = residuals
+    return _rope(g_BTNH, cos_BTR, -sin_BTR), None, None
 
 
 _rope.defvjp(_rope_fwd, _rope_bwd)
+
+
+@jax.custom_vjp
+def _swiglu(gate_BTF: jax.Array, up_BTF: jax.Array) -> jax.Array:
+    """silu(gate)·up in float32, rounded once to the inputs' dtype.
+
+    In bf16, autodiff's version rounds after every op of silu and of its derivative, and XLA's CPU ran those
+    chains as separate passes full of converts; the custom VJP is one f32 pass each way (and closer to f32).
+    """
+    g = gate_BTF.astype(jnp.float32)
+    return (g * jax.nn.sigmoid(g) * up_BTF.astype(jnp.float32)).astype(gate_BTF.dtype)
+
+
+def _swiglu_fwd(gate_BTF, up_BTF):
+    return _swiglu(gate_BTF, up_BTF), (gate_BTF, up_BTF)
+
+
+def _swiglu_bwd(residuals, d_BTF):
+    gate_BTF, up_BTF = residuals
+    g, u, d = gate_BTF.astype(jnp.float32), up_BTF.astype(jnp.float32), d_BTF.astype(jnp.float32)
+    sig = jax.nn.sigmoid(g)
+    d_up = d * g * sig
+    d_gate = d * u * sig * (1.0 + g * (1.0 - sig))
+    return d_gate.astype(gate_BTF.dtype), d_up.astype(up_BTF.dtype)
+
+
+_swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -516,7 +577,7 @@ def _no_keep(x: jax.Array, name: str) -> jax.Array:
     return x
 
 
-def _layer(config: TransformerConfig, x_BTD, p, cos_BTH, sin_BTH, attend, cache_kv, keep=_no_keep):
+def _layer(config: TransformerConfig, x_BTD, p, cos_BTR, sin_BTR, attend, cache_kv, keep=_no_keep):
     """One decoder block; returns the new residual stream and what `attend` returns for the cache (the layer's
     updated K/V cache, its new K/V only, or None). `keep` names the activations remat "dots" saves."""
     dtype = x_BTD.dtype
@@ -533,8 +594,8 @@ def _layer(config: TransformerConfig, x_BTD, p, cos_BTH, sin_BTH, attend, cache_
     if config.qk_norm:
         q_BTNH = _rms_norm(q_BTNH, p["q_norm"], eps)
         k_BTKH = _rms_norm(k_BTKH, p["k_norm"], eps)
-    q_BTNH = with_logical_constraint(_rope(q_BTNH, cos_BTH, sin_BTH), ("batch", "seq", "heads", "head_dim"))
-    k_BTKH = _rope(k_BTKH, cos_BTH, sin_BTH)
+    q_BTNH = with_logical_constraint(_rope(q_BTNH, cos_BTR, sin_BTR), ("batch", "seq", "heads", "head_dim"))
+    k_BTKH = _rope(k_BTKH, cos_BTR, sin_BTR)
     attn_BTNH, new_cache = attend(q_BTNH, k_BTKH, v_BTKH, cache_kv)
     attn_BTNH = keep(attn_BTNH, "attn_out")
     x_BTD = keep(x_BTD + _einsum("btnh,nhd->btd", attn_BTNH, p["o"]), "attn_residual")
@@ -542,7 +603,7 @@ def _layer(config: TransformerConfig, x_BTD, p, cos_BTH, sin_BTH, attend, cache_
     h_BTD = keep(_rms_norm(x_BTD, p["mlp_norm"], eps), "mlp_in")
     gate_BTF = keep(_einsum("btd,df->btf", h_BTD, p["gate"]), "gate")
     up_BTF = keep(_einsum("btd,df->btf", h_BTD, p["up"]), "up")
-    act_BTF = with_logical_constraint(jax.nn.silu(gate_BTF) * up_BTF, ("batch", "seq", "mlp"))
+    act_BTF = with_logical_constraint(_swiglu(gate_BTF, up_BTF), ("batch", "seq", "mlp"))
     x_BTD = x_BTD + _einsum("btf,fd->btd", act_BTF, p["down"])
     return with_logical_constraint(x_BTD, ("batch", "seq", "embed")), new_cache
 
@@ -578,9 +639,8 @@ def hidden_states(
     x_BTD = with_logical_constraint(
         jnp.take(params["embed"], token_ids_BT, axis=0).astype(dtype), ("batch", "seq", "embed")
     )
-    angles_BTH = positions_BT[:, :, None].astype(jnp.float32) * jnp.asarray(rope_inv_freq(config))
-    angles_BTH = jnp.concatenate([angles_BTH, angles_BTH], axis=-1)
-    cos_BTH, sin_BTH = jnp.cos(angles_BTH), jnp.sin(angles_BTH)
+    angles_BTR = positions_BT[:, :, None].astype(jnp.float32) * jnp.asarray(rope_inv_freq(config))
+    cos_BTR, sin_BTR = jnp.cos(angles_BTR), jnp.sin(angles_BTR)
     segment_ids_BT = None if segment_ids_BT is None else jnp.asarray(segment_ids_BT)
     write_BT = positions_BT
     if kv_cache is not None and segment_ids_BT is not None:
@@ -609,7 +669,7 @@ def hidden_states(
 
     def body(x_BTD, xs):
         layer_params, cache_kv = xs
-        return _layer(config, x_BTD, layer_params, cos_BTH, sin_BTH, attend, cache_kv, keep)
+        return _layer(config, x_BTD, layer_params, cos_BTR, sin_BTR, attend, cache_kv, keep)
 
     if remat == "full":
         body = jax.checkpoint(body, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)

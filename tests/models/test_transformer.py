@@ -272,12 +272,59 @@ def test_rope_inverse_rotation_gradient_matches_autodiff(name):
     kx, kp, kg = jax.random.split(jax.random.key(seed), 3)
     x = jax.random.normal(kx, (2, 7, 4, config.head_dim))
     angles = jax.random.randint(kp, (2, 7), 0, 500)[:, :, None] * jnp.asarray(T.rope_inv_freq(config))
-    cos, sin = jnp.cos(jnp.concatenate([angles] * 2, -1)), jnp.sin(jnp.concatenate([angles] * 2, -1))
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
     g = jax.random.normal(kg, x.shape)
     plain = T._rope.fun  # the undecorated function: autodiff of the formula itself
     (ref,) = jax.vjp(lambda x: plain(x, cos, sin), x)[1](g)
     (got,) = jax.vjp(lambda x: T._rope(x, cos, sin), x)[1](g)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    # HF's rotate_half formula with the angles repeated over both halves
+    cos2, sin2 = (jnp.concatenate([a] * 2, -1)[:, :, None] for a in (cos, sin))
+    half = config.head_dim // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], -1)
+    np.testing.assert_allclose(T._rope(x, cos, sin), x * cos2 + rotated * sin2, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_swiglu_matches_autodiff_of_silu_times_up(dtype):
+    """The fused SwiGLU's value and hand-written VJP against autodiff of silu(gate)·up in float64 (numpy
+    reference of the formulas), on fresh random inputs; bf16 inputs round once, so within bf16 precision."""
+    seed = np.random.randint(1 << 30)
+    kg, ku, kd = jax.random.split(jax.random.key(seed), 3)
+    gate, up, d = (4.0 * jax.random.normal(k, (3, 5, 24)).astype(dtype) for k in (kg, ku, kd))
+    out, vjp = jax.vjp(T._swiglu, gate, up)
+    d_gate, d_up = vjp(d)
+    g, u, dd = (np.asarray(a, np.float64) for a in (gate, up, d))
+    sig = 1.0 / (1.0 + np.exp(-g))
+    want = (g * sig * u, dd * u * (sig + g * sig * (1.0 - sig)), dd * g * sig)
+    tol = 1e-5 if dtype == "float32" else 1e-2
+    for name, got, ref in zip(("out", "d_gate", "d_up"), (out, d_gate, d_up), want):
+        assert got.dtype == jnp.dtype(dtype), name
+        assert _rel_err(jnp.asarray(got, jnp.float32), jnp.asarray(ref, jnp.float32)) < tol, (name, seed)
+
+
+@pytest.mark.parametrize("spec,x_shape,y_shape", [
+    ("btd,dnh->btnh", (2, 6, 8), (8, 3, 4)),
+    ("btnh,nhd->btd", (2, 6, 3, 4), (3, 4, 8)),
+    ("btf,fd->btd", (2, 5, 12), (12, 4)),
+    ("btd,df->btf", (1, 7, 8), (8, 6)),  # an odd token count: the plain einsum
+])
+def test_weight_gradient_through_the_pair_transpose_matches_the_einsum(spec, x_shape, y_shape, monkeypatch):
+    """bf16 weight gradients with x transposed as 32-bit row pairs (_transposed) equal the plain einsum's."""
+    seed = np.random.randint(1 << 30)
+    kx, ky = jax.random.split(jax.random.key(seed))
+    x = jax.random.normal(kx, x_shape).astype(jnp.bfloat16)
+    y = jax.random.normal(ky, y_shape)
+    r = jax.random.normal(jax.random.key(seed + 1), jax.eval_shape(lambda: jnp.einsum(spec, x, y)).shape)
+    loss = jax.jit(jax.grad(lambda x, y: jnp.sum(T._einsum(spec, x, y).astype(jnp.float32) * r), (0, 1)))
+    paired = loss(x, y)
+    monkeypatch.setattr(T, "CPU_PAIR_TRANSPOSE", False)
+    plain = jax.jit(jax.grad(lambda x, y: jnp.sum(T._einsum(spec, x, y).astype(jnp.float32) * r), (0, 1)))(x, y)
+    for a, b in zip(paired, plain):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    rows = x_shape[0] * x_shape[1]
+    x_RC = x.reshape(rows, -1)[: rows // 2 * 2]
+    np.testing.assert_array_equal(np.asarray(T._transposed(x_RC), np.float32), np.asarray(x_RC, np.float32).T)
 
 
 @pytest.mark.parametrize("shape", [(2, 7, 24), (2, 7, 3, 8)])  # a layer norm and a per-head q/k norm
