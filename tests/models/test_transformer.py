@@ -316,10 +316,12 @@ def test_weight_gradient_through_the_pair_transpose_matches_the_einsum(spec, x_s
     x = jax.random.normal(kx, x_shape).astype(jnp.bfloat16)
     y = jax.random.normal(ky, y_shape)
     r = jax.random.normal(jax.random.key(seed + 1), jax.eval_shape(lambda: jnp.einsum(spec, x, y)).shape)
-    loss = jax.jit(jax.grad(lambda x, y: jnp.sum(T._einsum(spec, x, y).astype(jnp.float32) * r), (0, 1)))
-    paired = loss(x, y)
+    def grads():  # a new function each time, traced anew, so it reads CPU_PAIR_TRANSPOSE as it then is
+        return jax.jit(jax.grad(lambda x, y: jnp.sum(T._einsum(spec, x, y).astype(jnp.float32) * r), (0, 1)))
+
+    paired = grads()(x, y)
     monkeypatch.setattr(T, "CPU_PAIR_TRANSPOSE", False)
-    plain = jax.jit(jax.grad(lambda x, y: jnp.sum(T._einsum(spec, x, y).astype(jnp.float32) * r), (0, 1)))(x, y)
+    plain = grads()(x, y)
     for a, b in zip(paired, plain):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
     rows = x_shape[0] * x_shape[1]
