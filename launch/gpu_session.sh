@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # One lent-GPU session in one command: environment, the GPU attention parity tests, the train-step MFU benchmark
-# (Qwen3-0.6B/1.7B shapes), a per-op profile of the 0.6B step, variants side by side (the dense segment mask,
-# rows of four packed samples with either, no remat), then a profile of the 1.7B step.
+# (Qwen3-0.6B/1.7B shapes), the 0.6B step on a baseline commit's code when one is given, remat "dots", a per-op
+# profile of the 0.6B step, rows of four packed samples.
 #
 #   bash launch/gpu_session.sh [SECONDS] [OUT_DIR]      # SECONDS: the whole script's budget (default 400)
+#   git archive -o base.tar BASE_COMMIT orchestra_jax kernels   # first, for side-by-side timings (BASE_TAR)
 #
 # It runs from the repository root on a machine whose Python already has a CUDA jax, flax and optax (the
 # device image has jax 0.11.2; pyproject pins 0.10.2 for CPU CI, so the package is put on PYTHONPATH as a copy
 # instead of pip-installed; the scripts it runs import nothing the image lacks). Each stage gets the time that
 # is left minus a reserve for the later ones, so a slow compile cannot eat the whole budget. Every log, the
 # profiles' JSON summaries, HLO and traces are packed into OUT_DIR/gpu_session.tgz after each stage (the device
-# tool brings back a few files only); OUT_DIR/summary.log is the stage list.
+# tool brings back a few files only); OUT_DIR/summary.log is the stage list. With BASE_TAR (default base.tar,
+# when present) the baseline's package runs the same benchmarks in the same session, next to this tree's.
 set -u
 budget=${1:-400}
 out=${2:-${OUT:-/tmp/gpu_session}}
@@ -34,9 +36,19 @@ print(sys.version.split()[0], 'jax', jax.__version__, 'flax', flax.__version__, 
       'cudnn', c.cudnn_get_version() if c else None, jax.devices())" 2>&1
 } | tee "$logs/env.log"
 
-rm -rf /tmp/pkg && mkdir -p /tmp/pkg && cp -r orchestra_jax /tmp/pkg/ && rm -rf /tmp/pkg/orchestra_jax/kernels \
-  && cp -r kernels /tmp/pkg/orchestra_jax/kernels || exit 1
+package() {  # package SRC_DIR DEST: the layout pip's install gives (kernels/ inside the package)
+  rm -rf "$2" && mkdir -p "$2" && cp -r "$1/orchestra_jax" "$2/" && rm -rf "$2/orchestra_jax/kernels" \
+    && cp -r "$1/kernels" "$2/orchestra_jax/kernels"
+}
+package . /tmp/pkg || exit 1
 export PYTHONPATH=/tmp/pkg
+base_tar=${BASE_TAR:-base.tar}
+have_base=0
+if [ -f "$base_tar" ]; then
+  rm -rf /tmp/base_src && mkdir -p /tmp/base_src && tar xf "$base_tar" -C /tmp/base_src \
+    && package /tmp/base_src /tmp/base_pkg && have_base=1
+  echo "== baseline package from $base_tar: $have_base" | tee -a "$logs/summary.log"
+fi
 
 stage() {  # stage NAME RESERVE COMMAND...: run with the time left minus RESERVE, log it; returns its exit code
   local name=$1 reserve=$2; shift 2
@@ -50,34 +62,34 @@ stage() {  # stage NAME RESERVE COMMAND...: run with the time left minus RESERVE
   return "$rc"
 }
 
-# cuDNN attention against plain attention (forward and gradients): the packed layout (segment offsets), a batch
-# over its segment bound (the XLA blocks) and the dense mask. The timings use the best path that passed.
-stage gpu_tests $((budget * 80 / 100)) env JAX_PLATFORMS=cuda python3 -P -m pytest -q -rA -p no:cacheprovider \
+# cuDNN attention against plain attention (forward and gradients): each call `packed_layout` picks (plain causal
+# rows, segment offsets, the XLA blocks past their bound, the dense mask). The timings use the best that passed.
+stage gpu_tests $((budget * 85 / 100)) env JAX_PLATFORMS=cuda python3 -P -m pytest -q -rA -p no:cacheprovider \
   -m gpu tests/models/test_transformer.py
 attention=(--attention auto)
-mask=(--override orchestra_jax.models.transformer.CUDNN_MAX_SEGMENTS=0)
-if ! grep -q "PASSED.*cudnn-packed-bf16" "$logs/gpu_tests.log"; then
-  if grep -q "PASSED.*cudnn-mask-bf16" "$logs/gpu_tests.log"; then attention+=("${mask[@]}"); mask=(); else
-    attention=(--attention xla); mask=(); fi
+if ! grep -q "PASSED.*cudnn-packed-bf16" "$logs/gpu_tests.log" || ! grep -q "PASSED.*cudnn-rows-bf16" "$logs/gpu_tests.log"; then
+  attention=(--attention xla)
 fi
 echo "== attention for the timings: ${attention[*]}" | tee -a "$logs/summary.log"
 
-stage train_default $((budget * 62 / 100)) python3 launch/gpu_train_bench.py "${attention[@]}"
-stage profile_06 $((budget * 45 / 100)) python3 launch/profile_step.py --model qwen3-0.6b --out "$logs/profile_06" \
-  --top 40 "${attention[@]}"
-variant() {  # variant NAME RESERVE FLAGS...: the step with the chosen attention and FLAGS
+# Each 0.6B process spends 45-55 s compiling (H100, session 15): a stage needs about 75 s. Stages that finish
+# early leave their time to the later ones; the last ones are skipped when the budget runs out.
+base() {  # base NAME RESERVE FLAGS...: the benchmark on the baseline's package, when there is one
   local name=$1 reserve=$2; shift 2
-  stage "variant_$name" "$reserve" python3 launch/gpu_train_bench.py "${attention[@]}" "$@"
+  [ "$have_base" = 1 ] && stage "$name" "$reserve" env PYTHONPATH=/tmp/base_pkg python3 launch/gpu_train_bench.py \
+    --attention auto "$@"
 }
-[ ${#mask[@]} -gt 0 ] && variant dense_mask $((budget * 35 / 100)) --models qwen3-0.6b "${mask[@]}"
-variant four_per_row $((budget * 28 / 100)) --models qwen3-0.6b --samples-per-row 4
-[ ${#mask[@]} -gt 0 ] && variant four_per_row_dense_mask $((budget * 21 / 100)) --models qwen3-0.6b \
-  --samples-per-row 4 "${mask[@]}"
-variant remat_none $((budget * 8 / 100)) --remat none
-stage profile_17 0 python3 launch/profile_step.py --model qwen3-1.7b --out "$logs/profile_17" --top 40 \
+stage train_06 $((budget * 72 / 100)) python3 launch/gpu_train_bench.py "${attention[@]}" --models qwen3-0.6b
+base train_06_base $((budget * 55 / 100)) --models qwen3-0.6b
+stage train_06_dots $((budget * 38 / 100)) python3 launch/gpu_train_bench.py "${attention[@]}" --models qwen3-0.6b \
+  --remat dots
+stage train_17 $((budget * 20 / 100)) python3 launch/gpu_train_bench.py "${attention[@]}" --models qwen3-1.7b
+stage profile_06 0 python3 launch/profile_step.py --model qwen3-0.6b --out "$logs/profile_06" --top 40 \
   "${attention[@]}"
+stage four_per_row 0 python3 launch/gpu_train_bench.py "${attention[@]}" --models qwen3-0.6b --samples-per-row 4
+base four_per_row_base 0 --models qwen3-0.6b --samples-per-row 4
 
 echo "== summary"
 cat "$logs/summary.log"
-grep -h '"model"' "$logs"/train_*.log "$logs"/variant_*.log 2>/dev/null | cut -c1-560
+for f in "$logs"/*.log; do grep -h '"model"' "$f" | sed "s|^|$(basename "$f" .log): |" | cut -c1-600; done
 pack

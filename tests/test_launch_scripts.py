@@ -1,4 +1,4 @@
-"""launch/profile_step.py and launch/gpu_train_bench.py's --override, on the CPU with the tiny model."""
+"""launch/profile_step.py, gpu_train_bench.py's --override and compare_code.py, on the CPU with the tiny model."""
 
 import importlib.util
 import json
@@ -71,3 +71,28 @@ def test_bench_rows_hold_the_asked_number_of_packed_samples():
     assert [sorted(set(row.tolist())) for row in batch["segment_ids"][0]] == [[1, 2, 3, 4]] * 2
     assert bench.trained_tokens(args) == int(batch["mask"].sum()) == 2 * 4 * 15
     assert bench.model_flops_per_step(model, args) == model.train_flops_per_token(16) * 120
+
+
+def test_compare_code_times_two_codes_in_turn_and_names_a_bad_base(tmp_path):
+    """This tree against a tar of itself: one round, each code in its own process."""
+    import tarfile
+
+    root = LAUNCH.parent
+    base = tmp_path / "base.tar"
+    with tarfile.open(base, "w") as tar:
+        for name in ("orchestra_jax", "kernels"):
+            tar.add(root / name, arcname=name, filter=lambda info: None if "__pycache__" in info.name else info)
+    flags = ["--models", "qwen3-tiny", "--batch", "2", "--seq-len", "32", "--steps", "1", "--matmul-n", "128"]
+    run = subprocess.run([sys.executable, str(LAUNCH / "compare_code.py"), str(base), "--rounds", "1", "--", *flags],
+                         capture_output=True, text=True, timeout=600, env=os.environ.copy())
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = [json.loads(line) for line in run.stdout.splitlines()]
+    assert [(r["round"], r["code"]) for r in rows[:2]] == [(1, "base"), (1, "this")]
+    assert all(r["step_s"]["qwen3-tiny"] > 0 for r in rows[:2])
+    assert rows[2]["speedup_median"]["qwen3-tiny"] == round(
+        rows[0]["step_s"]["qwen3-tiny"] / rows[1]["step_s"]["qwen3-tiny"], 3)
+
+    bad = subprocess.run([sys.executable, str(LAUNCH / "compare_code.py"), "no-such-rev"],
+                         capture_output=True, text=True, timeout=120, env=os.environ.copy())
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().startswith("BASE 'no-such-rev'") and len(bad.stderr.strip().splitlines()) == 1

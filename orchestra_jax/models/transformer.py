@@ -398,29 +398,72 @@ def cudnn_packs() -> bool:
     return tuple(int(x) for x in str(capability).split(".")) >= (9, 0)
 
 
-def _library_attention(q_BTNH, k_BTKH, v_BTKH, segments_BT, implementation: str) -> jax.Array:
+def _library_attention(q_BTNH, k_BTKH, v_BTKH, segments_BT, implementation: str,
+                       layout: int | None = None) -> jax.Array:
     """Causal attention within each segment through `jax.nn.dot_product_attention` ("cudnn" on a GPU; "xla"
-    is the same call's plain path, which tests compare with `_flash` on the CPU). Packed rows go to cuDNN as
-    segment offsets where it `cudnn_packs`; otherwise they become a [B, 1, T, T] same-segment mask, which cuDNN
-    adds as a bias (and, in the backward, computes that bias's unused gradient). Its masked training kernels
-    need an even T, so an odd row gets one more position, which no earlier query can see."""
+    is the same call's plain path, which tests compare with `_flash` on the CPU). Packed rows take the cheapest
+    call that is exact for the batch: `layout` (`packed_layout`, found ahead on the host), else a switch on the
+    device. cuDNN's masked training kernels need an even T, so an odd row gets one more position, which no
+    earlier query can see."""
     t = q_BTNH.shape[1]
     k_BTKH, v_BTKH = k_BTKH.astype(q_BTNH.dtype), v_BTKH.astype(q_BTNH.dtype)
     if t % 2:
         q_BTNH, k_BTKH, v_BTKH = (jnp.pad(x, [(0, 0), (0, 1), (0, 0), (0, 0)]) for x in (q_BTNH, k_BTKH, v_BTKH))
         if segments_BT is not None:
-            segments_BT = jnp.pad(segments_BT, [(0, 0), (0, 1)], constant_values=-1)
-    if segments_BT is not None and implementation == "cudnn" and cudnn_packs():
-        fits = jnp.max(segments_BT) <= CUDNN_MAX_SEGMENTS
-        out_BTNH = jax.lax.cond(fits, _cudnn_packed_attention, _blocks_attention, q_BTNH, k_BTKH, v_BTKH,
-                                segments_BT)
-        return out_BTNH[:, :t]
-    mask_B1TT = None
-    if segments_BT is not None:
-        mask_B1TT = (segments_BT[:, :, None] == segments_BT[:, None, :])[:, None]
-    out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask_B1TT, is_causal=True,
-                                            implementation=implementation)
+            segments_BT = jnp.pad(segments_BT, [(0, 0), (0, 1)])
+    rows = functools.partial(_causal_attention_rows, implementation=implementation)
+    if segments_BT is None:
+        return rows(q_BTNH, k_BTKH, v_BTKH, None)[:, :t]
+    offsets = implementation == "cudnn" and cudnn_packs()
+    branches = ([rows, _cudnn_packed_attention, _blocks_attention] if offsets
+                else [rows, functools.partial(_masked_attention, implementation=implementation)])
+    if layout is None:
+        out_BTNH = jax.lax.switch(packed_layout(segments_BT, offsets), branches, q_BTNH, k_BTKH, v_BTKH,
+                                  segments_BT)
+    else:
+        out_BTNH = branches[min(layout, len(branches) - 1)](q_BTNH, k_BTKH, v_BTKH, segments_BT)
     return out_BTNH[:, :t]
+
+
+def packed_layout(segments_BT: Any, offsets: bool) -> Any:
+    """Which attention call a packed batch takes: 0 when every row is one segment then padding (plain causal
+    attention is exact for its real tokens, and the pads' outputs reach nothing); 1 for several segments a row
+    (cuDNN's segment offsets where it takes them, else a dense same-segment mask); with offsets, 2 where they
+    do not fit (more than CUDNN_MAX_SEGMENTS a row counting the padding, or padding before a segment): the XLA
+    blocks. Each call is exact for the batches of the ones before it. numpy in, numpy out (on the host)."""
+    xp = np if isinstance(segments_BT, np.ndarray) else jnp
+    one_per_row = xp.all(segments_BT <= 1) & xp.all(segments_BT[:, 1:] <= segments_BT[:, :-1])
+    if not offsets:
+        return xp.where(one_per_row, 0, 1)
+    pads_trail = xp.all((segments_BT[:, :-1] != 0) | (segments_BT[:, 1:] == 0))
+    used_B = xp.max(segments_BT, axis=1) + xp.any(segments_BT == 0, axis=1)
+    return xp.where(one_per_row, 0, xp.where(pads_trail & (xp.max(used_B) <= CUDNN_MAX_SEGMENTS), 1, 2))
+
+
+def host_packed_layout(segment_ids: Any) -> int:
+    """`packed_layout` of a whole batch ([..., T] segment ids, on the host) for cuDNN's calls here: the layout
+    a jitted step can take as a static setting, so that it has no conditional around the attention (XLA lays
+    out each branch of one apart, with transposes at its boundary, and autodiff fills the residuals of the
+    branches not taken with zeros)."""
+    segments = np.asarray(segment_ids)
+    segments = segments.reshape(-1, segments.shape[-1])
+    if segments.shape[1] % 2:  # as _library_attention pads an odd row
+        segments = np.pad(segments, [(0, 0), (0, 1)])
+    return int(packed_layout(segments, offsets=cudnn_packs()))
+
+
+def _causal_attention_rows(q_BTNH, k_BTKH, v_BTKH, segments_BT, implementation: str) -> jax.Array:
+    """Plain causal attention over whole rows (no mask, grouped K/V heads as they are): for rows of one segment
+    and a padded tail, so `segments_BT` is unused."""
+    return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, is_causal=True, implementation=implementation)
+
+
+def _masked_attention(q_BTNH, k_BTKH, v_BTKH, segments_BT, implementation: str) -> jax.Array:
+    """Packed rows as a [B, 1, T, T] same-segment mask, which cuDNN adds as a bias (and, in the backward,
+    computes that bias's unused gradient): before Hopper, and the "xla" path."""
+    mask_B1TT = (segments_BT[:, :, None] == segments_BT[:, None, :])[:, None]
+    return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask_B1TT, is_causal=True,
+                                        implementation=implementation)
 
 
 def segment_layout(segments_BT: jax.Array, max_segments: int) -> tuple[jax.Array, jax.Array]:
@@ -434,23 +477,26 @@ def segment_layout(segments_BT: jax.Array, max_segments: int) -> tuple[jax.Array
     return jnp.where(present_BM, lengths_BM, -1), jnp.pad(starts_BM, [(0, 0), (0, 1)], constant_values=-1)
 
 
+def _pads_as_segment(segments_BT: jax.Array) -> jax.Array:
+    """Segment ids with each row's padded tail as one more segment, so cuDNN's packed layout covers every
+    position: the pads then get ordinary attention among themselves instead of whatever cuDNN leaves in rows
+    outside all segments, and need no zeroing (`packed_layout` sends a batch here only when its pads trail)."""
+    return jnp.where(segments_BT > 0, segments_BT, jnp.max(segments_BT, axis=1, keepdims=True) + 1)
+
+
 def _cudnn_packed_attention(q_BTNH, k_BTKH, v_BTKH, segments_BT) -> jax.Array:
     """cuDNN flash attention over the packed layout. K/V heads are repeated to the query heads: jax's wrapper
     scales both offset tensors by the query's heads x head_dim, which is K/V's token stride only without
-    grouped queries. Padding (outside every segment) is zeroed on the way in and out, so whatever cuDNN leaves
-    in those rows, forward or backward, reaches nothing."""
+    grouped queries."""
     from jax._src.cudnn.fused_attention_stablehlo import MaskType
     from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
 
     groups = q_BTNH.shape[2] // k_BTKH.shape[2]
-    valid_BT11 = (segments_BT > 0)[:, :, None, None]
-    q_BTNH, k_BTNH, v_BTNH = (jnp.where(valid_BT11, x, 0) for x in (
-        q_BTNH, jnp.repeat(k_BTKH, groups, axis=2), jnp.repeat(v_BTKH, groups, axis=2)))
-    lengths_BM, starts_BM = segment_layout(segments_BT, CUDNN_MAX_SEGMENTS)
-    out_BTNH = cudnn_attention(q_BTNH, k_BTNH, v_BTNH, q_seqlen=lengths_BM, kv_seqlen=lengths_BM,
-                               q_offsets=starts_BM, kv_offsets=starts_BM, scale=1.0 / math.sqrt(q_BTNH.shape[-1]),
-                               mask_type=MaskType.PADDING_CAUSAL, qkv_layout="BTNH")
-    return jnp.where(valid_BT11, out_BTNH, 0)
+    k_BTNH, v_BTNH = jnp.repeat(k_BTKH, groups, axis=2), jnp.repeat(v_BTKH, groups, axis=2)
+    lengths_BM, starts_BM = segment_layout(_pads_as_segment(segments_BT), CUDNN_MAX_SEGMENTS)
+    return cudnn_attention(q_BTNH, k_BTNH, v_BTNH, q_seqlen=lengths_BM, kv_seqlen=lengths_BM,
+                           q_offsets=starts_BM, kv_offsets=starts_BM, scale=1.0 / math.sqrt(q_BTNH.shape[-1]),
+                           mask_type=MaskType.PADDING_CAUSAL, qkv_layout="BTNH")
 
 
 def _blocks_attention(q_BTNH, k_BTKH, v_BTKH, segments_BT) -> jax.Array:
@@ -620,12 +666,14 @@ def hidden_states(
     remat: str = "none",
     attention_chunk: int | None = ATTENTION_CHUNK,
     attention: str = "auto",
+    layout: int | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
     """Final-normed hidden states [B, T, D] (so the log-prob kernel can fuse the LM head) and the new cache.
 
     `attention_chunk`: with a KV cache (prefill), above this many tokens attention runs in query blocks of this
     size (None: never). `attention` (without a cache): see `attention_impl`; "xla" runs causal blocks of
-    `causal_block(T)` rows. `remat`: "full" keeps only each layer's input for the backward and recomputes the
+    `causal_block(T)` rows. `layout`: cuDNN's call for these packed rows (`host_packed_layout`; None: found
+    on the device). `remat`: "full" keeps only each layer's input for the backward and recomputes the
     layer; "dots" keeps KEPT_ACTIVATIONS and recomputes only elementwise work and attention.
     """
     if remat not in REMAT_POLICIES:
@@ -651,7 +699,7 @@ def hidden_states(
 
     def attend(q_BTNH, k_BTKH, v_BTKH, cache_kv):
         if cache_kv is None and training_attention == "cudnn":
-            return _library_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, "cudnn"), None
+            return _library_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, "cudnn", layout), None
         if cache_kv is None:
             return _blocks_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT), None
         k_cache_BKSH, v_cache_BKSH = cache_kv

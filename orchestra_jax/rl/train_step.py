@@ -11,7 +11,7 @@ Params and optimizer state stay float32; `compute_dtype` (e.g. bfloat16) applies
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -21,7 +21,13 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from orchestra_jax.kernels import fused_logprob, gae
-from orchestra_jax.models.transformer import hidden_states, lm_head_weight, param_logical_axes
+from orchestra_jax.models.transformer import (
+    attention_impl,
+    hidden_states,
+    host_packed_layout,
+    lm_head_weight,
+    param_logical_axes,
+)
 from orchestra_jax.models.transformer_config import TransformerConfig
 from orchestra_jax.parallel.mesh import logical_to_spec, tree_shardings
 from orchestra_jax.rl.losses import PolicyLossConfig, policy_objective, value_loss
@@ -59,6 +65,18 @@ class StepSettings:
     use_reference: bool = False
     logprob_impl: str = "auto"
     attention: str = "auto"
+    attention_layout: int | None = None  # set per batch by TrainStep and LogprobFn (`attention_layout`)
+
+
+def attention_layout(settings: StepSettings, segment_ids: Any) -> int | None:
+    """cuDNN's attention call for a batch's packed rows ([micro_batches, rows, row_len] segment ids), found on
+    the host so the compiled step has no conditional around its attention; None where the step's attention
+    is not cuDNN. Each layout a run meets compiles the step once."""
+    *_, b, t = np.shape(segment_ids)
+    dtype = settings.compute_dtype or jnp.float32
+    if attention_impl(settings.attention, dtype, b * t * t) != "cudnn":
+        return None
+    return host_packed_layout(segment_ids)
 
 
 def init_critic(model: TransformerConfig, algorithm: str) -> dict[str, jax.Array]:
@@ -100,6 +118,7 @@ def token_logprobs(settings: StepSettings, params: Any, mb: dict[str, jax.Array]
     hidden_BTD, _ = hidden_states(
         settings.model, params, mb["tokens"], positions_BT=mb["positions"], segment_ids_BT=mb["segment_ids"],
         compute_dtype=settings.compute_dtype, remat=settings.remat, attention=settings.attention,
+        layout=settings.attention_layout,
     )
     b, t, d = hidden_BTD.shape
     w_DV = lm_head_weight(settings.model, params)  # fused_logprob casts it to the hidden dtype chunk by chunk
@@ -188,19 +207,27 @@ class TrainStep:
 
     def __init__(self, settings: StepSettings, optimizer: optax.GradientTransformation, mesh: Mesh,
                  shardings: TrainState):
-        self.settings, self.mesh, self.shardings = settings, mesh, shardings
+        self.settings, self.optimizer, self.mesh, self.shardings = settings, optimizer, mesh, shardings
         self._batch_sharding = batch_sharding(mesh)
-        self._jitted = jax.jit(
-            lambda state, batch: _step(settings, optimizer, state, batch),
-            in_shardings=(shardings, self._batch_sharding),
-            out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
-            donate_argnums=(0,),
-        )
+        self._jitted_by_layout = {}
+
+    def _jitted(self, batch: dict):
+        """The jitted step for this batch's attention layout (built on first use)."""
+        layout = attention_layout(self.settings, batch["segment_ids"])
+        if layout not in self._jitted_by_layout:
+            settings, optimizer = replace(self.settings, attention_layout=layout), self.optimizer
+            self._jitted_by_layout[layout] = jax.jit(
+                lambda state, batch: _step(settings, optimizer, state, batch),
+                in_shardings=(self.shardings, self._batch_sharding),
+                out_shardings=(self.shardings, NamedSharding(self.mesh, PartitionSpec())),
+                donate_argnums=(0,),
+            )
+        return self._jitted_by_layout[layout]
 
     def __call__(self, state: TrainState, batch: dict) -> tuple[TrainState, dict[str, float]]:
         arrays = self.place(batch)
         with jax.set_mesh(self.mesh):
-            state, metrics = self._jitted(state, arrays)
+            state, metrics = self._jitted(batch)(state, arrays)
         return state, {k: float(v) for k, v in jax.device_get(metrics).items()}
 
     def place(self, batch: dict) -> dict[str, jax.Array]:
@@ -213,7 +240,7 @@ class TrainStep:
         """The step lowered for this state and batch: `.compile()` gives the executable and its optimised HLO
         (launch/profile_step.py runs and reads that), called as `compiled(state, self.place(batch))`."""
         with jax.set_mesh(self.mesh):
-            return self._jitted.lower(state, self.place(batch))
+            return self._jitted(batch).lower(state, self.place(batch))
 
 
 class LogprobFn:
@@ -221,21 +248,28 @@ class LogprobFn:
     reference for KL, or the policy for inspection), with the same kernel and sharding as the step."""
 
     def __init__(self, settings: StepSettings, mesh: Mesh, param_shardings: Any):
-        self.mesh, self.param_shardings = mesh, param_shardings
+        self.settings, self.mesh, self.param_shardings = settings, mesh, param_shardings
         self._batch_sharding = batch_sharding(mesh)
+        self._jitted_by_layout = {}
 
-        def fn(params, batch):
-            return jax.lax.map(lambda mb: token_logprobs(settings, params, mb)[0], batch)
+    def _jitted(self, batch: dict):
+        layout = attention_layout(self.settings, batch["segment_ids"])
+        if layout not in self._jitted_by_layout:
+            settings = replace(self.settings, attention_layout=layout)
 
-        self._jitted = jax.jit(fn, in_shardings=(param_shardings, self._batch_sharding),
-                               out_shardings=self._batch_sharding)
+            def fn(params, batch):
+                return jax.lax.map(lambda mb: token_logprobs(settings, params, mb)[0], batch)
+
+            self._jitted_by_layout[layout] = jax.jit(fn, in_shardings=(self.param_shardings, self._batch_sharding),
+                                                     out_shardings=self._batch_sharding)
+        return self._jitted_by_layout[layout]
 
     def __call__(self, params: Any, batch: dict) -> np.ndarray:
         keys = ("tokens", "targets", "positions", "segment_ids")
         arrays = {k: jax.device_put(batch[k], self._batch_sharding) for k in keys}
         params = jax.device_put(params, self.param_shardings)  # a no-op when already laid out so
         with jax.set_mesh(self.mesh):
-            return np.asarray(jax.device_get(self._jitted(params, arrays)))
+            return np.asarray(jax.device_get(self._jitted(batch)(params, arrays)))
 
 
 def shard_state(state: TrainState, shardings: TrainState) -> TrainState:

@@ -111,21 +111,31 @@ def test_blocked_causal_attention_and_its_gradients_match_plain_attention(dtype,
         assert _rel_err(got.astype(jnp.float32), want) < tol
 
 
-@pytest.mark.parametrize("implementation, dtype, tol, max_segments", [
-    ("xla", "float32", 1e-5, 16),
-    ("xla", "bfloat16", 3e-2, 16),
-    # segment offsets on Hopper (else the mask); 3 segments > 2: the XLA blocks; 0: the dense mask
-    pytest.param("cudnn", "bfloat16", 3e-2, 16, marks=pytest.mark.gpu, id="cudnn-packed-bf16"),
-    pytest.param("cudnn", "float16", 5e-3, 16, marks=pytest.mark.gpu, id="cudnn-packed-fp16"),
-    pytest.param("cudnn", "bfloat16", 3e-2, 2, marks=pytest.mark.gpu, id="cudnn-overflow-bf16"),
-    pytest.param("cudnn", "bfloat16", 3e-2, 0, marks=pytest.mark.gpu, id="cudnn-mask-bf16"),
+PACKED_ROWS = {  # t = 39: an odd row length
+    "packed": [[1] * 15 + [2] * 20 + [3] * 4, [1] * 29 + [0] * 10],  # several segments a row, a padded tail
+    "one-per-row": [[1] * 39, [1] * 29 + [0] * 10],  # plain causal attention
+    "pads-first": [[0] * 5 + [1] * 34, [1] * 39],  # padding before a segment: no segment offsets
+}
+
+
+@pytest.mark.parametrize("implementation, dtype, tol, max_segments, rows", [
+    ("xla", "float32", 1e-5, 16, "packed"),
+    ("xla", "bfloat16", 3e-2, 16, "packed"),
+    ("xla", "float32", 1e-5, 16, "one-per-row"),
+    # segment offsets on Hopper (else the mask); 3 segments and a padded tail > 3: the XLA blocks; 0: the mask
+    pytest.param("cudnn", "bfloat16", 3e-2, 16, "packed", marks=pytest.mark.gpu, id="cudnn-packed-bf16"),
+    pytest.param("cudnn", "float16", 5e-3, 16, "packed", marks=pytest.mark.gpu, id="cudnn-packed-fp16"),
+    pytest.param("cudnn", "bfloat16", 3e-2, 3, "packed", marks=pytest.mark.gpu, id="cudnn-overflow-bf16"),
+    pytest.param("cudnn", "bfloat16", 3e-2, 0, "packed", marks=pytest.mark.gpu, id="cudnn-mask-bf16"),
+    pytest.param("cudnn", "bfloat16", 3e-2, 16, "one-per-row", marks=pytest.mark.gpu, id="cudnn-rows-bf16"),
+    pytest.param("cudnn", "bfloat16", 3e-2, 16, "pads-first", marks=pytest.mark.gpu, id="cudnn-pads-first-bf16"),
 ])
-def test_library_attention_and_its_gradients_match_plain_attention(implementation, dtype, tol, max_segments,
+def test_library_attention_and_its_gradients_match_plain_attention(implementation, dtype, tol, max_segments, rows,
                                                                    monkeypatch):
     """The `jax.nn.dot_product_attention` path (cuDNN on a GPU) masks packed segments and the future like
-    `_flash` does; grouped-query heads (8 query heads over 2 K/V heads); an odd row length. A padded tail
-    (segment 0) reaches no real token; what the pads themselves get is unspecified (the packed layout gives them
-    zeros, the other paths attention among pads), so they are compared with a zero cotangent only."""
+    `_flash` does, through each call `packed_layout` picks; grouped-query heads (8 query heads over 2 K/V
+    heads); an odd row length. A padded tail (segment 0) reaches no real token; what the pads themselves get
+    differs between the paths, so they are compared with a zero cotangent only."""
     monkeypatch.setattr(T, "CUDNN_MAX_SEGMENTS", max_segments)
     seed = np.random.randint(1 << 30)
     kq, kk, kv, kg = jax.random.split(jax.random.key(seed), 4)
@@ -133,18 +143,40 @@ def test_library_attention_and_its_gradients_match_plain_attention(implementatio
     q = jax.random.normal(kq, (2, t, 8, 64)).astype(dtype)
     k = jax.random.normal(kk, (2, t, 2, 64)).astype(dtype)
     v = jax.random.normal(kv, (2, t, 2, 64)).astype(dtype)
-    segments = jnp.array([[1] * 15 + [2] * 20 + [3] * 4, [1] * 29 + [0] * 10])
+    segments = jnp.array(PACKED_ROWS[rows])
     real_BT11 = (segments > 0)[:, :, None, None]
     g = jnp.where(real_BT11, jax.random.normal(kg, q.shape), 0).astype(dtype)
 
-    out, vjp = jax.vjp(jax.jit(lambda q, k, v: T._library_attention(q, k, v, segments, implementation)), q, k, v)
     ref, ref_vjp = jax.vjp(
         lambda q, k, v: _plain_causal_attention(q, jnp.moveaxis(k, 1, 2), jnp.moveaxis(v, 1, 2), segments), q, k, v)
-    assert out.dtype == q.dtype and np.isfinite(np.asarray(out, np.float32)).all()
-    assert _rel_err(jnp.where(real_BT11, out.astype(jnp.float32), 0), jnp.where(real_BT11, ref, 0)) < tol
-    for got, want in zip(vjp(g), ref_vjp(g.astype(jnp.float32))):
-        assert np.isfinite(np.asarray(got, np.float32)).all()
-        assert _rel_err(got.astype(jnp.float32), want) < tol
+    for layout in (None, T.host_packed_layout(np.asarray(segments))):  # on the device, and static
+        attend = jax.jit(lambda q, k, v: T._library_attention(q, k, v, segments, implementation, layout))
+        out, vjp = jax.vjp(attend, q, k, v)
+        assert out.dtype == q.dtype and np.isfinite(np.asarray(out, np.float32)).all()
+        assert _rel_err(jnp.where(real_BT11, out.astype(jnp.float32), 0), jnp.where(real_BT11, ref, 0)) < tol
+        for got, want in zip(vjp(g), ref_vjp(g.astype(jnp.float32))):
+            assert np.isfinite(np.asarray(got, np.float32)).all()
+            assert _rel_err(got.astype(jnp.float32), want) < tol
+
+
+def test_packed_layout_picks_the_cheapest_exact_call(monkeypatch):
+    monkeypatch.setattr(T, "CUDNN_MAX_SEGMENTS", 3)
+    layouts = {
+        "one segment a row, padded tails": ([[1, 1, 1, 0], [1, 1, 1, 1], [0, 0, 0, 0]], 0),
+        "several segments": ([[1, 1, 2, 2], [1, 1, 1, 0]], 1),
+        "three segments and padding: four": ([[1, 2, 3, 0], [1, 1, 1, 1]], 2),
+        "three segments, no padding": ([[1, 2, 3, 3], [1, 1, 1, 1]], 1),
+        "padding first": ([[0, 1, 1, 1], [1, 1, 1, 1]], 2),
+        "padding between segments": ([[1, 0, 2, 2], [1, 1, 1, 1]], 2),
+    }
+    monkeypatch.setattr(T, "cudnn_packs", lambda: True)
+    for name, (segments, want) in layouts.items():
+        for xp in (jnp, np):  # on the device and on the host
+            assert int(T.packed_layout(xp.array(segments), offsets=True)) == want, name
+            assert int(T.packed_layout(xp.array(segments), offsets=False)) == min(want, 1), name
+        assert T.host_packed_layout(np.array(segments)[None]) == want, name  # [micro_batches, rows, T]
+    # an odd row gets one more (padding) position first: three segments then padding is four
+    assert T.host_packed_layout(np.array([[1, 2, 3]])) == 2
 
 
 def test_segment_layout_gives_each_segments_length_and_start():
@@ -152,6 +184,9 @@ def test_segment_layout_gives_each_segments_length_and_start():
     lengths, starts = T.segment_layout(segments, 4)
     np.testing.assert_array_equal(lengths, [[2, 3, 1, -1], [8, -1, -1, -1], [-1, -1, -1, -1]])
     np.testing.assert_array_equal(starts, [[0, 2, 5, -1, -1], [0, -1, -1, -1, -1], [-1] * 5])
+    lengths, starts = T.segment_layout(T._pads_as_segment(segments), 4)  # the padded tail as one more segment
+    np.testing.assert_array_equal(lengths, [[2, 3, 1, 2], [8, -1, -1, -1], [8, -1, -1, -1]])
+    np.testing.assert_array_equal(starts, [[0, 2, 5, 6, -1], [0, -1, -1, -1, -1], [0, -1, -1, -1, -1]])
 
 
 def test_attention_impl_picks_cudnn_only_on_a_gpu_in_half_precision(monkeypatch):

@@ -142,3 +142,26 @@ def test_a_small_step_raises_positive_advantage_tokens_and_lowers_negative_ones(
     gain = ((after - before) * mask).sum(-1)  # summed over each row's policy tokens
     row_sign = np.sign((advantages * mask).sum(-1))
     assert np.all(gain[row_sign > 0] > 0) and np.all(gain[row_sign < 0] < 0), (gain, row_sign)
+
+
+def test_attention_layout_is_found_on_the_host_for_cudnn_only(monkeypatch):
+    """cuDNN's call for a batch's packed rows becomes a static setting of the compiled step; other attention
+    paths have no such setting (None: one compiled step for every batch)."""
+    import orchestra_jax.models.transformer as T
+    from orchestra_jax.rl.train_step import attention_layout
+
+    rng = np.random.default_rng()
+    batch = pack(random_samples(rng, 12), micro_batch_size=4, max_row_len=64).arrays
+    settings = StepSettings(model=tiny_model(), loss=PolicyLossConfig(), compute_dtype="bfloat16")
+    assert attention_layout(settings, batch["segment_ids"]) == (
+        T.host_packed_layout(batch["segment_ids"]) if jax.default_backend() == "gpu" else None)
+    monkeypatch.setattr(T.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(T, "cudnn_packs", lambda: True)
+    one_per_row = np.zeros((1, 2, 8), np.int32)
+    one_per_row[0, :, :5] = 1
+    several = one_per_row.copy()
+    several[0, 0, 3:5] = 2
+    assert attention_layout(settings, one_per_row) == 0
+    assert attention_layout(settings, several) == 1
+    assert attention_layout(dataclasses.replace(settings, compute_dtype="float32"), several) is None
+    assert attention_layout(dataclasses.replace(settings, attention="xla"), several) is None
