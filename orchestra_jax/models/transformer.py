@@ -555,22 +555,29 @@ def _flash_bwd(block, residuals, g_BKGTH):
     g32_BKGTH = g_BKGTH.astype(jnp.float32)
     delta_BKGT1 = jnp.sum(g32_BKGTH * out_BKGTH.astype(jnp.float32), axis=-1, keepdims=True)
     dq_blocks = []
-    dk_BKTH = jnp.zeros(k_BKTH.shape, jnp.float32)
-    dv_BKTH = jnp.zeros(v_BKTH.shape, jnp.float32)
+    # dK and dV are summed transposed, [B, K, H, T]: each block's matmul then reads Q and g transposed (a
+    # [G·C, H] block) instead of dS and P (a [G·C, end] block, up to T / C times larger), and XLA's CPU wrote
+    # those transposed copies slowly, fused into their producers.
+    dkt_BKHT = jnp.zeros(k_BKTH.shape[:2] + k_BKTH.shape[:1:-1], jnp.float32)
+    dvt_BKHT = jnp.zeros(v_BKTH.shape[:2] + v_BKTH.shape[:1:-1], jnp.float32)
     for start, end in _query_blocks(q_BKGTH.shape[3], block):
         scores_BKGCS, mask = _block_scores(q_BKGTH, k_BKTH, segments_BT, start, end)
         probs_BKGCS = jnp.where(mask, jnp.exp(scores_BKGCS - lse_BKGT1[:, :, :, start:end]), 0.0)
         g_BKGCH = g_BKGTH[:, :, :, start:end]
-        dv_BKTH = dv_BKTH.at[:, :, :end].add(jnp.einsum(
-            "bkgcs,bkgch->bksh", probs_BKGCS.astype(dtype), g_BKGCH, preferred_element_type=jnp.float32))
+        dvt_BKHT = dvt_BKHT.at[:, :, :, :end].add(jnp.einsum(
+            "bkgch,bkgcs->bkhs", g_BKGCH, probs_BKGCS.astype(dtype), preferred_element_type=jnp.float32))
         dprobs_BKGCS = jnp.einsum("bkgch,bksh->bkgcs", g_BKGCH, v_BKTH[:, :, :end],
                                   preferred_element_type=jnp.float32)
         dscores_BKGCS = (probs_BKGCS * (dprobs_BKGCS - delta_BKGT1[:, :, :, start:end]) * scale).astype(dtype)
         dq_blocks.append(jnp.einsum("bkgcs,bksh->bkgch", dscores_BKGCS, k_BKTH[:, :, :end],
                                     preferred_element_type=jnp.float32).astype(dtype))
-        dk_BKTH = dk_BKTH.at[:, :, :end].add(jnp.einsum(
-            "bkgcs,bkgch->bksh", dscores_BKGCS, q_BKGTH[:, :, :, start:end], preferred_element_type=jnp.float32))
-    return jnp.concatenate(dq_blocks, axis=3), dk_BKTH.astype(dtype), dv_BKTH.astype(dtype), None
+        dkt_BKHT = dkt_BKHT.at[:, :, :, :end].add(jnp.einsum(
+            "bkgch,bkgcs->bkhs", q_BKGTH[:, :, :, start:end], dscores_BKGCS, preferred_element_type=jnp.float32))
+    # The barrier keeps XLA from folding the swap into a lone block's matmul (one block: T <= the block rows),
+    # which its CPU then could not run in bf16 ("Unsupported element type for DotThunk").
+    dkt_BKHT, dvt_BKHT = jax.lax.optimization_barrier((dkt_BKHT, dvt_BKHT))
+    dk_BKTH, dv_BKTH = (jnp.swapaxes(d, 2, 3).astype(dtype) for d in (dkt_BKHT, dvt_BKHT))
+    return jnp.concatenate(dq_blocks, axis=3), dk_BKTH, dv_BKTH, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
