@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One lent-GPU session in one command: environment, the GPU attention parity tests, the train-step MFU benchmark
-# (Qwen3-0.6B/1.7B shapes), the 0.6B step on a baseline commit's code when one is given, remat "dots", a per-op
-# profile of the 0.6B step, rows of four packed samples.
+# (Qwen3-0.6B/1.7B shapes), the 0.6B step with cuDNN's attention call picked on the device instead of the host
+# and on a baseline commit's code when one is given, remat "dots", a per-op profile of the 0.6B step, rows of
+# four packed samples.
 #
 #   bash launch/gpu_session.sh [SECONDS] [OUT_DIR]      # SECONDS: the whole script's budget (default 400)
 #   git archive -o base.tar BASE_COMMIT orchestra_jax kernels   # first, for side-by-side timings (BASE_TAR)
@@ -79,15 +80,19 @@ base() {  # base NAME RESERVE FLAGS...: the benchmark on the baseline's package,
   [ "$have_base" = 1 ] && stage "$name" "$reserve" env PYTHONPATH=/tmp/base_pkg python3 launch/gpu_train_bench.py \
     --attention auto "$@"
 }
+switch=(--override orchestra_jax.rl.train_step.HOST_ATTENTION_LAYOUT=False)  # the call picked on the device
 stage train_06 $((budget * 72 / 100)) python3 launch/gpu_train_bench.py "${attention[@]}" --models qwen3-0.6b
-base train_06_base $((budget * 55 / 100)) --models qwen3-0.6b
-stage train_06_dots $((budget * 38 / 100)) python3 launch/gpu_train_bench.py "${attention[@]}" --models qwen3-0.6b \
+stage train_06_switch $((budget * 55 / 100)) python3 launch/gpu_train_bench.py "${attention[@]}" --models qwen3-0.6b \
+  "${switch[@]}"
+base train_06_base $((budget * 38 / 100)) --models qwen3-0.6b
+stage train_06_dots $((budget * 20 / 100)) python3 launch/gpu_train_bench.py "${attention[@]}" --models qwen3-0.6b \
   --remat dots
-stage train_17 $((budget * 20 / 100)) python3 launch/gpu_train_bench.py "${attention[@]}" --models qwen3-1.7b
+stage train_17 0 python3 launch/gpu_train_bench.py "${attention[@]}" --models qwen3-1.7b --remat dots
 stage profile_06 0 python3 launch/profile_step.py --model qwen3-0.6b --out "$logs/profile_06" --top 40 \
   "${attention[@]}"
 stage four_per_row 0 python3 launch/gpu_train_bench.py "${attention[@]}" --models qwen3-0.6b --samples-per-row 4
-base four_per_row_base 0 --models qwen3-0.6b --samples-per-row 4
+stage four_per_row_switch 0 python3 launch/gpu_train_bench.py "${attention[@]}" --models qwen3-0.6b \
+  --samples-per-row 4 "${switch[@]}"
 
 echo "== summary"
 cat "$logs/summary.log"

@@ -37,6 +37,8 @@ BATCH_KEYS = (
     "rewards", "ref_logprobs",
 )
 STAT_NAMES = ("kl", "entropy", "clip_low", "clip_high", "dual_clip", "tis_truncated", "ratio")
+# False: the step picks cuDNN's attention call on the device, a conditional (`attention_layout`); for comparisons.
+HOST_ATTENTION_LAYOUT = True
 
 
 class TrainState(NamedTuple):
@@ -74,7 +76,7 @@ def attention_layout(settings: StepSettings, segment_ids: Any) -> int | None:
     is not cuDNN. Each layout a run meets compiles the step once."""
     *_, b, t = np.shape(segment_ids)
     dtype = settings.compute_dtype or jnp.float32
-    if attention_impl(settings.attention, dtype, b * t * t) != "cudnn":
+    if not HOST_ATTENTION_LAYOUT or attention_impl(settings.attention, dtype, b * t * t) != "cudnn":
         return None
     return host_packed_layout(segment_ids)
 

@@ -165,3 +165,5 @@ def test_attention_layout_is_found_on_the_host_for_cudnn_only(monkeypatch):
     assert attention_layout(settings, several) == 1
     assert attention_layout(dataclasses.replace(settings, compute_dtype="float32"), several) is None
     assert attention_layout(dataclasses.replace(settings, attention="xla"), several) is None
+    monkeypatch.setattr("orchestra_jax.rl.train_step.HOST_ATTENTION_LAYOUT", False)  # picked on the device
+    assert attention_layout(settings, several) is None
