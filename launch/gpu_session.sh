@@ -68,7 +68,8 @@ stage() {  # stage NAME RESERVE COMMAND...: run with the time left minus RESERVE
 stage gpu_tests $((budget * 85 / 100)) env JAX_PLATFORMS=cuda python3 -P -m pytest -q -rA -p no:cacheprovider \
   -m gpu tests/models/test_transformer.py
 attention=(--attention auto)
-if ! grep -q "PASSED.*cudnn-packed-bf16" "$logs/gpu_tests.log" || ! grep -q "PASSED.*cudnn-rows-bf16" "$logs/gpu_tests.log"; then
+if ! grep -q "PASSED.*cudnn-packed-bf16" "$logs/gpu_tests.log" \
+  || ! grep -q "PASSED.*cudnn-rows-bf16" "$logs/gpu_tests.log"; then
   attention=(--attention xla)
 fi
 echo "== attention for the timings: ${attention[*]}" | tee -a "$logs/summary.log"

@@ -411,7 +411,7 @@ def _library_attention(q_BTNH, k_BTKH, v_BTKH, segments_BT, implementation: str,
         q_BTNH, k_BTKH, v_BTKH = (jnp.pad(x, [(0, 0), (0, 1), (0, 0), (0, 0)]) for x in (q_BTNH, k_BTKH, v_BTKH))
         if segments_BT is not None:
             segments_BT = jnp.pad(segments_BT, [(0, 0), (0, 1)])
-    rows = functools.partial(_causal_attention_rows, implementation=implementation)
+    rows = functools.partial(_unsegmented_attention, implementation=implementation)
     if segments_BT is None:
         return rows(q_BTNH, k_BTKH, v_BTKH, None)[:, :t]
     offsets = implementation == "cudnn" and cudnn_packs()
@@ -452,7 +452,7 @@ def host_packed_layout(segment_ids: Any) -> int:
     return int(packed_layout(segments, offsets=cudnn_packs()))
 
 
-def _causal_attention_rows(q_BTNH, k_BTKH, v_BTKH, segments_BT, implementation: str) -> jax.Array:
+def _unsegmented_attention(q_BTNH, k_BTKH, v_BTKH, segments_BT, implementation: str) -> jax.Array:
     """Plain causal attention over whole rows (no mask, grouped K/V heads as they are): for rows of one segment
     and a padded tail, so `segments_BT` is unused."""
     return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, is_causal=True, implementation=implementation)

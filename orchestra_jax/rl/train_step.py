@@ -11,6 +11,7 @@ Params and optimizer state stay float32; `compute_dtype` (e.g. bfloat16) applies
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Literal, NamedTuple
 
@@ -79,6 +80,14 @@ def attention_layout(settings: StepSettings, segment_ids: Any) -> int | None:
     if not HOST_ATTENTION_LAYOUT or attention_impl(settings.attention, dtype, b * t * t) != "cudnn":
         return None
     return host_packed_layout(segment_ids)
+
+
+def _jitted_for(cache: dict, settings: StepSettings, batch: dict, build: Callable[[StepSettings], Any]):
+    """The jitted function for this batch's attention layout: build(settings with that layout), on first use."""
+    layout = attention_layout(settings, batch["segment_ids"])
+    if layout not in cache:
+        cache[layout] = build(replace(settings, attention_layout=layout))
+    return cache[layout]
 
 
 def init_critic(model: TransformerConfig, algorithm: str) -> dict[str, jax.Array]:
@@ -214,17 +223,15 @@ class TrainStep:
         self._jitted_by_layout = {}
 
     def _jitted(self, batch: dict):
-        """The jitted step for this batch's attention layout (built on first use)."""
-        layout = attention_layout(self.settings, batch["segment_ids"])
-        if layout not in self._jitted_by_layout:
-            settings, optimizer = replace(self.settings, attention_layout=layout), self.optimizer
-            self._jitted_by_layout[layout] = jax.jit(
-                lambda state, batch: _step(settings, optimizer, state, batch),
+        def build(settings):
+            return jax.jit(
+                lambda state, batch: _step(settings, self.optimizer, state, batch),
                 in_shardings=(self.shardings, self._batch_sharding),
                 out_shardings=(self.shardings, NamedSharding(self.mesh, PartitionSpec())),
                 donate_argnums=(0,),
             )
-        return self._jitted_by_layout[layout]
+
+        return _jitted_for(self._jitted_by_layout, self.settings, batch, build)
 
     def __call__(self, state: TrainState, batch: dict) -> tuple[TrainState, dict[str, float]]:
         arrays = self.place(batch)
@@ -255,16 +262,14 @@ class LogprobFn:
         self._jitted_by_layout = {}
 
     def _jitted(self, batch: dict):
-        layout = attention_layout(self.settings, batch["segment_ids"])
-        if layout not in self._jitted_by_layout:
-            settings = replace(self.settings, attention_layout=layout)
-
+        def build(settings):
             def fn(params, batch):
                 return jax.lax.map(lambda mb: token_logprobs(settings, params, mb)[0], batch)
 
-            self._jitted_by_layout[layout] = jax.jit(fn, in_shardings=(self.param_shardings, self._batch_sharding),
-                                                     out_shardings=self._batch_sharding)
-        return self._jitted_by_layout[layout]
+            return jax.jit(fn, in_shardings=(self.param_shardings, self._batch_sharding),
+                           out_shardings=self._batch_sharding)
+
+        return _jitted_for(self._jitted_by_layout, self.settings, batch, build)
 
     def __call__(self, params: Any, batch: dict) -> np.ndarray:
         keys = ("tokens", "targets", "positions", "segment_ids")

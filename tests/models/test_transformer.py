@@ -150,7 +150,7 @@ def test_library_attention_and_its_gradients_match_plain_attention(implementatio
     ref, ref_vjp = jax.vjp(
         lambda q, k, v: _plain_causal_attention(q, jnp.moveaxis(k, 1, 2), jnp.moveaxis(v, 1, 2), segments), q, k, v)
     for layout in (None, T.host_packed_layout(np.asarray(segments))):  # on the device, and static
-        attend = jax.jit(lambda q, k, v: T._library_attention(q, k, v, segments, implementation, layout))
+        attend = jax.jit(lambda q, k, v, layout=layout: T._library_attention(q, k, v, segments, implementation, layout))
         out, vjp = jax.vjp(attend, q, k, v)
         assert out.dtype == q.dtype and np.isfinite(np.asarray(out, np.float32)).all()
         assert _rel_err(jnp.where(real_BT11, out.astype(jnp.float32), 0), jnp.where(real_BT11, ref, 0)) < tol
