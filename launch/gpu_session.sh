@@ -13,7 +13,7 @@
 # is left minus a reserve for the later ones, so a slow compile cannot eat the whole budget. Every log, the
 # profiles' JSON summaries, HLO and traces are packed into OUT_DIR/gpu_session.tgz after each stage (the device
 # tool brings back a few files only); OUT_DIR/summary.log is the stage list. With BASE_TAR (default base.tar,
-# when present) the baseline's package runs the same benchmarks in the same session, next to this tree's.
+# when present) launch/compare_code.py times the baseline's 0.6B step against this tree's.
 set -u
 budget=${1:-400}
 out=${2:-${OUT:-/tmp/gpu_session}}
@@ -37,19 +37,10 @@ print(sys.version.split()[0], 'jax', jax.__version__, 'flax', flax.__version__, 
       'cudnn', c.cudnn_get_version() if c else None, jax.devices())" 2>&1
 } | tee "$logs/env.log"
 
-package() {  # package SRC_DIR DEST: the layout pip's install gives (kernels/ inside the package)
-  rm -rf "$2" && mkdir -p "$2" && cp -r "$1/orchestra_jax" "$2/" && rm -rf "$2/orchestra_jax/kernels" \
-    && cp -r "$1/kernels" "$2/orchestra_jax/kernels"
-}
-package . /tmp/pkg || exit 1
+rm -rf /tmp/pkg && mkdir -p /tmp/pkg && cp -r orchestra_jax /tmp/pkg/ && rm -rf /tmp/pkg/orchestra_jax/kernels \
+  && cp -r kernels /tmp/pkg/orchestra_jax/kernels || exit 1
 export PYTHONPATH=/tmp/pkg
 base_tar=${BASE_TAR:-base.tar}
-have_base=0
-if [ -f "$base_tar" ]; then
-  rm -rf /tmp/base_src && mkdir -p /tmp/base_src && tar xf "$base_tar" -C /tmp/base_src \
-    && package /tmp/base_src /tmp/base_pkg && have_base=1
-  echo "== baseline package from $base_tar: $have_base" | tee -a "$logs/summary.log"
-fi
 
 stage() {  # stage NAME RESERVE COMMAND...: run with the time left minus RESERVE, log it; returns its exit code
   local name=$1 reserve=$2; shift 2
@@ -76,26 +67,22 @@ echo "== attention for the timings: ${attention[*]}" | tee -a "$logs/summary.log
 
 # Each 0.6B process spends 45-55 s compiling (H100, session 15): a stage needs about 75 s. Stages that finish
 # early leave their time to the later ones; the last ones are skipped when the budget runs out.
-base() {  # base NAME RESERVE FLAGS...: the benchmark on the baseline's package, when there is one
-  local name=$1 reserve=$2; shift 2
-  [ "$have_base" = 1 ] && stage "$name" "$reserve" env PYTHONPATH=/tmp/base_pkg python3 launch/gpu_train_bench.py \
-    --attention auto "$@"
-}
 switch=(--override orchestra_jax.rl.train_step.HOST_ATTENTION_LAYOUT=False)  # the call picked on the device
 stage train_06 $((budget * 72 / 100)) python3 launch/gpu_train_bench.py "${attention[@]}" --models qwen3-0.6b
 stage train_06_switch $((budget * 55 / 100)) python3 launch/gpu_train_bench.py "${attention[@]}" --models qwen3-0.6b \
   "${switch[@]}"
-base train_06_base $((budget * 38 / 100)) --models qwen3-0.6b
-stage train_06_dots $((budget * 20 / 100)) python3 launch/gpu_train_bench.py "${attention[@]}" --models qwen3-0.6b \
+stage train_06_dots $((budget * 30 / 100)) python3 launch/gpu_train_bench.py "${attention[@]}" --models qwen3-0.6b \
   --remat dots
 stage train_17 0 python3 launch/gpu_train_bench.py "${attention[@]}" --models qwen3-1.7b --remat dots
 stage profile_06 0 python3 launch/profile_step.py --model qwen3-0.6b --out "$logs/profile_06" --top 40 \
   "${attention[@]}"
+[ -f "$base_tar" ] && stage compare_base 0 python3 launch/compare_code.py "$base_tar" --rounds 1 -- \
+  "${attention[@]}" --models qwen3-0.6b  # the baseline's step and this tree's, one process after the other
 stage four_per_row 0 python3 launch/gpu_train_bench.py "${attention[@]}" --models qwen3-0.6b --samples-per-row 4
 stage four_per_row_switch 0 python3 launch/gpu_train_bench.py "${attention[@]}" --models qwen3-0.6b \
   --samples-per-row 4 "${switch[@]}"
 
 echo "== summary"
 cat "$logs/summary.log"
-for f in "$logs"/*.log; do grep -h '"model"' "$f" | sed "s|^|$(basename "$f" .log): |" | cut -c1-600; done
+for f in "$logs"/*.log; do grep -hE '"model"|"speedup_median"' "$f" | sed "s|^|$(basename "$f" .log): |" | cut -c1-600; done
 pack
