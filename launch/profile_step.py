@@ -20,6 +20,7 @@ import collections
 import glob
 import gzip
 import json
+import math
 import os
 import re
 import shutil
@@ -165,9 +166,55 @@ def loop_of(name: str, instructions: dict, parents: dict) -> str:
     return " > ".join(reversed(chain)) or "top"
 
 
-def op_times(trace_dir: str) -> tuple[dict[str, list[float]], list[tuple[str, str, int, float]]]:
+def _dims(shape: str) -> list[int]:
+    """[8, 256, 576] from "bf16[8,256,576]{2,1,0}" (a tuple's first array: a cuBLAS call's result)."""
+    found = re.search(r"\[([\d,]*)\]", shape)
+    return [int(d) for d in found.group(1).split(",") if d] if found else []
+
+
+def dot_flops(name: str, computations: dict, instructions: dict) -> int:
+    """Multiply-add FLOPs (2 per MAC) of one call of an op: a dot, a fusion of dots, or a cuBLAS custom call,
+    from the output's size and the contracted dimensions of the left operand."""
+    if name not in instructions:
+        return 0
+    _, shape, opcode, rest = instructions[name]
+    contracting = None
+    if opcode == "dot":
+        contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
+    elif opcode == "custom-call":
+        contracting = re.search(r'"lhs_contracting_dimensions":\[([\d",]*)\]', rest)
+    if contracting:
+        lhs = re.match(r"\s*%?([\w.\-]+)", rest)
+        lhs_dims = _dims(instructions[lhs.group(1)][1]) if lhs and lhs.group(1) in instructions else []
+        axes = [int(a) for a in contracting.group(1).replace('"', "").split(",") if a]
+        if lhs_dims and all(a < len(lhs_dims) for a in axes):
+            return 2 * math.prod(_dims(shape)) * math.prod(lhs_dims[a] for a in axes)
+        return 0
+    return sum(dot_flops(inner, computations, instructions)
+               for sub in _called(rest) for inner, _, _, _ in computations.get(sub, []))
+
+
+def concurrency(spans: list[tuple[int, int, str]], kinds: dict[str, str], steps: int) -> dict[str, float]:
+    """Wall ms per step with n ops running at once, split by whether a matmul is among them ("2 (matmul)"):
+    on the CPU, where ops share the cores, the time one op runs alone is where a core may sit idle."""
+    edges = sorted([(start, 1, i) for i, (start, _, _) in enumerate(spans)]
+                   + [(end, -1, i) for i, (_, end, _) in enumerate(spans)])
+    running: set[int] = set()
+    totals: collections.Counter = collections.Counter()
+    last = edges[0][0] if edges else 0
+    for at, change, i in edges:
+        if at > last:
+            matmul = any(kinds.get(spans[j][2]) == "matmul" for j in running)
+            totals[f"{len(running)} ({'matmul' if matmul else 'other'})" if running else "0"] += at - last
+        last = at
+        running.add(i) if change > 0 else running.discard(i)
+    return {k: round(v / 1e6 / steps, 2) for k, v in sorted(totals.items())}
+
+
+def op_times(trace_dir: str) -> tuple[dict[str, list[float]], list[tuple[str, str, int, float]], list[tuple]]:
     """{hlo op: [seconds, calls]} over the trace, from device planes when they carry ops (a GPU), else from host
-    threads (the CPU), and a (plane, line, events, seconds) table of what the trace holds."""
+    threads (the CPU); a (plane, line, events, seconds) table of what the trace holds; and each of those ops'
+    (start ns, end ns, op) intervals, for `concurrency`."""
     from jax.profiler import ProfileData
 
     paths = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))
@@ -175,6 +222,7 @@ def op_times(trace_dir: str) -> tuple[dict[str, list[float]], list[tuple[str, st
         raise SystemExit(f"no trace was written under {trace_dir}")
     data = ProfileData.from_file(paths[-1])
     per_source: dict[bool, dict[str, list[float]]] = {True: {}, False: {}}
+    spans: dict[bool, list[tuple[int, int, str]]] = {True: [], False: []}
     lines = []
     for plane in data.planes:
         on_device = plane.name.startswith("/device:")
@@ -190,16 +238,19 @@ def op_times(trace_dir: str) -> tuple[dict[str, list[float]], list[tuple[str, st
                     slot = per_source[on_device].setdefault(op, [0.0, 0])
                     slot[0] += event.duration_ns * 1e-9
                     slot[1] += 1
+                    spans[on_device].append((event.start_ns, event.start_ns + event.duration_ns, op))
             lines.append((plane.name, line.name, count, total))
-    return per_source[True] or per_source[False], lines
+    on_device = bool(per_source[True])
+    return per_source[on_device], lines, spans[on_device]
 
 
-def analyse(times: dict[str, list[float]], hlo: str, steps: int, top: int) -> dict:
-    """Per-step times by kind, loop and source function, and the `top` slowest ops, from op_times and the HLO."""
+def analyse(times: dict[str, list[float]], hlo: str, steps: int, top: int, spans: list[tuple] = ()) -> dict:
+    """Per-step times by kind, loop and source function, the `top` slowest ops with each matmul's achieved
+    TFLOP/s, and how many ops ran at once, from op_times and the HLO."""
     computations, instructions, frames = parse_hlo(hlo)
     parents = callers(computations)
     per_kind, per_loop, per_source = collections.Counter(), collections.Counter(), collections.Counter()
-    rows = []
+    rows, kinds, matmul_flops = [], {}, 0
     for op, (seconds, calls) in times.items():
         if op in instructions and instructions[op][2] in ("while", "conditional", "call"):
             continue  # a container: the ops inside it are traced themselves
@@ -209,8 +260,13 @@ def analyse(times: dict[str, list[float]], hlo: str, steps: int, top: int) -> di
         per_loop[loop] += seconds / steps
         per_source[source.split(" (")[0]] += seconds / steps
         shape = instructions[op][1] if op in instructions else "?"
+        kinds[op] = kind
+        flops = dot_flops(op, computations, instructions) * calls if kind == "matmul" else 0
+        matmul_flops += flops
         rows.append({"op": op, "ms": round(1e3 * seconds / steps, 3), "calls": calls / steps, "kind": kind,
-                     "loop": loop, "source": source, "shape": shape[:80]})
+                     "loop": loop, "source": source, "shape": shape[:80],
+                     "tflops": round(flops / seconds / 1e12, 3) if flops and seconds else None})
+    at_once = concurrency(list(spans), kinds, steps)
     loop_sources = {}
     for loop in per_loop:
         inner = loop.split(" > ")[-1].split(" x")[0]
@@ -224,6 +280,11 @@ def analyse(times: dict[str, list[float]], hlo: str, steps: int, top: int) -> di
         "loops_ms": {k: round(1e3 * v, 2) for k, v in per_loop.most_common()},
         "loop_sources": loop_sources,
         "functions_ms": {k: round(1e3 * v, 2) for k, v in per_source.most_common()},
+        "matmul_gflop": round(matmul_flops / steps / 1e9, 2),
+        "matmul_tflops": round(matmul_flops / max(per_kind["matmul"], 1e-12) / 1e12, 3),
+        "matmul_wall_tflops": round(matmul_flops / steps / max(1e-3 * sum(
+            v for k, v in at_once.items() if k.endswith("(matmul)")), 1e-12) / 1e12, 3) if at_once else None,
+        "ops_at_once_ms": at_once,
         "top_ops": rows[:top],
     }
 
@@ -251,7 +312,7 @@ def profile(args: argparse.Namespace) -> dict:
             start = time.perf_counter()
             state = run(state)
             walls.append(time.perf_counter() - start)
-    times, lines = op_times(trace_dir)
+    times, lines, spans = op_times(trace_dir)
     wall = float(np.median(walls))
     out = Path(args.out)
     (out / "step_hlo.txt").write_text(hlo)
@@ -265,7 +326,7 @@ def profile(args: argparse.Namespace) -> dict:
         "remat": args.remat, "attention": args.attention, "logprob_impl": args.logprob_impl,
         "overrides": args.override, "steps": args.steps, "compile_s": round(compile_s, 1),
         "wall_ms": round(1e3 * wall, 2), "model_tflops": round(model_flops_per_step(model, args) / wall / 1e12, 1),
-        **analyse(times, hlo, args.steps, args.top),
+        **analyse(times, hlo, args.steps, args.top, spans),
         "trace_lines": [{"plane": p, "line": n, "events": c, "ms": round(1e3 * s, 1)} for p, n, c, s in lines
                         if c],
     }
@@ -279,10 +340,10 @@ def reread(folder: Path, top: int) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             with gzip.open(folder / "trace.xplane.pb.gz", "rb") as src, open(f"{tmp}/t.xplane.pb", "wb") as dst:
                 shutil.copyfileobj(src, dst)
-            times, _ = op_times(tmp)
+            times, _, spans = op_times(tmp)
     except (OSError, ValueError) as e:
         raise SystemExit(f"--from {folder}: {e}") from None
-    return {**summary, **analyse(times, hlo, summary.get("steps", 3), top)}
+    return {**summary, **analyse(times, hlo, summary.get("steps", 3), top, spans)}
 
 
 def report(summary: dict) -> str:
@@ -294,13 +355,17 @@ def report(summary: dict) -> str:
              f"{summary['remat']}, {summary['model_tflops']} model TFLOP/s; step {wall:.1f} ms wall, ops busy "
              f"{busy:.1f} ms ({busy / wall:.0%} of wall)", "", "kind          ms/step  share"]
     lines += [f"{k:<12}{v:9.2f}  {v / busy:5.1%}" for k, v in summary["kinds_ms"].items()]
+    lines += ["", f"matmuls: {summary['matmul_gflop']:.1f} GFLOP a step, {summary['matmul_tflops']:.3f} TFLOP/s over "
+              f"their summed times, {summary['matmul_wall_tflops'] or 0:.3f} over the wall time while one runs",
+              "ops at once, wall ms/step: " + ", ".join(f"{k} {v:.1f}" for k, v in summary["ops_at_once_ms"].items())]
     lines += ["", f"{'loop (outermost first)':<44}ms/step  share  the innermost loop's source"]
     lines += [f"{k[:43]:<44}{v:7.2f}  {v / busy:5.1%}  {summary['loop_sources'][k]}"
               for k, v in summary["loops_ms"].items()]
     lines += ["", "function (innermost)            ms/step  share"]
     lines += [f"{k[:31]:<32}{v:7.2f}  {v / busy:5.1%}" for k, v in list(summary["functions_ms"].items())[:15]]
-    lines += ["", f"{'op':<30}{'ms/step':>8}{'calls':>6}  {'kind':<12}{'source':<40}shape"]
-    lines += [f"{r['op'][:29]:<30}{r['ms']:8.3f}{r['calls']:6.0f}  {r['kind']:<12}{r['source'][:39]:<40}{r['shape']}"
+    lines += ["", f"{'op':<30}{'ms/step':>8}{'calls':>6}  {'kind':<12}{'TFLOP/s':>8}  {'source':<40}shape"]
+    lines += [f"{r['op'][:29]:<30}{r['ms']:8.3f}{r['calls']:6.0f}  {r['kind']:<12}"
+              f"{'' if r.get('tflops') is None else format(r['tflops'], '.3f'):>8}  {r['source'][:39]:<40}{r['shape']}"
               for r in summary["top_ops"]]
     return "\n".join(lines)
 

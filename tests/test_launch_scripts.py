@@ -32,11 +32,45 @@ def test_profile_step_accounts_the_step_by_kind_and_loop_and_rereads_it(tmp_path
     assert {loop.endswith("x2") for loop in layer_loops} == {True}  # two layers: the scan runs twice
     assert any(summary["loop_sources"][loop].endswith("backward") for loop in layer_loops)
     assert "kind" in run.stdout and "loop (outermost first)" in run.stdout
+    # The matmuls do at least the model's useful work (remat full recomputes the forward's on top of it).
+    from orchestra_jax.models.transformer_config import get_preset
+    assert summary["matmul_gflop"] >= get_preset("qwen3-tiny").train_flops_per_token(32) * 2 * 32 / 1e9
+    assert any(r["tflops"] for r in summary["top_ops"] if r["kind"] == "matmul")
+    traced_span = sum(summary["ops_at_once_ms"].values())
+    assert summary["busy_ms"] * 0.99 <= sum(int(k.split()[0]) * v for k, v in summary["ops_at_once_ms"].items())
+    assert traced_span <= summary["wall_ms"] * 1.01
 
     again = subprocess.run([sys.executable, str(LAUNCH / "profile_step.py"), "--from", str(out)],
                            capture_output=True, text=True, timeout=120, env=os.environ.copy())
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"ops busy {summary['busy_ms']:.1f} ms" in again.stdout
+
+
+def test_dot_flops_reads_dots_fusions_and_cublas_calls_and_concurrency_splits_the_wall():
+    profile = _module("profile_step")
+    hlo = """HloModule m
+%fused_computation (param_0: bf16[8,3,192,64], param_1: bf16[8,3,64,256]) -> f32[8,3,192,256] {
+  %param_0 = bf16[8,3,192,64]{3,2,1,0} parameter(0)
+  %param_1 = bf16[8,3,64,256]{3,2,1,0} parameter(1)
+  ROOT %dot.1 = f32[8,3,192,256]{3,2,1,0} dot(%param_0, %param_1), lhs_batch_dims={0,1}, lhs_contracting_dims={3}, rhs_batch_dims={0,1}, rhs_contracting_dims={2}
+}
+ENTRY %main (a: bf16[8,3,192,64], b: bf16[8,3,64,256], w: bf16[2048,576]) -> f32[1] {
+  %a = bf16[8,3,192,64]{3,2,1,0} parameter(0)
+  %b = bf16[8,3,64,256]{3,2,1,0} parameter(1)
+  %w = bf16[2048,576]{1,0} parameter(2)
+  %fusion.7 = f32[8,3,192,256]{3,2,1,0} fusion(%a, %b), kind=kCustom, calls=%fused_computation
+  %custom-call.2 = (f32[576,576]{1,0}, s8[1024]{0}) custom-call(%w, %w), custom_call_target="__cublas$lt$matmul", backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["0"],"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]}}}
+}
+"""
+    computations, instructions, _ = profile.parse_hlo(hlo)
+    assert profile.dot_flops("fusion.7", computations, instructions) == 2 * 8 * 3 * 192 * 256 * 64
+    assert profile.dot_flops("custom-call.2", computations, instructions) == 2 * 576 * 576 * 2048
+    assert profile.dot_flops("a", computations, instructions) == 0
+
+    # Two threads: a matmul alone 0-4 ms, beside an add 4-6 ms, nothing 6-7 ms, the add alone 7-9 ms.
+    spans = [(0, 6_000_000, "mm"), (4_000_000, 6_000_000, "add"), (7_000_000, 9_000_000, "add")]
+    at_once = profile.concurrency(spans, {"mm": "matmul", "add": "elementwise"}, steps=1)
+    assert at_once == {"0": 1.0, "1 (matmul)": 4.0, "1 (other)": 2.0, "2 (matmul)": 2.0}
 
 
 def test_profile_step_from_a_missing_folder_is_one_line(tmp_path):
