@@ -6,6 +6,7 @@
 #
 #   bash launch/gpu_session.sh [SECONDS] [OUT_DIR]      # SECONDS: the whole script's budget (default 400)
 #   git archive -o base.tar BASE_COMMIT orchestra_jax kernels   # first, for side-by-side timings (BASE_TAR)
+#   SMOKE=1 bash launch/gpu_session.sh 600 OUT_DIR       # on a CPU: every stage on the tiny model, small shapes
 #
 # It runs from the repository root on a machine whose Python already has a CUDA jax, flax and optax (the
 # device image has jax 0.11.2; pyproject pins 0.10.2 for CPU CI, so the package is put on PYTHONPATH as a copy
@@ -17,7 +18,15 @@
 set -u
 budget=${1:-400}
 out=${2:-${OUT:-/tmp/gpu_session}}
-logs=/tmp/gpu_session_logs
+work=${GPU_SESSION_WORK:-/tmp}  # scratch: the package copy and the logs
+logs=$work/gpu_session_logs
+if [ -n "${SMOKE:-}" ]; then  # a check of this script on any machine, before device time is spent on it
+  m06=qwen3-tiny m17=qwen3-tiny
+  shape=(--batch 2 --seq-len 64) bench_quick=(--steps 1 --matmul-n 256) profile_quick=(--steps 1 --warmup 1)
+else
+  m06=qwen3-0.6b m17=qwen3-1.7b
+  shape=() bench_quick=() profile_quick=()
+fi
 rm -rf "$logs" && mkdir -p "$out" "$logs"
 start=$(date +%s)
 left() { echo $((budget - ($(date +%s) - start))); }
@@ -37,9 +46,10 @@ print(sys.version.split()[0], 'jax', jax.__version__, 'flax', flax.__version__, 
       'cudnn', c.cudnn_get_version() if c else None, jax.devices())" 2>&1
 } | tee "$logs/env.log"
 
-rm -rf /tmp/pkg && mkdir -p /tmp/pkg && cp -r orchestra_jax /tmp/pkg/ && rm -rf /tmp/pkg/orchestra_jax/kernels \
-  && cp -r kernels /tmp/pkg/orchestra_jax/kernels || exit 1
-export PYTHONPATH=/tmp/pkg
+pkg=$work/pkg
+rm -rf "$pkg" && mkdir -p "$pkg" && cp -r orchestra_jax "$pkg/" && rm -rf "$pkg/orchestra_jax/kernels" \
+  && cp -r kernels "$pkg/orchestra_jax/kernels" || exit 1
+export PYTHONPATH=$pkg
 base_tar=${BASE_TAR:-base.tar}
 
 stage() {  # stage NAME RESERVE COMMAND...: run with the time left minus RESERVE, log it; returns its exit code
@@ -68,19 +78,17 @@ echo "== attention for the timings: ${attention[*]}" | tee -a "$logs/summary.log
 # Each 0.6B process spends 45-55 s compiling (H100, session 15): a stage needs about 75 s. Stages that finish
 # early leave their time to the later ones; the last ones are skipped when the budget runs out.
 switch=(--override orchestra_jax.rl.train_step.HOST_ATTENTION_LAYOUT=False)  # the call picked on the device
-stage train_06 $((budget * 72 / 100)) python3 launch/gpu_train_bench.py "${attention[@]}" --models qwen3-0.6b
-stage train_06_switch $((budget * 55 / 100)) python3 launch/gpu_train_bench.py "${attention[@]}" --models qwen3-0.6b \
-  "${switch[@]}"
-stage train_06_dots $((budget * 30 / 100)) python3 launch/gpu_train_bench.py "${attention[@]}" --models qwen3-0.6b \
-  --remat dots
-stage train_17 0 python3 launch/gpu_train_bench.py "${attention[@]}" --models qwen3-1.7b --remat dots
-stage profile_06 0 python3 launch/profile_step.py --model qwen3-0.6b --out "$logs/profile_06" --top 40 \
-  "${attention[@]}"
+bench=(python3 launch/gpu_train_bench.py "${attention[@]}" "${shape[@]}" "${bench_quick[@]}")
+stage train_06 $((budget * 72 / 100)) "${bench[@]}" --models "$m06"
+stage train_06_switch $((budget * 55 / 100)) "${bench[@]}" --models "$m06" "${switch[@]}"
+stage train_06_dots $((budget * 30 / 100)) "${bench[@]}" --models "$m06" --remat dots
+stage train_17 0 "${bench[@]}" --models "$m17" --remat dots
+stage profile_06 0 python3 launch/profile_step.py --model "$m06" --out "$logs/profile_06" --top 40 \
+  "${attention[@]}" "${shape[@]}" "${profile_quick[@]}"
 [ -f "$base_tar" ] && stage compare_base 0 python3 launch/compare_code.py "$base_tar" --rounds 1 -- \
-  "${attention[@]}" --models qwen3-0.6b  # the baseline's step and this tree's, one process after the other
-stage four_per_row 0 python3 launch/gpu_train_bench.py "${attention[@]}" --models qwen3-0.6b --samples-per-row 4
-stage four_per_row_switch 0 python3 launch/gpu_train_bench.py "${attention[@]}" --models qwen3-0.6b \
-  --samples-per-row 4 "${switch[@]}"
+  "${attention[@]}" "${shape[@]}" "${bench_quick[@]}" --models "$m06"  # the baseline's step, then this tree's
+stage four_per_row 0 "${bench[@]}" --models "$m06" --samples-per-row 4
+stage four_per_row_switch 0 "${bench[@]}" --models "$m06" --samples-per-row 4 "${switch[@]}"
 
 echo "== summary"
 cat "$logs/summary.log"

@@ -130,3 +130,31 @@ def test_compare_code_times_two_codes_in_turn_and_names_a_bad_base(tmp_path):
                          capture_output=True, text=True, timeout=120, env=os.environ.copy())
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().startswith("BASE 'no-such-rev'") and len(bad.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_gpu_session_script_runs_every_stage_on_the_cpu_in_smoke_mode(tmp_path):
+    """SMOKE=1: the lent-device script end to end on the tiny model, so an error in it costs no device time.
+    Without a GPU its cuDNN tests fail and the timings fall back to the XLA attention."""
+    import tarfile
+
+    root = LAUNCH.parent
+    base = tmp_path / "base.tar"
+    with tarfile.open(base, "w") as tar:
+        for name in ("orchestra_jax", "kernels"):
+            tar.add(root / name, arcname=name, filter=lambda info: None if "__pycache__" in info.name else info)
+    out = tmp_path / "out"
+    env = {**os.environ, "SMOKE": "1", "GPU_SESSION_WORK": str(tmp_path / "work"), "BASE_TAR": str(base),
+           "XLA_FLAGS": ""}
+    run = subprocess.run(["bash", str(LAUNCH / "gpu_session.sh"), "900", str(out)], cwd=root, capture_output=True,
+                         text=True, timeout=1200, env=env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    summary = (out / "summary.log").read_text()
+    stages = ["train_06", "train_06_switch", "train_06_dots", "train_17", "profile_06", "compare_base",
+              "four_per_row", "four_per_row_switch"]
+    assert "== attention for the timings: --attention xla" in summary
+    for stage in stages:
+        assert f"== {stage}: exit 0" in summary, summary
+    with tarfile.open(out / "gpu_session.tgz") as tar:
+        names = set(tar.getnames())
+    assert {f"./{stage}.log" for stage in stages} <= names and "./profile_06/summary.json" in names
