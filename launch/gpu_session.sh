@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One lent-GPU session in one command: environment, the GPU attention parity tests, the train-step MFU benchmark
-# (Qwen3-0.6B/1.7B shapes), the 0.6B step with cuDNN's attention call picked on the device instead of the host
-# and on a baseline commit's code when one is given, remat "dots", a per-op profile of the 0.6B step, rows of
-# four packed samples.
+# (Qwen3-0.6B/1.7B shapes, remat dots) with the 0.6B step's cuDNN attention call picked on the host and, in turns
+# in the same process, on the device; a per-op profile of the 0.6B step; rows of four packed samples both ways;
+# a baseline commit's 0.6B step when one is given; the 0.6B step with remat full.
 #
 #   bash launch/gpu_session.sh [SECONDS] [OUT_DIR]      # SECONDS: the whole script's budget (default 400)
 #   git archive -o base.tar BASE_COMMIT orchestra_jax kernels   # first, for side-by-side timings (BASE_TAR)
@@ -75,20 +75,20 @@ if ! grep -q "PASSED.*cudnn-packed-bf16" "$logs/gpu_tests.log" \
 fi
 echo "== attention for the timings: ${attention[*]}" | tee -a "$logs/summary.log"
 
-# Each 0.6B process spends 45-55 s compiling (H100, session 15): a stage needs about 75 s. Stages that finish
-# early leave their time to the later ones; the last ones are skipped when the budget runs out.
-switch=(--override orchestra_jax.rl.train_step.HOST_ATTENTION_LAYOUT=False)  # the call picked on the device
-bench=(python3 launch/gpu_train_bench.py "${attention[@]}" "${shape[@]}" "${bench_quick[@]}")
-stage train_06 $((budget * 72 / 100)) "${bench[@]}" --models "$m06"
-stage train_06_switch $((budget * 55 / 100)) "${bench[@]}" --models "$m06" "${switch[@]}"
-stage train_06_dots $((budget * 30 / 100)) "${bench[@]}" --models "$m06" --remat dots
-stage train_17 0 "${bench[@]}" --models "$m17" --remat dots
-stage profile_06 0 python3 launch/profile_step.py --model "$m06" --out "$logs/profile_06" --top 40 \
+# Each 0.6B process spends 45-55 s compiling (H100, session 15): a stage needs about 75 s, one with --versus
+# (two steps compiled, timed in turns in one process) about 130 s. Stages that finish early leave their time to
+# the later ones; the last ones are skipped when the budget runs out. Remat dots: the best 0.6B figure so far.
+switch=(--versus orchestra_jax.rl.train_step.HOST_ATTENTION_LAYOUT=False)  # the call picked on the device
+bench=(python3 launch/gpu_train_bench.py "${attention[@]}" "${shape[@]}" "${bench_quick[@]}" --remat dots)
+stage train_06 $((budget * 45 / 100)) "${bench[@]}" --models "$m06" --steps 6 "${switch[@]}"
+stage train_17 $((budget * 25 / 100)) "${bench[@]}" --models "$m17"
+stage profile_06 0 python3 launch/profile_step.py --model "$m06" --out "$logs/profile_06" --top 40 --remat dots \
   "${attention[@]}" "${shape[@]}" "${profile_quick[@]}"
+stage four_per_row 0 "${bench[@]}" --models "$m06" --samples-per-row 4 --steps 6 "${switch[@]}"
 [ -f "$base_tar" ] && stage compare_base 0 python3 launch/compare_code.py "$base_tar" --rounds 1 -- \
-  "${attention[@]}" "${shape[@]}" "${bench_quick[@]}" --models "$m06"  # the baseline's step, then this tree's
-stage four_per_row 0 "${bench[@]}" --models "$m06" --samples-per-row 4
-stage four_per_row_switch 0 "${bench[@]}" --models "$m06" --samples-per-row 4 "${switch[@]}"
+  "${attention[@]}" "${shape[@]}" "${bench_quick[@]}" --remat dots --models "$m06"  # the baseline, then this tree
+stage train_06_full 0 python3 launch/gpu_train_bench.py "${attention[@]}" "${shape[@]}" "${bench_quick[@]}" \
+  --models "$m06"  # remat full, the default
 
 echo "== summary"
 cat "$logs/summary.log"

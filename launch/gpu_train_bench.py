@@ -2,12 +2,15 @@
 
     python launch/gpu_train_bench.py [--models qwen3-0.6b qwen3-1.7b] [--batch 8] [--seq-len 2048] [--steps 5]
     python launch/gpu_train_bench.py --models qwen3-0.6b --override MODULE.CONSTANT=VALUE   # a what-if run
+    python launch/gpu_train_bench.py --models qwen3-0.6b --versus MODULE.CONSTANT=VALUE     # both, in turns
 
 The step is the RL train step the trainer runs (GRPO loss, AdamW, fp32 params with bf16 compute, full remat by
 default), with the trainer's choices of attention (cuDNN on a GPU) and log-prob path (the chunked XLA reference);
 the flags swap each for the alternatives. In the same run it measures the matmul ceiling: a bf16
 [n, n] x [n, n] matmul's achieved FLOP/s. It prints one JSON line per model with tokens/s, model FLOP/s,
-MFU against that measured ceiling and against the card's dense bf16 peak (when the card is known).
+MFU against that measured ceiling and against the card's dense bf16 peak (when the card is known). With
+--versus the same process also builds the step with those constants set and times the two step by step in
+turns, the order flipping every pair; the row adds that step's time and the median ratio over the pairs.
 
 FLOPs per trained token: TransformerConfig.train_flops_per_token (6 x the matmul params + causal attention,
 PaLM's accounting). Remat recomputation is not counted as useful work (MFU, not HFU).
@@ -42,9 +45,11 @@ def matmul_ceiling(n: int = 8192, repeats: int = 20) -> float:
     return matmul_flops(n, "bfloat16", repeats)
 
 
-def apply_overrides(overrides: list[str]) -> None:
+def apply_overrides(overrides: list[str]) -> list[tuple]:
     """Set module constants for a what-if run, e.g. `orchestra_jax.kernels.logprob_reference.CHUNK_ELEMENTS=
-    67108864`; each is checked to exist, and the values are Python literals."""
+    67108864`; each is checked to exist, and the values are Python literals. Returns what `restore` needs to
+    put the old values back."""
+    previous = []
     for item in overrides:
         target, _, value = item.partition("=")
         module_name, _, attr = target.rpartition(".")
@@ -52,9 +57,18 @@ def apply_overrides(overrides: list[str]) -> None:
             module = importlib.import_module(module_name)
             if not hasattr(module, attr) or not value:
                 raise AttributeError(f"{module_name} has no constant {attr}")
-            setattr(module, attr, ast.literal_eval(value))
+            new = ast.literal_eval(value)
         except (ImportError, AttributeError, ValueError, SyntaxError) as e:
+            restore(previous)
             raise SystemExit(f"--override {item!r}: {e}") from None
+        previous.append((module, attr, getattr(module, attr)))
+        setattr(module, attr, new)
+    return previous
+
+
+def restore(previous: list[tuple]) -> None:
+    for module, attr, value in reversed(previous):
+        setattr(module, attr, value)
 
 
 def build(name: str, args: argparse.Namespace):
@@ -87,19 +101,43 @@ def model_flops_per_step(model, args: argparse.Namespace) -> float:
     return model.train_flops_per_token(args.seq_len // args.samples_per_row) * trained_tokens(args)
 
 
-def bench(name: str, args: argparse.Namespace, ceiling: float, peak: float | None) -> dict:
-    model, step, state, batch = build(name, args)
+def _timed(step, state, batch) -> tuple:
     start = time.perf_counter()
-    state, metrics = step(state, batch)  # compile + first step
-    compile_s = time.perf_counter() - start
+    state, metrics = step(state, batch)  # returns floats: the device work is finished
+    return state, metrics, time.perf_counter() - start
+
+
+def bench(name: str, args: argparse.Namespace, ceiling: float, peak: float | None) -> dict:
+    """One model's row. With --versus, a second step built and compiled under those overrides takes turns with
+    this one, step by step, and the row adds its step time and the median over pairs of this / that."""
+    model, step, state, batch = build(name, args)
+    state, metrics, compile_s = _timed(step, state, batch)  # compile + first step
+    versus = None
+    if args.versus:
+        previous = apply_overrides(args.versus)  # on while the step is built and traced
+        try:
+            _, other_step, other_state, _ = build(name, args)
+            other_state, _, _ = _timed(other_step, other_state, batch)
+        finally:
+            restore(previous)
+        versus = []
     times = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        state, metrics = step(state, batch)  # returns floats: the device work is finished
-        times.append(time.perf_counter() - start)
+    for i in range(args.steps):
+        if versus is not None and i % 2:  # the order flips every pair
+            other_state, other_metrics, other_s = _timed(other_step, other_state, batch)
+        state, metrics, seconds = _timed(step, state, batch)
+        times.append(seconds)
+        if versus is not None and not i % 2:
+            other_state, other_metrics, other_s = _timed(other_step, other_state, batch)
+        if versus is not None:
+            versus.append(other_s)
     step_s = float(np.median(times))
     tokens = trained_tokens(args)
     model_flops = model_flops_per_step(model, args) / step_s
+    extra = {} if versus is None else {
+        "versus": args.versus, "versus_step_s": round(float(np.median(versus)), 4),
+        "versus_speedup": round(float(np.median(np.array(times) / np.array(versus))), 3),
+        "versus_loss_finite": bool(np.isfinite(other_metrics["loss"]))}
     return {
         "model": name, "params": model.num_params(), "device": jax.devices()[0].device_kind,
         "batch": args.batch, "micro_batches": args.micro_batches, "seq_len": args.seq_len,
@@ -109,7 +147,7 @@ def bench(name: str, args: argparse.Namespace, ceiling: float, peak: float | Non
         "model_tflops": round(model_flops / 1e12, 1), "matmul_ceiling_tflops": round(ceiling / 1e12, 1),
         "mfu_vs_measured_ceiling": round(model_flops / ceiling, 3),
         "mfu_vs_spec_peak": round(model_flops / peak, 3) if peak else None,
-        "loss_finite": bool(np.isfinite(metrics["loss"])), "skipped": metrics["skipped"],
+        "loss_finite": bool(np.isfinite(metrics["loss"])), "skipped": metrics["skipped"], **extra,
     }
 
 
@@ -131,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=["qwen3-0.6b", "qwen3-1.7b"])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--matmul-n", type=int, default=8192)
+    parser.add_argument("--versus", action="append", default=[], metavar="MODULE.CONSTANT=VALUE",
+                        help="also build the step with this constant set, and time the two in turns (repeatable)")
     add_step_args(parser)
     args = parser.parse_args(argv)
     apply_overrides(args.override)

@@ -93,6 +93,27 @@ def test_override_sets_a_module_constant_and_names_a_missing_one(monkeypatch):
         bench.apply_overrides(["orchestra_jax.kernels.logprob_reference.CHUNK_ELEMENTS=x+"])
 
 
+def test_versus_builds_a_second_step_under_its_overrides_times_both_and_restores_them(monkeypatch, capsys):
+    bench = _module("gpu_train_bench")
+    from orchestra_jax.models import transformer
+
+    blocks_at_build = []
+    real_build = bench.build
+
+    def spy(name, args):
+        blocks_at_build.append(transformer.CPU_CAUSAL_BLOCK)
+        return real_build(name, args)
+
+    monkeypatch.setattr(bench, "build", spy)
+    before = transformer.CPU_CAUSAL_BLOCK
+    bench.main(["--models", "qwen3-tiny", "--batch", "2", "--seq-len", "64", "--steps", "4", "--matmul-n", "128",
+                "--versus", f"orchestra_jax.models.transformer.CPU_CAUSAL_BLOCK={before // 4}"])
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert blocks_at_build == [before, before // 4] and transformer.CPU_CAUSAL_BLOCK == before
+    assert row["versus_step_s"] > 0 and row["versus_speedup"] > 0 and row["versus_loss_finite"]
+    assert row["versus"] == [f"orchestra_jax.models.transformer.CPU_CAUSAL_BLOCK={before // 4}"]
+
+
 def test_bench_rows_hold_the_asked_number_of_packed_samples():
     bench = _module("gpu_train_bench")
     import argparse
@@ -150,11 +171,12 @@ def test_gpu_session_script_runs_every_stage_on_the_cpu_in_smoke_mode(tmp_path):
                          text=True, timeout=1200, env=env)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     summary = (out / "summary.log").read_text()
-    stages = ["train_06", "train_06_switch", "train_06_dots", "train_17", "profile_06", "compare_base",
-              "four_per_row", "four_per_row_switch"]
+    stages = ["train_06", "train_17", "profile_06", "four_per_row", "compare_base", "train_06_full"]
     assert "== attention for the timings: --attention xla" in summary
     for stage in stages:
         assert f"== {stage}: exit 0" in summary, summary
     with tarfile.open(out / "gpu_session.tgz") as tar:
         names = set(tar.getnames())
     assert {f"./{stage}.log" for stage in stages} <= names and "./profile_06/summary.json" in names
+    pair = json.loads((tmp_path / "work" / "gpu_session_logs" / "train_06.log").read_text().splitlines()[-1])
+    assert pair["remat"] == "dots" and pair["versus_step_s"] > 0
