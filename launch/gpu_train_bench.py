@@ -41,8 +41,9 @@ from orchestra_jax.rl.train_step import StepSettings, make_train_step
 
 
 def matmul_ceiling(n: int = 8192, repeats: int = 20) -> float:
-    """Achieved FLOP/s of a bf16 n x n x n matmul on this device (best of `repeats` timed calls)."""
-    return matmul_flops(n, "bfloat16", repeats)
+    """Achieved FLOP/s of a bf16 n x n x n matmul on this device (best of `repeats` timed calls). On the CPU its
+    output is f32, as in the step's matmuls: XLA's CPU accumulates a bf16-output matmul in bf16, at half speed."""
+    return matmul_flops(n, "bfloat16", repeats, out_dtype="float32" if jax.default_backend() == "cpu" else None)
 
 
 def apply_overrides(overrides: list[str]) -> list[tuple]:
