@@ -113,32 +113,29 @@ def bench(name: str, args: argparse.Namespace, ceiling: float, peak: float | Non
     this one, step by step, and the row adds its step time and the median over pairs of this / that."""
     model, step, state, batch = build(name, args)
     state, metrics, compile_s = _timed(step, state, batch)  # compile + first step
-    versus = None
+    sides = {"this": [step, state, metrics, []]}  # step, state, last metrics, step times
     if args.versus:
         previous = apply_overrides(args.versus)  # on while the step is built and traced
         try:
             _, other_step, other_state, _ = build(name, args)
-            other_state, _, _ = _timed(other_step, other_state, batch)
+            sides["versus"] = [other_step, *_timed(other_step, other_state, batch)[:2], []]
         finally:
             restore(previous)
-        versus = []
-    times = []
     for i in range(args.steps):
-        if versus is not None and i % 2:  # the order flips every pair
-            other_state, other_metrics, other_s = _timed(other_step, other_state, batch)
-        state, metrics, seconds = _timed(step, state, batch)
-        times.append(seconds)
-        if versus is not None and not i % 2:
-            other_state, other_metrics, other_s = _timed(other_step, other_state, batch)
-        if versus is not None:
-            versus.append(other_s)
+        for side in (list(sides) if i % 2 == 0 else list(sides)[::-1]):  # the order flips every pair
+            run = sides[side]
+            run[1], run[2], seconds = _timed(run[0], run[1], batch)
+            run[3].append(seconds)
+    times, metrics = sides["this"][3], sides["this"][2]
     step_s = float(np.median(times))
     tokens = trained_tokens(args)
     model_flops = model_flops_per_step(model, args) / step_s
-    extra = {} if versus is None else {
-        "versus": args.versus, "versus_step_s": round(float(np.median(versus)), 4),
-        "versus_speedup": round(float(np.median(np.array(times) / np.array(versus))), 3),
-        "versus_loss_finite": bool(np.isfinite(other_metrics["loss"]))}
+    extra = {}
+    if args.versus:
+        _, _, other_metrics, other_times = sides["versus"]
+        extra = {"versus": args.versus, "versus_step_s": round(float(np.median(other_times)), 4),
+                 "versus_speedup": round(float(np.median(np.array(times) / np.array(other_times))), 3),
+                 "versus_loss_finite": bool(np.isfinite(other_metrics["loss"]))}
     return {
         "model": name, "params": model.num_params(), "device": jax.devices()[0].device_kind,
         "batch": args.batch, "micro_batches": args.micro_batches, "seq_len": args.seq_len,
