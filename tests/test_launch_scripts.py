@@ -19,6 +19,17 @@ def _module(name: str):
     return module
 
 
+def _tar_of_this_tree(path: pathlib.Path) -> pathlib.Path:
+    """A compare_code.py BASE: this tree's orchestra_jax/ and kernels/."""
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name in ("orchestra_jax", "kernels"):
+            tar.add(LAUNCH.parent / name, arcname=name,
+                    filter=lambda info: None if "__pycache__" in info.name else info)
+    return path
+
+
 def test_profile_step_accounts_the_step_by_kind_and_loop_and_rereads_it(tmp_path):
     out = tmp_path / "prof"
     flags = ["--model", "qwen3-tiny", "--batch", "2", "--seq-len", "32", "--steps", "1", "--warmup", "1"]
@@ -130,13 +141,7 @@ def test_bench_rows_hold_the_asked_number_of_packed_samples():
 
 def test_compare_code_times_two_codes_in_turn_and_names_a_bad_base(tmp_path):
     """This tree against a tar of itself: one round, each code in its own process."""
-    import tarfile
-
-    root = LAUNCH.parent
-    base = tmp_path / "base.tar"
-    with tarfile.open(base, "w") as tar:
-        for name in ("orchestra_jax", "kernels"):
-            tar.add(root / name, arcname=name, filter=lambda info: None if "__pycache__" in info.name else info)
+    base = _tar_of_this_tree(tmp_path / "base.tar")
     flags = ["--models", "qwen3-tiny", "--batch", "2", "--seq-len", "32", "--steps", "1", "--matmul-n", "128"]
     run = subprocess.run([sys.executable, str(LAUNCH / "compare_code.py"), str(base), "--rounds", "1", "--", *flags],
                          capture_output=True, text=True, timeout=600, env=os.environ.copy())
@@ -160,10 +165,7 @@ def test_gpu_session_script_runs_every_stage_on_the_cpu_in_smoke_mode(tmp_path):
     import tarfile
 
     root = LAUNCH.parent
-    base = tmp_path / "base.tar"
-    with tarfile.open(base, "w") as tar:
-        for name in ("orchestra_jax", "kernels"):
-            tar.add(root / name, arcname=name, filter=lambda info: None if "__pycache__" in info.name else info)
+    base = _tar_of_this_tree(tmp_path / "base.tar")
     out = tmp_path / "out"
     env = {**os.environ, "SMOKE": "1", "GPU_SESSION_WORK": str(tmp_path / "work"), "BASE_TAR": str(base),
            "XLA_FLAGS": ""}
