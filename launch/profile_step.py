@@ -355,8 +355,9 @@ def report(summary: dict) -> str:
              f"{summary['remat']}, {summary['model_tflops']} model TFLOP/s; step {wall:.1f} ms wall, ops busy "
              f"{busy:.1f} ms ({busy / wall:.0%} of wall)", "", "kind          ms/step  share"]
     lines += [f"{k:<12}{v:9.2f}  {v / busy:5.1%}" for k, v in summary["kinds_ms"].items()]
+    wall_rate = summary["matmul_wall_tflops"]
     lines += ["", f"matmuls: {summary['matmul_gflop']:.1f} GFLOP a step, {summary['matmul_tflops']:.3f} TFLOP/s over "
-              f"their summed times, {summary['matmul_wall_tflops'] or 0:.3f} over the wall time while one runs",
+              "their summed times" + (f", {wall_rate:.3f} over the wall time while one runs" if wall_rate else ""),
               "ops at once, wall ms/step: " + ", ".join(f"{k} {v:.1f}" for k, v in summary["ops_at_once_ms"].items())]
     lines += ["", f"{'loop (outermost first)':<44}ms/step  share  the innermost loop's source"]
     lines += [f"{k[:43]:<44}{v:7.2f}  {v / busy:5.1%}  {summary['loop_sources'][k]}"
