@@ -420,7 +420,7 @@ def _library_attention(q_BTNH, k_BTKH, v_BTKH, segments_BT, implementation: str,
     if layout is None:
         out_BTNH = jax.lax.switch(packed_layout(segments_BT, offsets), branches, q_BTNH, k_BTKH, v_BTKH,
                                   segments_BT)
-    else:
+    else:  # a layout found for the offsets' three calls maps 2 onto the dense mask here, exact for any batch
         out_BTNH = branches[min(layout, len(branches) - 1)](q_BTNH, k_BTKH, v_BTKH, segments_BT)
     return out_BTNH[:, :t]
 
