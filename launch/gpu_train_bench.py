@@ -8,9 +8,11 @@ The step is the RL train step the trainer runs (GRPO loss, AdamW, fp32 params wi
 default), with the trainer's choices of attention (cuDNN on a GPU) and log-prob path (the chunked XLA reference);
 the flags swap each for the alternatives. In the same run it measures the matmul ceiling: a bf16
 [n, n] x [n, n] matmul's achieved FLOP/s. It prints one JSON line per model with tokens/s, model FLOP/s,
-MFU against that measured ceiling and against the card's dense bf16 peak (when the card is known). With
---versus the same process also builds the step with those constants set and times the two step by step in
-turns, the order flipping every pair; the row adds that step's time and the median ratio over the pairs.
+MFU against that measured ceiling and against the card's dense bf16 peak (when the card is known), and the
+process's kernel seconds and minor page faults per step (medians; on the CPU each step faults in the fresh
+temporary buffer XLA maps for it). With --versus the same process also builds the step with those constants
+set and times the two step by step in turns, the order flipping every pair; the row adds that step's time and
+the median ratio over the pairs.
 
 FLOPs per trained token: TransformerConfig.train_flops_per_token (6 x the matmul params + causal attention,
 PaLM's accounting). Remat recomputation is not counted as useful work (MFU, not HFU).
@@ -22,6 +24,7 @@ import argparse
 import ast
 import importlib
 import json
+import resource
 import sys
 import time
 
@@ -103,36 +106,42 @@ def model_flops_per_step(model, args: argparse.Namespace) -> float:
 
 
 def _timed(step, state, batch) -> tuple:
+    """(state, metrics, seconds, (kernel seconds, minor page faults)): the last two are the process's own while
+    the step ran. On the CPU, XLA maps its temporary buffer afresh at every step, and each page is faulted in."""
+    before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     state, metrics = step(state, batch)  # returns floats: the device work is finished
-    return state, metrics, time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return state, metrics, seconds, (after.ru_stime - before.ru_stime, after.ru_minflt - before.ru_minflt)
 
 
 def bench(name: str, args: argparse.Namespace, ceiling: float, peak: float | None) -> dict:
     """One model's row. With --versus, a second step built and compiled under those overrides takes turns with
     this one, step by step, and the row adds its step time and the median over pairs of this / that."""
     model, step, state, batch = build(name, args)
-    state, metrics, compile_s = _timed(step, state, batch)  # compile + first step
-    sides = {"this": [step, state, metrics, []]}  # step, state, last metrics, step times
+    state, metrics, compile_s, _ = _timed(step, state, batch)  # compile + first step
+    sides = {"this": [step, state, metrics, [], []]}  # step, state, last metrics, step times, kernel use
     if args.versus:
         previous = apply_overrides(args.versus)  # on while the step is built and traced
         try:
             _, other_step, other_state, _ = build(name, args)
-            sides["versus"] = [other_step, *_timed(other_step, other_state, batch)[:2], []]
+            sides["versus"] = [other_step, *_timed(other_step, other_state, batch)[:2], [], []]
         finally:
             restore(previous)
     for i in range(args.steps):
         for side in (list(sides) if i % 2 == 0 else list(sides)[::-1]):  # the order flips every pair
             run = sides[side]
-            run[1], run[2], seconds = _timed(run[0], run[1], batch)
+            run[1], run[2], seconds, kernel = _timed(run[0], run[1], batch)
             run[3].append(seconds)
-    times, metrics = sides["this"][3], sides["this"][2]
+            run[4].append(kernel)
+    _, _, metrics, times, kernel = sides["this"]
     step_s = float(np.median(times))
     tokens = trained_tokens(args)
     model_flops = model_flops_per_step(model, args) / step_s
     extra = {}
     if args.versus:
-        _, _, other_metrics, other_times = sides["versus"]
+        _, _, other_metrics, other_times, _ = sides["versus"]
         extra = {"versus": args.versus, "versus_step_s": round(float(np.median(other_times)), 4),
                  "versus_speedup": round(float(np.median(np.array(times) / np.array(other_times))), 3),
                  "versus_loss_finite": bool(np.isfinite(other_metrics["loss"]))}
@@ -145,7 +154,9 @@ def bench(name: str, args: argparse.Namespace, ceiling: float, peak: float | Non
         "model_tflops": round(model_flops / 1e12, 1), "matmul_ceiling_tflops": round(ceiling / 1e12, 1),
         "mfu_vs_measured_ceiling": round(model_flops / ceiling, 3),
         "mfu_vs_spec_peak": round(model_flops / peak, 3) if peak else None,
-        "loss_finite": bool(np.isfinite(metrics["loss"])), "skipped": metrics["skipped"], **extra,
+        "loss_finite": bool(np.isfinite(metrics["loss"])), "skipped": metrics["skipped"],
+        "kernel_s_per_step": round(float(np.median([k[0] for k in kernel])), 3),
+        "page_faults_per_step": int(np.median([k[1] for k in kernel])), **extra,
     }
 
 
