@@ -121,27 +121,29 @@ def bench(name: str, args: argparse.Namespace, ceiling: float, peak: float | Non
     this one, step by step, and the row adds its step time and the median over pairs of this / that."""
     model, step, state, batch = build(name, args)
     state, metrics, compile_s, _ = _timed(step, state, batch)  # compile + first step
-    sides = {"this": [step, state, metrics, [], []]}  # step, state, last metrics, step times, kernel use
+    sides = {"this": {"step": step, "state": state, "metrics": metrics, "times": [], "kernel": []}}
     if args.versus:
         previous = apply_overrides(args.versus)  # on while the step is built and traced
         try:
             _, other_step, other_state, _ = build(name, args)
-            sides["versus"] = [other_step, *_timed(other_step, other_state, batch)[:2], [], []]
+            other_state, other_metrics = _timed(other_step, other_state, batch)[:2]
+            sides["versus"] = {"step": other_step, "state": other_state, "metrics": other_metrics, "times": [],
+                               "kernel": []}
         finally:
             restore(previous)
     for i in range(args.steps):
         for side in (list(sides) if i % 2 == 0 else list(sides)[::-1]):  # the order flips every pair
             run = sides[side]
-            run[1], run[2], seconds, kernel = _timed(run[0], run[1], batch)
-            run[3].append(seconds)
-            run[4].append(kernel)
-    _, _, metrics, times, kernel = sides["this"]
+            run["state"], run["metrics"], seconds, kernel = _timed(run["step"], run["state"], batch)
+            run["times"].append(seconds)
+            run["kernel"].append(kernel)
+    metrics, times, kernel = sides["this"]["metrics"], sides["this"]["times"], sides["this"]["kernel"]
     step_s = float(np.median(times))
     tokens = trained_tokens(args)
     model_flops = model_flops_per_step(model, args) / step_s
     extra = {}
     if args.versus:
-        _, _, other_metrics, other_times, _ = sides["versus"]
+        other_metrics, other_times = sides["versus"]["metrics"], sides["versus"]["times"]
         extra = {"versus": args.versus, "versus_step_s": round(float(np.median(other_times)), 4),
                  "versus_speedup": round(float(np.median(np.array(times) / np.array(other_times))), 3),
                  "versus_loss_finite": bool(np.isfinite(other_metrics["loss"]))}
