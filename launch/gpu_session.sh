@@ -46,9 +46,9 @@ print(sys.version.split()[0], 'jax', jax.__version__, 'flax', flax.__version__, 
       'cudnn', c.cudnn_get_version() if c else None, jax.devices())" 2>&1
 } | tee "$logs/env.log"
 
-pkg=$work/pkg
-rm -rf "$pkg" && mkdir -p "$pkg" && cp -r orchestra_jax "$pkg/" && rm -rf "$pkg/orchestra_jax/kernels" \
-  && cp -r kernels "$pkg/orchestra_jax/kernels" || exit 1
+pkg=$work/pkg  # the installed layout (kernels/ inside the package), as compare_code.py builds it
+rm -rf "$pkg" && python3 -c "import sys; sys.path.insert(0, 'launch'); from pathlib import Path
+from compare_code import package; package(Path('.'), Path(sys.argv[1]))" "$pkg" || exit 1
 export PYTHONPATH=$pkg
 base_tar=${BASE_TAR:-base.tar}
 
