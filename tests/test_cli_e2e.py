@@ -143,9 +143,12 @@ def test_epochs_and_mini_batches_make_several_updates_per_step(tmp_path):
     from orchestra_jax.runlog import read_scalars
 
     run = tmp_path / "updates"
-    cli("train", "--preset", "test-tiny", "--steps", "1", "--algorithm.mini-batches", "2", "--algorithm.epochs", "2",
-        "--run-dir", str(run), check=True)
+    out = cli("train", "--preset", "test-tiny", "--steps", "1", "--algorithm.mini-batches", "2", "--algorithm.epochs",
+              "2", "--run-dir", str(run), check=True).stdout
     assert read_scalars(run / "tb")["train/updates"] == [(1, 4.0)]
+    # The console's last line says where the run is and how it ended (test-tiny has no progress bar).
+    last = out.strip().splitlines()[-1]
+    assert last.startswith(f"done: step 1 in {run}; last step: accuracy ") and "inspect curves" in last
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -28,6 +29,10 @@ import httpx
 import pydantic
 
 from orchestra_jax.env.catalog import Tool, ToolContext, ToolResult, error_result
+
+# bm25s sets its own logger to DEBUG, so once anything configures the root logger every index build printed
+# "DEBUG:bm25s:Building index from IDs objects" on the console of `orchestra-jax train`.
+logging.getLogger("bm25s").setLevel(logging.WARNING)
 
 
 class CorpusError(ValueError):

@@ -224,6 +224,7 @@ class Trainer:
         tb = TensorBoardLogger(self.run.tensorboard)
         progress = _progress(cfg, start)
         pending = None
+        scalars: dict[str, float] = {}
         try:
             for step in range(start, cfg.steps):
                 t0 = time.perf_counter()
@@ -255,6 +256,7 @@ class Trainer:
                     self.echo(f"SIGTERM: saved step {step + 1}, exiting")
                     return TERMINATED
             checkpointer.wait()
+            self.echo(_finished(self.run, cfg.steps, scalars))
             return 0
         finally:
             if pending is not None:
@@ -353,6 +355,16 @@ def _progress(config: TrainConfig, start: int):
     from tqdm import tqdm
 
     return tqdm(total=config.steps, initial=start, desc="rl", unit="step", dynamic_ncols=True)
+
+
+def _finished(run: RunDir, steps: int, scalars: dict[str, float]) -> str:
+    """The run's last line on the console: where it is, its last step's headline figures, how to look at it."""
+    last = ""
+    if scalars:  # empty when a resumed run had no step left to do
+        last = (f"; last step: accuracy {scalars['rollout/accuracy']:.3f}, reward {scalars['reward/mean']:.3f}, "
+                f"cost ${scalars['rollout/cost_usd']:.6f} an episode")
+    return (f"done: step {steps} in {run.root}{last}. Curves: orchestra-jax inspect curves {run.root} "
+            f"(or tensorboard --logdir {run.tensorboard})")
 
 
 def train(config: TrainConfig, *, echo: Any = print) -> int:
