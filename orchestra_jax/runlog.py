@@ -42,8 +42,11 @@ class RunDir:
 
 def create_run_dir(root: str | os.PathLike) -> RunDir:
     run = RunDir(Path(root))
-    for path in (run.root, run.tensorboard, run.checkpoints, run.trajectories):
-        path.mkdir(parents=True, exist_ok=True)
+    try:
+        for path in (run.root, run.tensorboard, run.checkpoints, run.trajectories):
+            path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # the CLI shows it as one line: which run directory, and why
+        raise OSError(f"run directory {run.root}: cannot create {e.filename} ({e.strerror})") from None
     return run
 
 

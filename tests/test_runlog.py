@@ -1,6 +1,7 @@
 """TensorBoard events written with tensorboard's own writer read back through its EventAccumulator."""
 
 import numpy as np
+import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from orchestra_jax.runlog import TensorBoardLogger, create_run_dir, read_scalars, write_jsonl_atomic
@@ -38,3 +39,12 @@ def test_run_dir_layout_and_atomic_jsonl(tmp_path):
     lines = (run.trajectories / "step_1.jsonl").read_text().splitlines()
     assert lines == ['{"a": 1}', '{"b": "ü"}']
     assert len(list(run.trajectories.iterdir())) == 1
+
+
+def test_a_run_dir_that_cannot_be_made_is_one_line_naming_it(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(OSError) as caught:
+        create_run_dir(blocker / "run")
+    message = str(caught.value)
+    assert message.startswith(f"run directory {blocker / 'run'}: cannot create") and "\n" not in message
