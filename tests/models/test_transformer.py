@@ -364,6 +364,28 @@ def test_weight_gradient_through_the_pair_transpose_matches_the_einsum(spec, x_s
     np.testing.assert_array_equal(np.asarray(T._transposed(x_RC), np.float32), np.asarray(x_RC, np.float32).T)
 
 
+@pytest.mark.parametrize("spec,x_shape,y_shape,chunk_rows", [
+    ("btd,dnh->btnh", (2, 6, 8), (8, 3, 4), 4),  # 12 rows: three chunks of 4
+    ("btf,fd->btd", (3, 8, 12), (12, 4), 10),    # 24 rows: two chunks of 12
+    ("btd,df->btf", (2, 5, 8), (8, 6), 4),       # 10 rows: two chunks would be odd, so one
+])
+def test_weight_gradient_in_token_chunks_matches_float64(spec, x_shape, y_shape, chunk_rows, monkeypatch):
+    """The CPU's bf16 weight gradient summed over chunks of CPU_WEIGHT_GRAD_ROWS token rows equals x·g in float64
+    (x and g as the bf16 values the matmuls read) to f32 rounding."""
+    monkeypatch.setattr(T, "CPU_WEIGHT_GRAD_ROWS", chunk_rows)
+    seed = np.random.randint(1 << 30)
+    kx, ky, kr = jax.random.split(jax.random.key(seed), 3)
+    x = jax.random.normal(kx, x_shape).astype(jnp.bfloat16)
+    y = jax.random.normal(ky, y_shape)
+    r = jax.random.normal(kr, jax.eval_shape(lambda: jnp.einsum(spec, x, y)).shape)
+    dy = jax.jit(jax.grad(lambda y: jnp.sum(T._einsum(spec, x, y).astype(jnp.float32) * r)))(y)
+    x_spec, y_spec = spec.split("->")[0].split(",")
+    out = spec.split("->")[1]
+    want = np.einsum(f"{x_spec},{out}->{y_spec}", np.asarray(x, np.float64),
+                     np.asarray(r.astype(jnp.bfloat16), np.float64))
+    assert _rel_err(dy, want) < 1e-6, seed
+
+
 @pytest.mark.parametrize("shape", [(2, 7, 24), (2, 7, 3, 8)])  # a layer norm and a per-head q/k norm
 def test_rms_norm_gradient_matches_autodiff(shape):
     seed = np.random.randint(1 << 30)
