@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from typing import Any
 
 import jax
@@ -207,8 +208,9 @@ def _weight_grad(x_spec: str, out: str, y_spec: str, x: jax.Array, g: jax.Array)
     n = max(1, rows // CPU_WEIGHT_GRAD_ROWS)
     n = n if rows % (2 * n) == 0 else 1
     c = rows // n
-    dy_IO = sum(jnp.dot(_transposed(x_RI[i * c:(i + 1) * c]), g_RO[i * c:(i + 1) * c],
-                        preferred_element_type=jnp.float32) for i in range(n))
+    dy_IO = functools.reduce(operator.add, (
+        jnp.dot(_transposed(x_RI[i * c:(i + 1) * c]), g_RO[i * c:(i + 1) * c], preferred_element_type=jnp.float32)
+        for i in range(n)))
     return dy_IO.reshape(x.shape[len(shared):] + g.shape[len(shared):])
 
 
