@@ -220,14 +220,16 @@ def test_abort_finishes_running_request(model):
     prompt = _prompts(1, rng)[0]
 
     async def run():
-        engine = _engine(model)
+        # One step a call, and a poll at every turn of the event loop: with 16-step chunks and a 10 ms poll, a fast
+        # machine had finished all 40 tokens before the abort came (abort() returned 0).
+        engine = _engine(model, decode_chunk=1)
         task = asyncio.ensure_future(
             engine.generate(
                 [GenerateRequest(prompt, SamplingParams(max_new_tokens=40, ignore_eos=True), "long")]
             )
         )
         while engine.stats["decode_steps"] < 2:
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0)
         assert engine.abort("long") == 1
         return await task
 
