@@ -12,7 +12,7 @@ MFU against that measured ceiling and against the card's dense bf16 peak (when t
 process's kernel seconds and minor page faults per step (medians; on the CPU each step faults in the fresh
 temporary buffer XLA maps for it). With --versus the same process also builds the step with those constants
 set and times the two step by step in turns, the order flipping every pair; the row adds that step's time and
-the median ratio over the pairs.
+the median ratio over the pairs, and its own kernel seconds and page faults (the `versus_` fields).
 
 FLOPs per trained token: TransformerConfig.train_flops_per_token (6 x the matmul params + causal attention,
 PaLM's accounting). Remat recomputation is not counted as useful work (MFU, not HFU).
@@ -143,10 +143,11 @@ def bench(name: str, args: argparse.Namespace, ceiling: float, peak: float | Non
     model_flops = model_flops_per_step(model, args) / step_s
     extra = {}
     if args.versus:
-        other_metrics, other_times = sides["versus"]["metrics"], sides["versus"]["times"]
-        extra = {"versus": args.versus, "versus_step_s": round(float(np.median(other_times)), 4),
-                 "versus_speedup": round(float(np.median(np.array(times) / np.array(other_times))), 3),
-                 "versus_loss_finite": bool(np.isfinite(other_metrics["loss"]))}
+        other = sides["versus"]
+        extra = {"versus": args.versus, "versus_step_s": round(float(np.median(other["times"])), 4),
+                 "versus_speedup": round(float(np.median(np.array(times) / np.array(other["times"]))), 3),
+                 "versus_loss_finite": bool(np.isfinite(other["metrics"]["loss"])),
+                 **{f"versus_{k}": v for k, v in _kernel_figures(other["kernel"]).items()}}
     return {
         "model": name, "params": model.num_params(), "device": jax.devices()[0].device_kind,
         "batch": args.batch, "micro_batches": args.micro_batches, "seq_len": args.seq_len,
@@ -157,9 +158,14 @@ def bench(name: str, args: argparse.Namespace, ceiling: float, peak: float | Non
         "mfu_vs_measured_ceiling": round(model_flops / ceiling, 3),
         "mfu_vs_spec_peak": round(model_flops / peak, 3) if peak else None,
         "loss_finite": bool(np.isfinite(metrics["loss"])), "skipped": metrics["skipped"],
-        "kernel_s_per_step": round(float(np.median([k[0] for k in kernel])), 3),
-        "page_faults_per_step": int(np.median([k[1] for k in kernel])), **extra,
+        **_kernel_figures(kernel), **extra,
     }
+
+
+def _kernel_figures(kernel: list[tuple[float, int]]) -> dict:
+    """Medians over a side's steps of the kernel time and the minor page faults `_timed` counted."""
+    return {"kernel_s_per_step": round(float(np.median([k[0] for k in kernel])), 3),
+            "page_faults_per_step": int(np.median([k[1] for k in kernel]))}
 
 
 def add_step_args(parser: argparse.ArgumentParser) -> None:

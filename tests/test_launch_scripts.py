@@ -123,6 +123,7 @@ def test_versus_builds_a_second_step_under_its_overrides_times_both_and_restores
     assert blocks_at_build == [before, before // 4] and transformer.CPU_CAUSAL_BLOCK == before
     assert row["versus_step_s"] > 0 and row["versus_speedup"] > 0 and row["versus_loss_finite"]
     assert row["kernel_s_per_step"] >= 0 and row["page_faults_per_step"] >= 0
+    assert row["versus_kernel_s_per_step"] >= 0 and row["versus_page_faults_per_step"] >= 0
     assert row["versus"] == [f"orchestra_jax.models.transformer.CPU_CAUSAL_BLOCK={before // 4}"]
 
 
