@@ -28,8 +28,12 @@ Params = dict[str, Any]
 REMAT_POLICIES = ("none", "full", "dots")
 # What remat "dots" keeps of each layer for the backward: its input, both norm outputs, the q/k/v, gate and up
 # projections, the attention output and the residual after it. The backward then recomputes only elementwise work
-# and attention, never a projection (the o and down outputs are needed by no gradient).
-KEPT_ACTIVATIONS = ("layer_in", "attn_in", "q", "k", "v", "attn_out", "attn_residual", "mlp_in", "gate", "up")
+# and attention, never a projection (the o and down outputs are needed by no gradient). The XLA blocks (`_flash`)
+# keep their output in their own heads-major layout with each row's log-sum-exp ("attn_heads", "attn_lse"): that
+# is all their backward reads, so it never reruns their forward, and the token-major "attn_out" is then one
+# transpose away.
+KEPT_ACTIVATIONS = ("layer_in", "attn_in", "q", "k", "v", "attn_out", "attn_heads", "attn_lse", "attn_residual",
+                    "mlp_in", "gate", "up")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 CUDNN_MAX_MASK_ELEMENTS = 1 << 28  # "auto" keeps cuDNN's dense [B, 1, T, T] segment mask under 512 MiB of bf16
 # cuDNN's packed layout (Hopper and later) takes each row's segments as offsets, compiled for at most this many
@@ -554,6 +558,7 @@ def _flash_fwd(q_BKGTH, k_BKTH, v_BKTH, segments_BT, block):
         outs.append((out_BKGCH / total_BKGC1).astype(q_BKGTH.dtype))
         lses.append(top_BKGC1 + jnp.log(total_BKGC1))
     out_BKGTH, lse_BKGT1 = jnp.concatenate(outs, axis=3), jnp.concatenate(lses, axis=3)
+    out_BKGTH, lse_BKGT1 = _kept_bits(out_BKGTH, "attn_heads"), checkpoint_name(lse_BKGT1, "attn_lse")
     return out_BKGTH, (q_BKGTH, k_BKTH, v_BKTH, segments_BT, out_BKGTH, lse_BKGT1)
 
 
@@ -660,7 +665,6 @@ def _layer(config: TransformerConfig, x_BTD, p, cos_BTR, sin_BTR, attend, cache_
     q_BTNH = with_logical_constraint(_rope(q_BTNH, cos_BTR, sin_BTR), ("batch", "seq", "heads", "head_dim"))
     k_BTKH = _rope(k_BTKH, cos_BTR, sin_BTR)
     attn_BTNH, new_cache = attend(q_BTNH, k_BTKH, v_BTKH, cache_kv)
-    attn_BTNH = keep(attn_BTNH, "attn_out")
     x_BTD = keep(x_BTD + _einsum("btnh,nhd->btd", attn_BTNH, p["o"]), "attn_residual")
     x_BTD = with_logical_constraint(x_BTD, ("batch", "seq", "embed"))
     h_BTD = keep(_rms_norm(x_BTD, p["mlp_norm"], eps), "mlp_in")
@@ -714,9 +718,14 @@ def hidden_states(
     decode = kv_cache is not None and t == 1 and segment_ids_BT is None
     training_attention = attention_impl(attention, dtype, 0 if segment_ids_BT is None else b * t * t)
 
+    keep = _keep if remat == "dots" else _no_keep
+
     def attend(q_BTNH, k_BTKH, v_BTKH, cache_kv):
+        """The attention output and what `_layer` returns for the cache. For remat "dots" cuDNN's output is kept
+        as "attn_out"; the XLA blocks keep their own residuals (see KEPT_ACTIVATIONS)."""
         if cache_kv is None and training_attention == "cudnn":
-            return _library_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, "cudnn", layout), None
+            attn_BTNH = _library_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, "cudnn", layout)
+            return keep(attn_BTNH, "attn_out"), None
         if cache_kv is None:
             return _blocks_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT), None
         k_cache_BKSH, v_cache_BKSH = cache_kv
@@ -729,8 +738,6 @@ def hidden_states(
         v_cache_BKSH = v_cache_BKSH.at[rows_BT, :, write_BT].set(v_BTKH.astype(v_cache_BKSH.dtype), mode="drop")
         attn_BTNH = _attention(q_BTNH, k_cache_BKSH, v_cache_BKSH, positions_BT, attention_chunk)
         return attn_BTNH, (k_cache_BKSH, v_cache_BKSH)
-
-    keep = _keep if remat == "dots" else _no_keep
 
     def body(x_BTD, xs):
         layer_params, cache_kv = xs

@@ -240,15 +240,18 @@ def _hidden_loss(config, params, ids, remat, dtype="bfloat16"):
 
 def test_dots_remat_keeps_bf16_activations_as_bits(capsys):
     """remat "dots" saves each layer's KEPT_ACTIVATIONS, stacked by the layer scan as uint16 bits (a stacked bf16
-    residual costs the CPU an f32 round trip per layer), and no bf16 activation stack besides."""
+    residual costs the CPU an f32 round trip per layer), and no bf16 activation stack besides. The XLA attention
+    blocks keep their heads-major output and f32 log-sum-exp instead of "attn_out", so the backward never reruns
+    their forward."""
     config, params = _model("qwen3-tiny", 3)
+    layers, kv, groups = config.num_layers, config.num_kv_heads, config.num_heads // config.num_kv_heads
     ids = jnp.zeros((2, 8), jnp.int32)
     print_saved_residuals(lambda p: _hidden_loss(config, p, ids, "dots"), params)
-    from_scan = [line.split()[0] for line in capsys.readouterr().out.splitlines()
-                 if "output of scan" in line and line.startswith(("u16", "bf16"))]
-    bits = [t for t in from_scan if t.startswith(f"u16[{config.num_layers},2,8,")]
-    assert len(bits) == len(T.KEPT_ACTIVATIONS)
-    assert [t for t in from_scan if t not in bits] == ["bf16[2,8,64]"]  # the scan's final carry, not a stack
+    from_scan = [line.split()[0] for line in capsys.readouterr().out.splitlines() if "output of scan" in line]
+    token_major = [t for t in from_scan if t.startswith(f"u16[{layers},2,8,")]
+    assert len(token_major) == len(T.KEPT_ACTIVATIONS) - 3  # all but attn_out, attn_heads and attn_lse
+    heads, lse = f"u16[{layers},2,{kv},{groups},8,{config.head_dim}]", f"f32[{layers},2,{kv},{groups},8,1]"
+    assert sorted(t for t in from_scan if t not in token_major) == sorted(["bf16[2,8,64]", heads, lse])
 
 
 def test_dots_remat_bf16_gradients_are_as_close_to_float32_as_full_remat():
