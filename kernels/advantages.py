@@ -109,7 +109,9 @@ def gae(rewards_BT, values_BT, mask_BT, *, gamma: float, lam: float, impl: str =
 
 
 def _normalise(r_N, mean_N, var_N, spread_N, eps, clip):
-    adv_N = jnp.where(spread_N > 0, (r_N - mean_N) / (jnp.sqrt(var_N) + eps), 0.0)
+    # `spread == 0`, not `spread > 0`: a NaN reward then gives its group NaN, not a silent 0 (the train step's
+    # non-finite guard sees it).
+    adv_N = jnp.where(spread_N == 0, 0.0, (r_N - mean_N) / (jnp.sqrt(var_N) + eps))
     return adv_N if clip is None else jnp.clip(adv_N, -clip, clip)
 
 

@@ -112,7 +112,8 @@ def score(config: TrainConfig, trajectories: list) -> tuple[np.ndarray, ...]:
     advantages = group_advantages(rewards, groups, eps=config.reward.advantage_eps, clip=config.reward.advantage_clip,
                                   mode=config.reward.mode)
     keep = keep_mask(rewards, groups, [t.has_valid_answer for t in trajectories],
-                     min_group_std=config.reward.min_group_std, drop_invalid_answers=config.reward.drop_invalid_answers)
+                     min_group_std=config.reward.min_group_std, drop_invalid_answers=config.reward.drop_invalid_answers,
+                     mode=config.reward.mode)
     return rewards, advantages, keep
 
 

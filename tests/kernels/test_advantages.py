@@ -110,6 +110,17 @@ def test_group_edge_cases_pairs_equal_rewards_singletons(impl):
     assert np.all(got[2:] == 0.0)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_nan_reward_makes_its_own_group_nan_and_no_other(impl):
+    rng = fresh_rng()
+    rewards = rng.normal(size=6).astype(np.float32)
+    rewards[rng.integers(3)] = np.nan
+    got = np.asarray(group_advantages(rewards, np.array([1, 1, 1, 4, 4, 4]), impl=impl))
+    assert np.all(np.isnan(got[:3]))
+    np.testing.assert_allclose(got[3:], group_loop(rewards[3:], np.zeros(3, int), 1e-6, False, None), rtol=1e-4,
+                               atol=1e-5)
+
+
 def test_group_pallas_writes_every_element_of_poisoned_outputs():
     rng = fresh_rng()
     rewards = rng.normal(size=70).astype(np.float32)

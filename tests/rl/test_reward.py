@@ -38,8 +38,71 @@ def test_released_mode_rewards_spending_and_uses_min_over_users():
     released = multi_objective_reward(counts, [1, 1, 1], cost, [0, 0, 0], pref, [0, 0, 0], mode="released")
     # paper: tool1 [0, 1, 1/3]; -cost [1, .5, 0]
     np.testing.assert_allclose(paper, [1.0, 1.5, 1 / 3])
-    # released: tool1 min over users {3, 1} -> [0, 1, 0]; +cost [0, .5, 1]
-    np.testing.assert_allclose(released, [0.0, 1.5, 1.0])
+    # released: tool1 min and max over its users {3, 1}, so the non-user gets (0 - 1) / 2: [-.5, 1, 0];
+    # +cost against the range of -cost [-3, -1]: (c + 3) / 2 = [2, 2.5, 3], plus the second visit (0 + 3) / 2
+    np.testing.assert_allclose(released, [-0.5 + 3.5, 1 + 4.0, 0 + 4.5])
+
+
+def _released_loop(counts, correct, cost, latency, pref, groups):
+    """The released reward as its code computes it, one rollout and one feature at a time: per group, min and max
+    of each used tool's count over its users and of correct, -cost and -latency over every rollout; each correct
+    rollout then sums pref * (value - min) / (max - min) over the group's features where max > min, visiting
+    outcome, cost and latency once with a count of 0 (their key is in the feature table) and once with their own
+    value (+cost and +latency)."""
+    n, k = counts.shape
+    out = np.zeros(n)
+    for g in set(groups.tolist()):
+        rows = [i for i in range(n) if groups[i] == g]
+        lo, hi = {}, {}
+        for i in rows:
+            values = {t: counts[i, t] for t in range(k) if counts[i, t] > 0}
+            values.update(outcome=float(correct[i]), cost=-cost[i], latency=-latency[i])
+            for name, v in values.items():
+                lo[name], hi[name] = min(lo.get(name, v), v), max(hi.get(name, v), v)
+        weight = {**{t: t for t in range(k)}, "outcome": k, "cost": k + 1, "latency": k + 2}
+        for i in rows:
+            if not correct[i]:
+                continue
+            own = {"outcome": float(correct[i]), "cost": cost[i], "latency": latency[i]}
+            for name in lo:
+                if hi[name] > lo[name]:
+                    first = counts[i, name] if isinstance(name, int) else 0.0
+                    out[i] += pref[i, weight[name]] * (first - lo[name]) / (hi[name] - lo[name])
+                    if name in own:
+                        out[i] += pref[i, weight[name]] * (own[name] - lo[name]) / (hi[name] - lo[name])
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 3).flatmap(lambda n_groups: st.tuples(*[st.integers(2, 6)] * n_groups)), st.randoms())
+def test_released_mode_matches_the_released_loop(sizes, rnd):
+    rng = np.random.default_rng(rnd.randrange(1 << 30))
+    n, k = sum(sizes), 2
+    counts = rng.integers(0, 4, (n, k)).astype(float)
+    correct = rng.random(n) < 0.7
+    cost, latency = rng.random(n) * 3, rng.random(n) * 10
+    pref = np.repeat(rng.random((len(sizes), k + 3)), sizes, axis=0)
+    groups = np.repeat(np.arange(len(sizes)) * 7, sizes)
+    got = multi_objective_reward(counts, correct, cost, latency, pref, groups, mode="released")
+    np.testing.assert_allclose(got, _released_loop(counts, correct, cost, latency, pref, groups), atol=1e-12)
+
+
+def test_released_mode_uses_the_sample_std():
+    rewards, groups = np.array([0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.2, 0.2, 0.0]), np.repeat([0, 1, 2], 3)
+    adv = group_advantages(rewards[:6], np.zeros(6), clip=None, mode="released")
+    np.testing.assert_allclose(adv, (rewards[:6] - 0.5) / (np.std(rewards[:6], ddof=1) + 1e-6), rtol=1e-5)
+    # Group 2's population std is 0.094 (< 0.1, dropped by the paper's filter), its sample std 0.115 (kept).
+    np.testing.assert_array_equal(keep_mask(rewards, groups, np.ones(9)), [1] * 6 + [0] * 3)
+    np.testing.assert_array_equal(keep_mask(rewards, groups, np.ones(9), mode="released"), [1] * 9)
+
+
+def test_non_finite_inputs_name_the_argument_and_rollout():
+    args = [np.zeros((3, 1)), [1, 1, 1], [0.0, np.nan, 1.0], [0, 0, 0], np.ones((3, 4)), [0, 0, 0]]
+    with pytest.raises(ValueError, match=r"cost: not finite at rollout 1 \(nan\)"):
+        multi_objective_reward(*args)
+    args[2], args[3] = [0, 0, 0], [0, 0, np.inf]
+    with pytest.raises(ValueError, match="latency: not finite at rollout 2"):
+        multi_objective_reward(*args)
 
 
 def test_bad_shapes_name_the_argument():
@@ -140,7 +203,6 @@ def test_group_advantages_zscore_clip_and_released_boost():
         np.testing.assert_allclose(adv[groups == g], (r - r.mean()) / (r.std() + 1e-6), rtol=1e-4, atol=1e-5)
     clipped = group_advantages(np.array([0, 0, 0, 0, 0, 0, 0, 0, 0, 10.0]), np.zeros(10), clip=1.5)
     assert clipped.max() == pytest.approx(1.5) and clipped.min() < 0
-    rewards = np.array([0.0, 0.0, 0.0, 1.0])
-    plain = group_advantages(rewards, np.zeros(4))
+    rewards = np.array([0.0, 0.0, 0.0, 1.0])  # sample std 0.5: A = [-.5, -.5, -.5, 1.5], and 1.5 >= 1 gets +0.1
     boosted = group_advantages(rewards, np.zeros(4), mode="released")
-    np.testing.assert_allclose(boosted, plain + np.array([0, 0, 0, 0.1]), atol=1e-6)
+    np.testing.assert_allclose(boosted, [-0.5, -0.5, -0.5, 1.6], atol=1e-5)
