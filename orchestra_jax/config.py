@@ -119,6 +119,9 @@ class AlgorithmConfig:
     kl_coef: float = 1e-4
     kl_estimator: Literal["k1", "k2", "k3"] = "k2"
     kl_in_reward: bool = False
+    """Take the KL out of the loss and lower each token's advantage by kl_coef x KL (no gradient) instead. Unlike
+    verl's use_kl_in_reward, the penalty is not summed into the rollout's reward before the group normalisation,
+    and it is taken against the policy being updated, not the one that sampled."""
     entropy_coef: float = 0.0
     loss_aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
     tis_cap: float | None = None
