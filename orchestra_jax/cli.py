@@ -183,11 +183,14 @@ def cmd_train(argv: Sequence[str]) -> int:
         config_lib.validate(config, num_devices=jax.device_count())
     except config_lib.ConfigError as e:
         raise UsageError(str(e)) from None
+    from orchestra_jax.models.hf_io import CheckpointError as SourceError
+    from orchestra_jax.models.tokenizer import TokenizerError
     from orchestra_jax.rl import trainer
+    from orchestra_jax.rl.checkpoint import CheckpointError
 
     try:
         return trainer.train(config)
-    except (config_lib.ConfigError, OSError) as e:
+    except (config_lib.ConfigError, OSError, CheckpointError, SourceError, TokenizerError) as e:
         raise UsageError(str(e).splitlines()[0]) from None
 
 
@@ -209,7 +212,8 @@ def cmd_sft(argv: Sequence[str]) -> int:
     """Supervised training on demonstration trajectories (JSONL) with the RL train step.
 
     Flags: --data FILE (required), --tokenizer DIR (sizes the preset's vocabulary), any TrainConfig flag;
-    --steps is the number of SFT steps, --algorithm.sft-lr the learning rate.
+    --steps is the number of SFT steps, --algorithm.sft-lr the learning rate; --dry-run checks the data and
+    prints the plan without initialising params or writing anything.
     """
     data, rest = _pop_flag(argv, "--data")
     tokenizer_dir, rest = _pop_flag(rest, "--tokenizer")
@@ -218,12 +222,16 @@ def cmd_sft(argv: Sequence[str]) -> int:
     config = parse_train_config(rest, "orchestra-jax sft")
     if data is None:
         raise UsageError("--data FILE.jsonl is required (trajectories or {token_ids, loss_mask} rows)")
+    from orchestra_jax.models.tokenizer import TokenizerError
     from orchestra_jax.rl import commands
     from orchestra_jax.rl.sft import DemonstrationError
 
     try:
-        commands.run_sft(config, data, tokenizer_dir)
-    except (DemonstrationError, config_lib.ConfigError, OSError) as e:
+        if config.dry_run:
+            print(commands.sft_plan(config, data, tokenizer_dir))
+        else:
+            commands.run_sft(config, data, tokenizer_dir)
+    except (DemonstrationError, config_lib.ConfigError, OSError, TokenizerError) as e:
         raise UsageError(str(e).splitlines()[0]) from None
     return 0
 

@@ -28,8 +28,7 @@ class ModelConfig:
     """Which policy to train and how to compute with it."""
 
     source: str = "qwen3-tiny"
-    """A preset name from orchestra_jax.models (e.g. 'qwen3-tiny'), or a path to an HF directory, a .gguf file or an orbax checkpoint directory."""
-    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    """A preset name from orchestra_jax.models (e.g. 'qwen3-tiny'), randomly initialised, or an HF checkpoint directory (config.json, safetensors, tokenizer files) whose weights the run starts from; `orchestra-jax convert` makes one from a .gguf file or orbax params."""
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     remat: Literal["none", "full", "dots"] = "none"
     """Activation checkpointing of each decoder layer: 'none', 'full' (recompute everything) or 'dots' (save matmul outputs, recompute the rest)."""
@@ -219,6 +218,7 @@ def validate(config: TrainConfig, num_devices: int | None = None) -> TrainConfig
         "algorithm.micro_batch_size": config.algorithm.micro_batch_size,
         "algorithm.mini_batches": config.algorithm.mini_batches,
         "algorithm.epochs": config.algorithm.epochs,
+        "algorithm.sft_batch_size": config.algorithm.sft_batch_size,
         "rollout.max_slots": config.rollout.max_slots,
         "rollout.decode_chunk": config.rollout.decode_chunk,
         "rollout.max_new_tokens": config.rollout.max_new_tokens,
@@ -234,8 +234,23 @@ def validate(config: TrainConfig, num_devices: int | None = None) -> TrainConfig
             fail(name, value, "must be positive")
     if config.optimizer.lr <= 0:
         fail("optimizer.lr", config.optimizer.lr, "must be positive")
+    if config.algorithm.sft_lr <= 0:
+        fail("algorithm.sft_lr", config.algorithm.sft_lr, "must be positive")
+    if config.algorithm.sft_steps < 0:
+        fail("algorithm.sft_steps", config.algorithm.sft_steps, "must be non-negative")
+    if config.algorithm.kl_coef < 0:
+        fail("algorithm.kl_coef", config.algorithm.kl_coef, "must be non-negative")
     if not 0 <= config.optimizer.weight_decay < 1:
         fail("optimizer.weight_decay", config.optimizer.weight_decay, "must be in [0, 1)")
+    if not 0 <= config.optimizer.b1 < 1:
+        fail("optimizer.b1", config.optimizer.b1, "must be in [0, 1)")
+    if not 0 <= config.optimizer.b2 < 1:
+        fail("optimizer.b2", config.optimizer.b2, "must be in [0, 1)")
+    # There is no 'off': optax scales the gradient to this norm, so 0 would zero every update.
+    if config.optimizer.grad_clip <= 0:
+        fail("optimizer.grad_clip", config.optimizer.grad_clip, "must be positive")
+    if config.optimizer.warmup_steps < 0:
+        fail("optimizer.warmup_steps", config.optimizer.warmup_steps, "must be non-negative")
     if not 0 <= config.env.expert_coverage <= 1:
         fail("env.expert_coverage", config.env.expert_coverage, "must be in [0, 1]")
     if not 0 <= config.algorithm.sft_expert_share <= 1:
@@ -244,6 +259,8 @@ def validate(config: TrainConfig, num_devices: int | None = None) -> TrainConfig
         fail("rollout.temperature", config.rollout.temperature, "must be positive")
     if not 0 < config.rollout.top_p <= 1:
         fail("rollout.top_p", config.rollout.top_p, "must be in (0, 1]")
+    if not 0 <= config.rollout.min_p <= 1:
+        fail("rollout.min_p", config.rollout.min_p, "must be in [0, 1]")
     if config.rollout.max_new_tokens >= config.rollout.max_context:
         fail("rollout.max_new_tokens", config.rollout.max_new_tokens, "must be below rollout.max_context")
     if config.algorithm.group_size < 2 and config.algorithm.name == "grpo":
@@ -346,7 +363,7 @@ def orchestrator_8b() -> TrainConfig:
     return TrainConfig(
         name="orchestrator-8b",
         steps=1000,
-        model=ModelConfig(source="Qwen/Qwen3-8B", param_dtype="float32", compute_dtype="bfloat16", remat="full"),
+        model=ModelConfig(source="Qwen/Qwen3-8B", compute_dtype="bfloat16", remat="full"),
         mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
         rollout=RolloutConfig(
             engine="sglang",

@@ -5,6 +5,7 @@ A run directory holds `config.json`, `tb/` (event files), `ckpt/` (orbax) and `t
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
@@ -48,6 +49,24 @@ def create_run_dir(root: str | os.PathLike) -> RunDir:
     except OSError as e:  # the CLI shows it as one line: which run directory, and why
         raise OSError(f"run directory {run.root}: cannot create {e.filename} ({e.strerror})") from None
     return run
+
+
+def lock_run_dir(run: RunDir) -> Any:
+    """An exclusive lock on RUN/.lock, held while the returned file stays open (the kernel drops it when the
+    process dies, SIGKILL included): a second run into the same directory would clobber the first's files."""
+    handle = open(run.root / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "?"
+        handle.close()
+        raise OSError(f"run directory {run.root}: in use by another run (pid {owner})") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
 
 
 def write_jsonl_atomic(path: str | os.PathLike, rows: list[Mapping[str, Any]]) -> None:
@@ -102,6 +121,12 @@ class TensorBoardLogger:
         )
         metadata = summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="text"))
         self._write(step, summary_pb2.Summary.Value(tag=tag, metadata=metadata, tensor=tensor))
+
+    def restart(self, step: int) -> None:
+        """Mark a resumed run's first step: TensorBoard (and read_scalars) then drop the events of `step` and later
+        that an earlier, killed process logged after its last checkpoint."""
+        self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=step,
+                                               session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
 
     def flush(self) -> None:
         self._writer.flush()

@@ -39,6 +39,36 @@ def test_console_script_reports_bad_flag_in_one_line():
     assert "--optimizer.lr" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_sft_dry_run_checks_data_prints_plan_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    import json
+    import random
+
+    from orchestra_jax.rl import commands
+
+    def no_params(*args, **kwargs):
+        raise AssertionError("a dry run initialised params")
+
+    monkeypatch.setattr(commands, "init_params", no_params)
+    monkeypatch.chdir(tmp_path)
+    rng = random.Random()
+    lengths = [rng.randrange(5, 20) for _ in range(rng.randrange(2, 6))]
+    data = tmp_path / "demos.jsonl"
+    data.write_text("\n".join(json.dumps({"token_ids": [7] * n, "loss_mask": [0, 0] + [1] * (n - 2)})
+                               for n in lengths))
+    argv = ["sft", "--data", str(data), "--preset", "test-tiny", "--steps", "9", "--algorithm.sft-lr", "0.02"]
+    assert cli.main([*argv, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "9 steps" in out and "lr 0.02" in out and "qwen3-tiny" in out
+    assert f"{data} ({len(lengths)} samples, {sum(lengths)} tokens)" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demos.jsonl"]  # no runs/ directory
+
+    data.write_text('{"token_ids": [1, 2, 3], "loss_mask": [0, 1]}')
+    assert cli.main([*argv, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert f"{data}:1:" in err and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demos.jsonl"]
+
+
 def test_ctrl_c_ends_a_command_with_one_line(capsys, monkeypatch):
     def interrupted(argv):
         raise KeyboardInterrupt

@@ -68,6 +68,68 @@ def test_validation_names_the_field(change, field):
         C.validate(dataclasses.replace(C.cpu_demo(), **change))
 
 
+def _with(config, path, value):
+    """`config` with the nested field `path` ('optimizer.b1') set to `value`."""
+    section, name = path.split(".")
+    return dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), **{name: value})})
+
+
+@pytest.mark.parametrize(
+    "path, value",
+    [
+        ("algorithm.kl_coef", -0.1),
+        ("algorithm.sft_batch_size", 0),
+        ("algorithm.sft_lr", 0.0),
+        ("algorithm.sft_lr", -1e-3),
+        ("algorithm.sft_steps", -1),
+        ("optimizer.b1", 1.0),
+        ("optimizer.b1", -0.1),
+        ("optimizer.b2", 1.0),
+        ("optimizer.b2", -0.5),
+        ("optimizer.grad_clip", 0.0),
+        ("optimizer.grad_clip", -1.0),
+        ("optimizer.warmup_steps", -1),
+        ("rollout.min_p", -0.1),
+        ("rollout.min_p", 1.5),
+    ],
+)
+def test_out_of_range_values_name_field_and_value(path, value):
+    with pytest.raises(C.ConfigError) as info:
+        C.validate(_with(C.cpu_demo(), path, value))
+    assert str(info.value).startswith(f"config field {path}={value!r}: ")
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "path, value",
+    [("algorithm.kl_coef", 0.0), ("algorithm.sft_steps", 0), ("optimizer.b1", 0.0), ("optimizer.b2", 0.0),
+     ("optimizer.warmup_steps", 0), ("rollout.min_p", 0.0), ("rollout.min_p", 1.0)],
+)
+def test_range_edges_stay_valid(path, value):
+    C.validate(_with(C.cpu_demo(), path, value))
+
+
+def test_plan_activations_match_a_hand_count():
+    """Qwen3-8B (hidden 4096, 36 layers), orchestrator-8b on 8 devices: fsdp 8, so 8 x 32768 / 8 tokens a device.
+    One layer's working set is 17 values per token and hidden unit; full remat adds one residual per layer."""
+    from orchestra_jax.rl import plan
+
+    config = C.orchestrator_8b()
+    tokens, hidden, layers = 8 * 32768 // 8, 4096, 36
+
+    def activations(config):
+        est = plan.estimate(config, 8)
+        assert (est["model"]["hidden"], est["model"]["layers"]) == (hidden, layers)
+        return est["memory_gib_per_device"]["activations"]
+
+    def gib(value_bytes, values_per_token_and_unit):
+        return round(tokens * hidden * value_bytes * values_per_token_and_unit / 2**30, 2)
+
+    assert activations(config) == gib(2, layers + 17)  # bf16, remat full
+    assert activations(_with(config, "model.remat", "none")) == gib(2, 17 * layers)
+    assert activations(_with(config, "model.compute_dtype", "float32")) == gib(4, layers + 17)
+
+
 def test_batch_must_divide_over_data_axes():
     config = dataclasses.replace(
         C.cpu_demo(),

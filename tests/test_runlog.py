@@ -1,10 +1,18 @@
 """TensorBoard events written with tensorboard's own writer read back through its EventAccumulator."""
 
+import os
+
 import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from orchestra_jax.runlog import TensorBoardLogger, create_run_dir, read_scalars, write_jsonl_atomic
+from orchestra_jax.runlog import (
+    TensorBoardLogger,
+    create_run_dir,
+    lock_run_dir,
+    read_scalars,
+    write_jsonl_atomic,
+)
 
 
 def test_scalars_histograms_and_text_read_back(tmp_path):
@@ -48,3 +56,24 @@ def test_a_run_dir_that_cannot_be_made_is_one_line_naming_it(tmp_path):
         create_run_dir(blocker / "run")
     message = str(caught.value)
     assert message.startswith(f"run directory {blocker / 'run'}: cannot create") and "\n" not in message
+
+
+def test_a_restarted_log_drops_what_a_killed_run_wrote_after_its_checkpoint(tmp_path):
+    run = create_run_dir(tmp_path / "run")
+    with TensorBoardLogger(run.tensorboard) as tb:  # the killed run: steps 1-4, its last checkpoint at 3
+        for step in range(1, 5):
+            tb.scalar("reward/mean", float(step), step)
+    with TensorBoardLogger(run.tensorboard) as tb:  # the resumed one redoes step 4
+        tb.restart(4)
+        for step in (4, 5):
+            tb.scalar("reward/mean", 10.0 * step, step)
+    assert read_scalars(run.tensorboard)["reward/mean"] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0)]
+
+
+def test_a_run_directory_takes_one_run_at_a_time(tmp_path):
+    run = create_run_dir(tmp_path / "run")
+    held = lock_run_dir(run)
+    with pytest.raises(OSError, match=rf"run directory .*run: in use by another run \(pid {os.getpid()}\)"):
+        lock_run_dir(run)
+    held.close()  # as when the first process exits, however it ends
+    lock_run_dir(run).close()

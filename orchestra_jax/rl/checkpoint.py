@@ -116,6 +116,8 @@ def load_params(directory: str | os.PathLike, step: int | None = None) -> tuple[
             cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
             target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=cpu), tree)
             params = checkpointer.restore(path, target)
+    except Exception as e:  # orbax and tensorstore raise many kinds; a damaged item is one line either way
+        raise CheckpointError(f"{path}: unreadable ({type(e).__name__})") from None
     finally:
         absl_logger.setLevel(level)
     return step, jax.tree.map(np.asarray, params)

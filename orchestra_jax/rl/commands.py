@@ -29,18 +29,40 @@ def checkpoint_summary(run_dir: str | Path) -> dict:
     return {"directory": str(directory), "step": step, "params": param_count(params), "sha256": params_digest(params)}
 
 
-def run_sft(config: TrainConfig, data: str, tokenizer_dir: str | None, *, echo=print) -> dict:
-    """Train `config.model.source` (a preset) on a JSONL of demonstrations for `config.steps` steps at
-    `algorithm.sft_lr`; saves the result as an orbax checkpoint under the run directory."""
-    from orchestra_jax.rl.trainer import step_settings
-
+def _sft_inputs(config: TrainConfig, data: str, tokenizer_dir: str | None) -> tuple:
+    """The model config and the checked demonstrations, shared by a run and its dry run."""
     source = config.model.source
     if source not in MODEL_PRESETS:
         raise ConfigError(f"model.source: sft starts from a model preset, got {source!r}")
     vocab = Tokenizer.from_file(tokenizer_dir).vocab_size if tokenizer_dir else None
     model = get_preset(source, vocab_size=vocab)
-    samples = load_demonstrations(data, vocab_size=model.vocab_size)
-    run = create_run_dir(config.run_dir or f"runs/{config.name}-sft")
+    return model, load_demonstrations(data, vocab_size=model.vocab_size)
+
+
+def _sft_run_dir(config: TrainConfig) -> str:
+    return config.run_dir or f"runs/{config.name}-sft"
+
+
+def sft_plan(config: TrainConfig, data: str, tokenizer_dir: str | None) -> str:
+    """`sft --dry-run`: read and check the demonstrations, then describe the run without initialising params."""
+    model, samples = _sft_inputs(config, data, tokenizer_dir)
+    tokens = sum(len(s.token_ids) for s in samples)
+    a = config.algorithm
+    return "\n".join([
+        f"sft plan for {config.name!r}: {config.steps} steps, batch {a.sft_batch_size}, lr {a.sft_lr} (cosine)",
+        f"  data: {data} ({len(samples)} samples, {tokens} tokens)",
+        f"  model: {config.model.source} ({model.num_params()} params, vocabulary {model.vocab_size})",
+        f"  run dir: {_sft_run_dir(config)} (not created by a dry run)",
+    ])
+
+
+def run_sft(config: TrainConfig, data: str, tokenizer_dir: str | None, *, echo=print) -> dict:
+    """Train `config.model.source` (a preset) on a JSONL of demonstrations for `config.steps` steps at
+    `algorithm.sft_lr`; saves the result as an orbax checkpoint under the run directory."""
+    from orchestra_jax.rl.trainer import step_settings
+
+    model, samples = _sft_inputs(config, data, tokenizer_dir)
+    run = create_run_dir(_sft_run_dir(config))
     save_config(config, run.config_path)
     optimizer = make_optimizer(
         OptimizerConfig(lr=config.algorithm.sft_lr, schedule="cosine", warmup_steps=max(config.steps // 10, 1),

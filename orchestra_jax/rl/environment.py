@@ -102,6 +102,14 @@ def model_config(config: TrainConfig, tokenizer: Tokenizer | None) -> Transforme
     raise ConfigError(f"model.source: {source!r} is neither a model preset nor a directory with config.json")
 
 
+def pretrained_dir(config: TrainConfig) -> Path | None:
+    """The HF checkpoint directory whose weights the run starts from (None: a preset, randomly initialised)."""
+    source = Path(config.model.source)
+    if config.model.source in MODEL_PRESETS or not (source / "config.json").is_file():
+        return None
+    return source
+
+
 def episode_config(config: TrainConfig, env: Environment, step: int) -> EpisodeConfig:
     """Sampling and shaping of one step's episodes; the seed depends on (run seed, step) only."""
     r = config.rollout

@@ -1,9 +1,11 @@
 """`--dry-run`: the plan of a run, its mesh, and a memory and time estimate, without loading any weights.
 
 Memory per device (training state sharded over fsdp x tensor): fp32 params 4 B + fp32 grads 4 B + AdamW
-moments 8 B per parameter, plus the frozen reference in the compute dtype when KL is on, plus activations:
-with full remat one [tokens, hidden] residual per layer and one layer's working set (~34 x tokens x hidden
-bytes in bf16, the usual transformer estimate), plus the [tokens, vocab-tile] log-prob working set.
+moments 8 B per parameter, plus the frozen reference in the compute dtype when KL is on, plus activations.
+One layer's working set is ~17 values per token and hidden unit (34 B in bf16, 68 B in fp32; the usual
+transformer estimate). Full remat keeps one [tokens, hidden] residual per layer plus one layer's working set;
+'none' and 'dots' are counted as keeping every layer's working set. Plus the [tokens, vocab-tile] log-prob
+working set.
 Time: 6 x params x tokens FLOPs per update (+2 x for the reference forward) over devices x peak x MFU.
 """
 
@@ -42,10 +44,11 @@ def estimate(config: TrainConfig, num_devices: int, accelerator: str = "H100") -
     state_bytes = params * 16 / shards
     reference_bytes = params * compute_bytes / shards if config.algorithm.kl_coef > 0 else 0
     layers = model.num_layers
+    value_bytes = micro_tokens * model.hidden_size * compute_bytes  # one [tokens, hidden] array
     if config.model.remat == "full":
-        activation_bytes = micro_tokens * model.hidden_size * compute_bytes * (layers + 34)
+        activation_bytes = value_bytes * (layers + 17)
     else:
-        activation_bytes = micro_tokens * model.hidden_size * compute_bytes * 34 * layers
+        activation_bytes = value_bytes * 17 * layers
     logprob_bytes = micro_tokens * 4096 * 4
     total = state_bytes + reference_bytes + activation_bytes + logprob_bytes
     flops = (6 + (2 if config.algorithm.kl_coef > 0 else 0)) * params * tokens_per_step
@@ -86,7 +89,7 @@ def describe(config: TrainConfig, num_devices: int) -> str:
         f"  loss: clip {a.clip_low}/{a.clip_high}, dual clip {a.dual_clip}, KL {a.kl_estimator} x {a.kl_coef}, "
         f"entropy {a.entropy_coef}, {a.loss_aggregation}",
         f"  optimizer: AdamW lr {config.optimizer.lr} ({config.optimizer.schedule}), wd {config.optimizer.weight_decay}, "
-        f"grad clip {config.optimizer.grad_clip}; params {config.model.param_dtype}, compute {config.model.compute_dtype}, "
+        f"grad clip {config.optimizer.grad_clip}; params float32, compute {config.model.compute_dtype}, "
         f"remat {config.model.remat}",
         f"  weight sync: {'in memory' if r.engine == 'embedded' else 'safetensors at ' + str(r.weight_sync_dir)}",
         f"  checkpoints every {config.checkpoint.every_steps} steps, keep {config.checkpoint.keep}",

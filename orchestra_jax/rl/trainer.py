@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import signal
 import time
 from dataclasses import dataclass
@@ -23,14 +24,15 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from orchestra_jax.config import TrainConfig, save_config, to_dict
+from orchestra_jax.config import ConfigError, TrainConfig, save_config, to_dict
 from orchestra_jax.env.episode import ToolPool, run_episodes
 from orchestra_jax.env.tasks_cpu import demonstrations
+from orchestra_jax.models.hf_io import load_pretrained
 from orchestra_jax.models.transformer import init_params
 from orchestra_jax.parallel.mesh import make_mesh
 from orchestra_jax.rl import environment as envlib
 from orchestra_jax.rl.batching import Sample, pack, split_minibatches
-from orchestra_jax.rl.checkpoint import Checkpointer
+from orchestra_jax.rl.checkpoint import Checkpointer, CheckpointError
 from orchestra_jax.rl.losses import PolicyLossConfig
 from orchestra_jax.rl.metrics import rollout_metrics
 from orchestra_jax.rl.optimizer import make_optimizer, make_schedule
@@ -38,7 +40,7 @@ from orchestra_jax.rl.reward import group_advantages, keep_mask, multi_objective
 from orchestra_jax.rl.sft import samples_from_trajectories, sft_train
 from orchestra_jax.rl.train_step import LogprobFn, StepSettings, TrainStep, make_train_step
 from orchestra_jax.rollout.sampler import EmbeddedEngine
-from orchestra_jax.runlog import RunDir, TensorBoardLogger, create_run_dir, write_jsonl_atomic
+from orchestra_jax.runlog import RunDir, TensorBoardLogger, create_run_dir, lock_run_dir, write_jsonl_atomic
 
 TERMINATED = 143
 
@@ -125,12 +127,52 @@ def _trajectory_text(traj: Any, reward: float) -> str:
     return "\n\n".join(lines)
 
 
+# What `--resume` may change: how long the run goes on, where and how often it logs and saves, and the mesh
+# (orbax restores onto new shardings). Everything else must match the run's config.json.
+RESUMABLE = ("steps", "resume", "dry_run", "run_dir", "logging", "checkpoint", "mesh", "rollout.endpoints_file")
+
+
+def check_run_dir(config: TrainConfig, run: RunDir) -> None:
+    """Refuse to start a new run over a directory that holds one, and to resume one under other settings."""
+    holds_run = (run.root / "init").is_dir() or any(p.name.isdigit() for p in run.checkpoints.iterdir())
+    if not config.resume:
+        if holds_run:
+            raise ConfigError(f"run directory {run.root} already holds a run: pass --resume to continue it, or "
+                              "choose another --run-dir")
+        return
+    if not run.config_path.is_file():
+        return
+    try:
+        saved = json.loads(run.config_path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{run.config_path}: unreadable ({type(e).__name__})") from None
+    for key, ours, theirs in _differences(to_dict(config), saved):
+        if not any(key == r or key.startswith(r + ".") for r in RESUMABLE):
+            raise ConfigError(f"--resume: {key} is {ours!r} here but {theirs!r} in {run.config_path}; resume with "
+                              "the run's own settings (only steps, logging, checkpoint and mesh may change)")
+
+
+def _differences(ours: dict, theirs: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, ours, theirs) for each leaf both dicts hold with different values (a field only one side
+    knows is a schema change between versions, not a setting)."""
+    out = []
+    for key in ours.keys() & theirs.keys():
+        a, b, name = ours[key], theirs[key], f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, name + ".")
+        elif a != b and not (isinstance(a, (list, tuple)) and list(a) == b):
+            out.append((name, a, b))
+    return sorted(out)
+
+
 class Trainer:
     """Owns the run directory, the mesh, the compiled steps, the engine and the checkpointer of one run."""
 
     def __init__(self, config: TrainConfig, *, echo: Any = print):
         self.config, self.echo = config, echo
         self.run: RunDir = create_run_dir(config.run_dir or f"runs/{config.name}")
+        self._lock = lock_run_dir(self.run)
+        check_run_dir(config, self.run)  # before config.json is overwritten
         save_config(config, self.run.config_path)
         self.env = envlib.build_environment(config, self.run.root)
         self.model = envlib.model_config(config, self.env.tokenizer)
@@ -140,13 +182,22 @@ class Trainer:
     # ---- start: SFT warm start (or its saved result), then the RL state --------------------------------------
 
     def initial_params(self) -> Any:
-        """Random init (seeded), then the SFT warm start; saved once as run/init (also the KL reference)."""
+        """The source checkpoint's weights (or a seeded random init for a preset), then the SFT warm start; saved
+        once as run/init (also the KL reference)."""
         init_dir = (self.run.root / "init").absolute()
         with ocp.StandardCheckpointer() as checkpointer:
             abstract = jax.eval_shape(lambda: init_params(self.model, jax.random.key(self.config.seed)))
             if init_dir.is_dir():
-                return checkpointer.restore(init_dir, abstract)
-            params = init_params(self.model, jax.random.key(self.config.seed))
+                try:
+                    return checkpointer.restore(init_dir, abstract)
+                except (FileNotFoundError, ValueError, KeyError) as e:
+                    raise CheckpointError(f"{init_dir}: cannot restore ({type(e).__name__})") from None
+            pretrained = envlib.pretrained_dir(self.config)
+            if pretrained is not None:
+                _, params = load_pretrained(pretrained, dtype="float32", mesh=self.mesh)
+                self.echo(f"weights: {pretrained}")
+            else:
+                params = init_params(self.model, jax.random.key(self.config.seed))
             if self.config.algorithm.sft_steps > 0:
                 params = self.warm_start(params)
             checkpointer.save(init_dir, params)
@@ -195,7 +246,10 @@ class Trainer:
         params = self.initial_params()
         optimizer = make_optimizer(cfg.optimizer, cfg.steps * self.updates_per_step)
         settings = step_settings(cfg, self.model)
-        reference = jax.tree.map(jnp.copy, params) if settings.use_reference else None  # the step donates params
+        # The frozen reference in the compute dtype, which its forward casts every weight to anyway (a copy: the
+        # step donates params).
+        compute = jnp.dtype(settings.compute_dtype or jnp.float32)
+        reference = jax.tree.map(lambda x: jnp.array(x, compute), params) if settings.use_reference else None
         train_step, state = make_train_step(settings, optimizer, self.mesh, params)
         if reference is not None:
             reference = jax.device_put(reference, train_step.shardings.params)
@@ -205,7 +259,10 @@ class Trainer:
         if cfg.resume and checkpointer.latest_step() is not None:
             state, meta = checkpointer.restore(state)
             start = int(meta["step"])
-            self.echo(f"resumed from step {start}")
+            self.echo(f"resumed from step {start}" if start < cfg.steps else
+                      f"nothing to do: {self.run.root} is already at step {start} of {cfg.steps}")
+        elif cfg.resume:
+            self.echo(f"no checkpoint in {self.run.checkpoints}: starting at step 0")
         tasks = envlib.task_stream(cfg, self.env, cfg.steps * cfg.algorithm.prompts_per_step)
         previous = signal.signal(signal.SIGTERM, lambda *_: setattr(self.stop, "requested", True))
         try:
@@ -223,6 +280,8 @@ class Trainer:
                                 detokenize=self.env.tokenizer.decode, prefix_reuse=False, seed=cfg.seed)
         pool = ToolPool()
         tb = TensorBoardLogger(self.run.tensorboard)
+        if start:  # TensorBoard then drops what a killed run logged after its last checkpoint
+            tb.restart(start + 1)
         progress = _progress(cfg, start)
         pending = None
         scalars: dict[str, float] = {}
@@ -254,6 +313,9 @@ class Trainer:
                                      cost=f"{scalars['rollout/cost_usd']:.5f}")
                 if self.stop.requested:
                     checkpointer.wait()
+                    if checkpointer.latest_step() != step + 1:  # SIGTERM came after the save was decided
+                        checkpointer.save(step + 1, state, meta, force=True)
+                        checkpointer.wait()
                     self.echo(f"SIGTERM: saved step {step + 1}, exiting")
                     return TERMINATED
             checkpointer.wait()

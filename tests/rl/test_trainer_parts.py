@@ -40,3 +40,77 @@ def test_malformed_turns_lose_their_tokens():
     (sample,) = rl_samples(config, [traj], np.array([0.7]), np.array([1.0]), np.array([True]))
     assert sample.advantage == 0.7 and sample.loss_mask.tolist() == [0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0]
     assert rl_samples(config, [traj], np.array([0.7]), np.array([1.0]), np.array([False])) == []
+
+
+# ------------------------------------------------------------------------------------ run directories
+
+
+def _run(tmp_path, **changes):
+    import dataclasses
+
+    from orchestra_jax.config import save_config
+    from orchestra_jax.runlog import create_run_dir
+
+    run = create_run_dir(tmp_path / "run")
+    config = dataclasses.replace(preset("test-tiny"), run_dir=str(run.root), **changes)
+    save_config(config, run.config_path)
+    (run.checkpoints / "3").mkdir()  # what a finished checkpoint leaves
+    return run, config
+
+
+def test_a_new_run_never_starts_over_an_old_one(tmp_path):
+    import dataclasses
+
+    import pytest
+
+    from orchestra_jax.config import ConfigError
+    from orchestra_jax.rl.trainer import check_run_dir
+
+    run, config = _run(tmp_path)
+    with pytest.raises(ConfigError, match=r"already holds a run: pass --resume"):
+        check_run_dir(config, run)
+    check_run_dir(dataclasses.replace(config, resume=True, steps=config.steps + 5), run)  # a longer run: fine
+
+
+def test_resume_refuses_other_settings_and_names_the_first(tmp_path):
+    import dataclasses
+
+    import pytest
+
+    from orchestra_jax.config import ConfigError
+    from orchestra_jax.rl.trainer import check_run_dir
+
+    run, config = _run(tmp_path)
+    other = dataclasses.replace(config, resume=True, seed=config.seed + 1,
+                                optimizer=dataclasses.replace(config.optimizer, lr=0.5))
+    with pytest.raises(ConfigError, match=rf"--resume: optimizer.lr is 0.5 here but {config.optimizer.lr!r} in "):
+        check_run_dir(other, run)
+    resumed = dataclasses.replace(config, resume=True, logging=dataclasses.replace(config.logging, every_steps=7),
+                                  checkpoint=dataclasses.replace(config.checkpoint, keep=9))
+    check_run_dir(resumed, run)
+
+
+def test_a_checkpoint_directory_source_starts_from_its_weights(tmp_path, shared_data):
+    """--model.source DIR (an HF checkpoint) trains from DIR's weights, not a random init."""
+    import dataclasses
+    import shutil
+
+    import jax
+
+    from orchestra_jax.models import init_params, save_pretrained
+    from orchestra_jax.models.transformer_config import get_preset
+    from orchestra_jax.rl.checkpoint import params_digest
+    from orchestra_jax.rl.trainer import Trainer
+
+    qwen3 = shared_data / "qwen3"
+    source = tmp_path / "source"
+    model = dataclasses.replace(get_preset("qwen3-tiny"), vocab_size=151936)
+    params = init_params(model, jax.random.key(np.random.randint(1 << 30)))
+    save_pretrained(model, params, source)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(qwen3 / name, source / name)
+    config = preset("test-tiny")
+    config = dataclasses.replace(config, run_dir=str(tmp_path / "run"), model=dataclasses.replace(
+        config.model, source=str(source)), algorithm=dataclasses.replace(config.algorithm, sft_steps=0))
+    trainer = Trainer(config, echo=lambda *_: None)
+    assert params_digest(trainer.initial_params()) == params_digest(params)
