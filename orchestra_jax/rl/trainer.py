@@ -146,7 +146,7 @@ def check_run_dir(config: TrainConfig, run: RunDir) -> None:
         saved = json.loads(run.config_path.read_text())
     except (OSError, ValueError) as e:
         raise ConfigError(f"{run.config_path}: unreadable ({type(e).__name__})") from None
-    for key, ours, theirs in _differences(to_dict(config), saved):
+    for key, ours, theirs in _differences(json.loads(json.dumps(to_dict(config))), saved):  # tuples as lists
         if not any(key == r or key.startswith(r + ".") for r in RESUMABLE):
             raise ConfigError(f"--resume: {key} is {ours!r} here but {theirs!r} in {run.config_path}; resume with "
                               "the run's own settings (only steps, logging, checkpoint and mesh may change)")
@@ -160,7 +160,7 @@ def _differences(ours: dict, theirs: dict, prefix: str = "") -> list[tuple[str, 
         a, b, name = ours[key], theirs[key], f"{prefix}{key}"
         if isinstance(a, dict) and isinstance(b, dict):
             out += _differences(a, b, name + ".")
-        elif a != b and not (isinstance(a, (list, tuple)) and list(a) == b):
+        elif a != b:
             out.append((name, a, b))
     return sorted(out)
 

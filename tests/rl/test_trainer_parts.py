@@ -114,3 +114,28 @@ def test_a_checkpoint_directory_source_starts_from_its_weights(tmp_path, shared_
         config.model, source=str(source)), algorithm=dataclasses.replace(config.algorithm, sft_steps=0))
     trainer = Trainer(config, echo=lambda *_: None)
     assert params_digest(trainer.initial_params()) == params_digest(params)
+
+
+def test_sigterm_after_a_save_was_skipped_still_saves_that_step(tmp_path, monkeypatch):
+    import dataclasses
+
+    from orchestra_jax.rl import trainer as T
+    from orchestra_jax.rl.checkpoint import Checkpointer
+
+    tiny = preset("test-tiny")
+    config = dataclasses.replace(tiny, run_dir=str(tmp_path / "run"), steps=3,
+                                 checkpoint=dataclasses.replace(tiny.checkpoint, every_steps=10))
+    trainer = T.Trainer(config, echo=lambda *_: None)
+    original = Checkpointer.save
+
+    def save(self, step, state, meta, *, force=False):
+        saved = original(self, step, state, meta, force=force)
+        if step == 2:  # SIGTERM lands while step 2's save is being decided (skipped: not every 10th step)
+            trainer.stop.requested = True
+        return saved
+
+    monkeypatch.setattr(Checkpointer, "save", save)
+    assert trainer.train() == T.TERMINATED
+    checkpointer = Checkpointer(tmp_path / "run" / "ckpt", config.checkpoint)
+    assert checkpointer.all_steps() == [1, 2]
+    checkpointer.close()
