@@ -130,6 +130,15 @@ def test_plan_activations_match_a_hand_count():
     assert activations(_with(config, "model.compute_dtype", "float32")) == gib(4, layers + 17)
 
 
+def test_a_dry_run_plans_for_the_mesh_asked_for_on_a_smaller_host():
+    from orchestra_jax.rl import plan
+
+    config = _with(_with(_with(C.orchestrator_8b(), "mesh.data", 2), "mesh.fsdp", 16), "mesh.tensor", 1)
+    text = plan.describe(config, 1)
+    assert "this host has 1 device(s); estimated for the 32 the mesh asks for" in text
+    assert '"devices": 32' in text and '"fsdp": 16' in text
+
+
 def test_batch_must_divide_over_data_axes():
     config = dataclasses.replace(
         C.cpu_demo(),

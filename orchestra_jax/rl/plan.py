@@ -74,9 +74,13 @@ def estimate(config: TrainConfig, num_devices: int, accelerator: str = "H100") -
 def describe(config: TrainConfig, num_devices: int) -> str:
     """The printable plan: the data flow, then the estimate as JSON."""
     note = ""
-    if num_devices < 8 and config.mesh.data * config.mesh.fsdp * config.mesh.tensor < 0:
+    asked = config.mesh.data * config.mesh.fsdp * config.mesh.tensor
+    if num_devices < 8 and asked < 0:
         note = f" (this host has {num_devices} device(s); estimated for a node of 8)"
         num_devices = 8
+    elif asked > num_devices:  # every axis given: plan for the mesh asked for, not this host
+        note = f" (this host has {num_devices} device(s); estimated for the {asked} the mesh asks for)"
+        num_devices = asked
     est = estimate(config, num_devices)
     a, r = config.algorithm, config.rollout
     lines = [

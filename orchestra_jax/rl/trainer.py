@@ -173,6 +173,8 @@ class Trainer:
         self.run: RunDir = create_run_dir(config.run_dir or f"runs/{config.name}")
         self._lock = lock_run_dir(self.run)
         check_run_dir(config, self.run)  # before config.json is overwritten
+        for stale in self.run.trajectories.glob(".step_*.jsonl-*"):  # a killed run's unfinished writes
+            stale.unlink()
         save_config(config, self.run.config_path)
         self.env = envlib.build_environment(config, self.run.root)
         self.model = envlib.model_config(config, self.env.tokenizer)
