@@ -46,6 +46,7 @@ def digest(run_dir):
 def test_dry_run_prints_plan_mesh_and_estimate_without_weights():
     out = cli("train", "--preset", "orchestrator-8b", "--dry-run", check=True).stdout
     assert "plan for 'orchestrator-8b'" in out and "16 prompts x 8" in out
+    assert "weights: a random init ('Qwen/Qwen3-8B' names a preset here" in out  # no such directory here
     estimate = json.loads(out[out.index("{"):])
     assert estimate["model"]["params"] > 8e9 and estimate["mesh"]["fsdp"] >= 1
     assert 10 < estimate["memory_gib_per_device"]["total"] < 80

@@ -83,8 +83,15 @@ def describe(config: TrainConfig, num_devices: int) -> str:
         num_devices = asked
     est = estimate(config, num_devices)
     a, r = config.algorithm, config.rollout
+    from orchestra_jax.rl import environment as envlib
+
+    pretrained = envlib.pretrained_dir(config)
+    weights = (f"those of {pretrained}" if pretrained else
+               f"a random init ({config.model.source!r} names a preset here; --model.source DIR, an HF checkpoint "
+               "directory, starts from its weights)")
     lines = [
         f"plan for {config.name!r}: {config.steps} steps of {a.name.upper()}",
+        f"  weights: {weights}",
         f"  rollouts: {a.prompts_per_step} prompts x {a.group_size} from {config.env.tasks} "
         f"on the {r.engine} engine ({r.endpoints_file or 'in process'}), <= {config.env.max_turns} turns, "
         f"{r.max_new_tokens} new tokens a turn, context {r.max_context}",
