@@ -89,16 +89,17 @@ def model_config(config: TrainConfig, tokenizer: Tokenizer | None) -> Transforme
         if model.vocab_size < (tokenizer.vocab_size if tokenizer is not None else 0):
             raise ConfigError(f"model.source: {source} has {model.vocab_size} ids, the tokenizer {tokenizer.vocab_size}")
         return model
-    name = Path(source).name.lower()
-    if name in MODEL_PRESETS:
-        return get_preset(name)
-    config_json = Path(source) / "config.json"
-    if config_json.is_file():
+    pretrained = pretrained_dir(config)
+    if pretrained is not None:  # the shapes of the weights the run will load
         import json
 
         from orchestra_jax.models.transformer_config import from_hf_config
 
+        config_json = pretrained / "config.json"
         return from_hf_config(json.loads(config_json.read_text()), source=str(config_json))
+    name = Path(source).name.lower()
+    if name in MODEL_PRESETS:
+        return get_preset(name)
     raise ConfigError(f"model.source: {source!r} is neither a model preset nor a directory with config.json")
 
 
