@@ -213,7 +213,8 @@ def cmd_sft(argv: Sequence[str]) -> int:
 
     Flags: --data FILE (required), --tokenizer DIR (sizes the preset's vocabulary), any TrainConfig flag;
     --steps is the number of SFT steps, --algorithm.sft-lr the learning rate; --dry-run checks the data and
-    prints the plan without initialising params or writing anything.
+    prints the plan without initialising params or writing anything. SIGTERM saves the step reached and exits
+    with 143; --resume goes on from it.
     """
     data, rest = _pop_flag(argv, "--data")
     tokenizer_dir, rest = _pop_flag(rest, "--tokenizer")
@@ -224,14 +225,15 @@ def cmd_sft(argv: Sequence[str]) -> int:
         raise UsageError("--data FILE.jsonl is required (trajectories or {token_ids, loss_mask} rows)")
     from orchestra_jax.models.tokenizer import TokenizerError
     from orchestra_jax.rl import commands
+    from orchestra_jax.rl.checkpoint import CheckpointError
     from orchestra_jax.rl.sft import DemonstrationError
 
     try:
         if config.dry_run:
             print(commands.sft_plan(config, data, tokenizer_dir))
-        else:
-            commands.run_sft(config, data, tokenizer_dir)
-    except (DemonstrationError, config_lib.ConfigError, OSError, TokenizerError) as e:
+        elif commands.run_sft(config, data, tokenizer_dir).get("terminated"):
+            return 143  # SIGTERM: saved, as `train` does
+    except (DemonstrationError, config_lib.ConfigError, OSError, TokenizerError, CheckpointError) as e:
         raise UsageError(str(e).splitlines()[0]) from None
     return 0
 

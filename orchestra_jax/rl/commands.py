@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import signal
 from pathlib import Path
 
 import jax
@@ -18,7 +19,7 @@ from orchestra_jax.rl.checkpoint import Checkpointer, load_params, param_count, 
 from orchestra_jax.rl.optimizer import make_optimizer
 from orchestra_jax.rl.sft import load_demonstrations, sft_train
 from orchestra_jax.rl.train_step import make_train_step
-from orchestra_jax.runlog import TensorBoardLogger, create_run_dir
+from orchestra_jax.runlog import TensorBoardLogger, create_run_dir, lock_run_dir
 
 
 def checkpoint_summary(run_dir: str | Path) -> dict:
@@ -58,11 +59,25 @@ def sft_plan(config: TrainConfig, data: str, tokenizer_dir: str | None) -> str:
 
 def run_sft(config: TrainConfig, data: str, tokenizer_dir: str | None, *, echo=print) -> dict:
     """Train `config.model.source` (a preset) on a JSONL of demonstrations for `config.steps` steps at
-    `algorithm.sft_lr`; saves the result as an orbax checkpoint under the run directory."""
+    `algorithm.sft_lr`; saves the result as an orbax checkpoint under the run directory. SIGTERM saves the step
+    reached and stops ("terminated" in the summary); --resume goes on from the run's checkpoint."""
     from orchestra_jax.rl.trainer import step_settings
 
     model, samples = _sft_inputs(config, data, tokenizer_dir)
     run = create_run_dir(_sft_run_dir(config))
+    lock = lock_run_dir(run)
+    checkpointer = Checkpointer(run.checkpoints, dataclasses.replace(CheckpointConfig(), async_save=False))
+    try:
+        return _sft_run(config, model, samples, data, run, checkpointer, echo, step_settings)
+    finally:
+        checkpointer.close()
+        lock.close()
+
+
+def _sft_run(config, model, samples, data, run, checkpointer, echo, step_settings) -> dict:
+    if checkpointer.latest_step() is not None and not config.resume:
+        raise ConfigError(f"run directory {run.root} already holds an SFT run: pass --resume to continue it, or "
+                          "choose another --run-dir")
     save_config(config, run.config_path)
     optimizer = make_optimizer(
         OptimizerConfig(lr=config.algorithm.sft_lr, schedule="cosine", warmup_steps=max(config.steps // 10, 1),
@@ -72,20 +87,39 @@ def run_sft(config: TrainConfig, data: str, tokenizer_dir: str | None, *, echo=p
     mesh = make_mesh(config.mesh)
     step, state = make_train_step(step_settings(config, model, sft=True), optimizer, mesh,
                                   init_params(model, jax.random.key(config.seed)))
-    with TensorBoardLogger(run.tensorboard) as tb:
-        def on_step(i: int, metrics: dict) -> None:
-            tb.scalars({"sft/nll": metrics["nll"], "sft/grad_norm": metrics["grad_norm"]}, i + 1)
-            if i % 10 == 0 or i + 1 == config.steps:
-                echo(f"sft step {i + 1}/{config.steps}: nll {metrics['nll']:.4f}")
+    start = 0
+    if checkpointer.latest_step() is not None:
+        state, meta = checkpointer.restore(state)
+        start = int(meta["step"])
+        echo(f"resumed from step {start}")
+    stop = []
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    try:
+        with TensorBoardLogger(run.tensorboard) as tb:
+            if start:
+                tb.restart(start + 1)
 
-        state, history = sft_train(step, state, samples, steps=config.steps,
-                                   batch_size=config.algorithm.sft_batch_size,
-                                   micro_batch_size=config.algorithm.micro_batch_size,
-                                   max_row_len=config.rollout.max_context, seed=config.seed, on_step=on_step)
-    checkpointer = Checkpointer(run.checkpoints, dataclasses.replace(CheckpointConfig(), async_save=False))
-    checkpointer.save(config.steps, state, {"seed": config.seed, "data_position": 0, "sft_data": str(data)}, force=True)
-    checkpointer.close()
-    summary = {"run_dir": str(run.root), "steps": config.steps, "demonstrations": len(samples),
-               "first_nll": history[0]["nll"], "last_nll": history[-1]["nll"]}
+            def on_step(i: int, metrics: dict) -> None:
+                tb.scalars({"sft/nll": metrics["nll"], "sft/grad_norm": metrics["grad_norm"]}, i + 1)
+                if i % 10 == 0 or i + 1 == config.steps:
+                    echo(f"sft step {i + 1}/{config.steps}: nll {metrics['nll']:.4f}")
+
+            state, history = sft_train(step, state, samples, steps=config.steps,
+                                       batch_size=config.algorithm.sft_batch_size,
+                                       micro_batch_size=config.algorithm.micro_batch_size,
+                                       max_row_len=config.rollout.max_context, seed=config.seed, on_step=on_step,
+                                       start=start, stop=lambda: bool(stop))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    done = start + len(history)
+    if history:
+        meta = {"seed": config.seed, "data_position": 0, "sft_data": str(data)}
+        checkpointer.save(done, state, meta, force=True)
+    summary = {"run_dir": str(run.root), "steps": done, "demonstrations": len(samples)}
+    if history:
+        summary.update(first_nll=history[0]["nll"], last_nll=history[-1]["nll"])
+    if done < config.steps:
+        summary["terminated"] = True
+        echo(f"SIGTERM: saved step {done} of {config.steps}, exiting")
     echo(json.dumps(summary))
     return summary

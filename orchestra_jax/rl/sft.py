@@ -72,8 +72,12 @@ def sft_train(
     max_row_len: int,
     seed: int = 0,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    start: int = 0,
+    stop: Callable[[], bool] | None = None,
 ) -> tuple[TrainState, list[dict[str, float]]]:
-    """`steps` updates on batches drawn (seeded, epoch by epoch without replacement) from `samples`."""
+    """Updates `start` .. `steps - 1` on batches drawn (seeded, epoch by epoch without replacement) from
+    `samples`; step k gets the same batch whatever `start` is, so a resumed warm start goes on exactly. Returns
+    early, before a step, once `stop()` says so (len(history) tells how far it got)."""
     if not samples:
         raise DemonstrationError("SFT needs at least one demonstration")
     rng = np.random.default_rng([seed, 17])
@@ -83,6 +87,10 @@ def sft_train(
         while len(order) < batch_size:
             order.extend(rng.permutation(len(samples)).tolist())
         chosen, order = order[:batch_size], order[batch_size:]
+        if step < start:
+            continue
+        if stop is not None and stop():
+            break
         batch = pack([samples[i] for i in chosen], micro_batch_size=micro_batch_size, max_row_len=max_row_len)
         state, metrics = train_step(state, batch.arrays)
         metrics["nll"] = -metrics["logprob"]

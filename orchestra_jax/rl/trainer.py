@@ -6,7 +6,7 @@ rollouts (episodes on the engine) -> reward -> filters and advantages -> packed 
 Determinism: step s plays tasks [s P, (s + 1) P) of a seeded stream with request seeds derived from
 (seed, step, task, rollout, turn), so a resumed run replays exactly what an uninterrupted one would have done
 (bitwise on CPU when the reward does not read the wall clock, as with `test-tiny`). SIGTERM finishes the
-current step, saves a checkpoint and returns 143.
+current step (RL or SFT warm start), saves a checkpoint and returns 143.
 """
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import shutil
 import signal
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -24,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from orchestra_jax.config import ConfigError, TrainConfig, save_config, to_dict
+from orchestra_jax.config import CheckpointConfig, ConfigError, TrainConfig, save_config, to_dict
 from orchestra_jax.env.episode import ToolPool, run_episodes
 from orchestra_jax.env.tasks_cpu import demonstrations
 from orchestra_jax.models.hf_io import load_pretrained
@@ -47,9 +49,13 @@ TERMINATED = 143
 
 @dataclass
 class _Stop:
-    """Set by the SIGTERM handler; the loop checks it between steps."""
+    """Set by the SIGTERM handler; the loops (SFT and RL) check it between steps."""
 
     requested: bool = False
+
+
+class _Terminated(Exception):
+    """SIGTERM handled: what was saved, for the console."""
 
 
 def step_settings(config: TrainConfig, model: Any, *, sft: bool = False) -> StepSettings:
@@ -134,7 +140,8 @@ RESUMABLE = ("steps", "resume", "dry_run", "run_dir", "logging", "checkpoint", "
 
 def check_run_dir(config: TrainConfig, run: RunDir) -> None:
     """Refuse to start a new run over a directory that holds one, and to resume one under other settings."""
-    holds_run = (run.root / "init").is_dir() or any(p.name.isdigit() for p in run.checkpoints.iterdir())
+    holds_run = ((run.root / "init").is_dir() or (run.root / "sft_ckpt").is_dir()
+                 or any(p.name.isdigit() for p in run.checkpoints.iterdir()))
     if not config.resume:
         if holds_run:
             raise ConfigError(f"run directory {run.root} already holds a run: pass --resume to continue it, or "
@@ -203,7 +210,12 @@ class Trainer:
             if self.config.algorithm.sft_steps > 0:
                 params = self.warm_start(params)
             checkpointer.save(init_dir, params)
+        shutil.rmtree(self._sft_checkpoints, ignore_errors=True)  # run/init supersedes it
         return params
+
+    @property
+    def _sft_checkpoints(self) -> Path:
+        return self.run.root / "sft_ckpt"
 
     def warm_start(self, params: Any) -> Any:
         cfg = self.config
@@ -225,16 +237,36 @@ class Trainer:
         step, state = make_train_step(step_settings(cfg, self.model, sft=True), optimizer, self.mesh, params)
         correct = sum(t.correct for t in trajectories)
         self.echo(f"sft: {len(samples)} demonstrations ({correct} correct), {cfg.algorithm.sft_steps} steps")
+        # A SIGTERM mid-way saves the SFT state here; --resume goes on from it (the demonstrations are seeded,
+        # so they come out the same again).
+        saved = Checkpointer(self._sft_checkpoints, CheckpointConfig(every_steps=1, keep=1, async_save=False))
+        start = 0
+        if saved.latest_step() is not None:
+            state, meta = saved.restore(state)
+            start = int(meta["step"])
+            self.echo(f"sft: resumed from step {start}")
         with TensorBoardLogger(self.run.tensorboard / "sft") as tb:
+            if start:
+                tb.restart(start)
+
             def on_step(i: int, metrics: dict[str, float]) -> None:
                 tb.scalars({"sft/nll": metrics["nll"], "sft/grad_norm": metrics["grad_norm"]}, i)
                 if i % 20 == 0 or i == cfg.algorithm.sft_steps - 1:
                     self.echo(f"sft step {i}: nll {metrics['nll']:.4f}")
                     tb.flush()
 
-            state, _ = sft_train(step, state, samples, steps=cfg.algorithm.sft_steps, batch_size=cfg.algorithm.sft_batch_size,
-                                 micro_batch_size=cfg.algorithm.micro_batch_size, max_row_len=cfg.rollout.max_context,
-                                 seed=cfg.seed, on_step=on_step)
+            state, history = sft_train(step, state, samples, steps=cfg.algorithm.sft_steps,
+                                       batch_size=cfg.algorithm.sft_batch_size,
+                                       micro_batch_size=cfg.algorithm.micro_batch_size,
+                                       max_row_len=cfg.rollout.max_context, seed=cfg.seed, on_step=on_step,
+                                       start=start, stop=lambda: self.stop.requested)
+        done = start + len(history)
+        if done < cfg.algorithm.sft_steps:  # stopped by SIGTERM
+            if done > start:
+                saved.save(done, state, {"seed": cfg.seed}, force=True)
+            saved.close()
+            raise _Terminated(f"SIGTERM: saved SFT step {done} of {cfg.algorithm.sft_steps}, exiting")
+        saved.close()
         return jax.device_get(state.params)
 
     # ---- the RL loop ----------------------------------------------------------------------------------------------
@@ -244,8 +276,20 @@ class Trainer:
         return self.config.algorithm.epochs * self.config.algorithm.mini_batches
 
     def train(self) -> int:
+        previous = signal.signal(signal.SIGTERM, lambda *_: setattr(self.stop, "requested", True))
+        try:
+            return self._train()
+        except _Terminated as stopped:
+            self.echo(str(stopped))
+            return TERMINATED
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def _train(self) -> int:
         cfg = self.config
         params = self.initial_params()
+        if self.stop.requested:  # SIGTERM during the warm start's last step: run/init holds it
+            raise _Terminated("SIGTERM: saved the warm start, exiting")
         optimizer = make_optimizer(cfg.optimizer, cfg.steps * self.updates_per_step)
         settings = step_settings(cfg, self.model)
         # The frozen reference in the compute dtype, which its forward casts every weight to anyway (a copy: the
@@ -263,16 +307,27 @@ class Trainer:
             start = int(meta["step"])
             self.echo(f"resumed from step {start}" if start < cfg.steps else
                       f"nothing to do: {self.run.root} is already at step {start} of {cfg.steps}")
+            self._note_stretched_schedule(meta.get("config", {}).get("steps"), start)
         elif cfg.resume:
             self.echo(f"no checkpoint in {self.run.checkpoints}: starting at step 0")
         tasks = envlib.task_stream(cfg, self.env, cfg.steps * cfg.algorithm.prompts_per_step)
-        previous = signal.signal(signal.SIGTERM, lambda *_: setattr(self.stop, "requested", True))
         try:
             return asyncio.run(self._loop(state, train_step, logprob_fn, reference, checkpointer, tasks, start,
                                           make_schedule(cfg.optimizer, cfg.steps * self.updates_per_step)))
         finally:
-            signal.signal(signal.SIGTERM, previous)
             checkpointer.close()
+
+    def _note_stretched_schedule(self, saved_steps: int | None, start: int) -> None:
+        """A cosine schedule spans the run's --steps, so resuming with another --steps bends it mid-run: say so."""
+        cfg = self.config
+        if cfg.optimizer.schedule != "cosine" or saved_steps in (None, cfg.steps) or start >= cfg.steps:
+            return
+        at = start * self.updates_per_step
+        before = make_schedule(cfg.optimizer, saved_steps * self.updates_per_step)(at)
+        after = make_schedule(cfg.optimizer, cfg.steps * self.updates_per_step)(at)
+        self.echo(f"note: --steps {cfg.steps} (the run began with {saved_steps}) stretches the cosine schedule: "
+                  f"the learning rate at step {start} goes from {float(before):.3g} to {float(after):.3g}, so the "
+                  "run is not the one an uninterrupted --steps run would have been")
 
     async def _loop(self, state, train_step: TrainStep, logprob_fn, reference, checkpointer: Checkpointer,
                     tasks: list, start: int, schedule) -> int:

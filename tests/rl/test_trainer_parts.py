@@ -139,3 +139,55 @@ def test_sigterm_after_a_save_was_skipped_still_saves_that_step(tmp_path, monkey
     checkpointer = Checkpointer(tmp_path / "run" / "ckpt", config.checkpoint)
     assert checkpointer.all_steps() == [1, 2]
     checkpointer.close()
+
+
+def test_sigterm_during_the_warm_start_saves_it_and_resume_goes_on_exactly(tmp_path):
+    """SIGTERM mid-SFT saves the SFT state; --resume finishes the warm start with bitwise the same weights."""
+    import dataclasses
+    import os
+    import signal
+
+    import pytest
+
+    from orchestra_jax.config import ConfigError
+    from orchestra_jax.rl import trainer as T
+    from orchestra_jax.rl.checkpoint import params_digest
+
+    tiny = preset("test-tiny")
+    config = dataclasses.replace(tiny, run_dir=str(tmp_path / "run"), algorithm=dataclasses.replace(
+        tiny.algorithm, sft_steps=3, sft_demonstrations=8, sft_batch_size=4))
+    whole = T.Trainer(dataclasses.replace(config, run_dir=str(tmp_path / "whole")), echo=lambda *_: None)
+    expected = params_digest(whole.initial_params())
+
+    def echo(line):
+        if line.startswith("sft step 0"):  # the handler must already be in place: a real signal
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    cut = T.Trainer(config, echo=echo)
+    assert cut.train() == T.TERMINATED
+    cut._lock.close()
+    run = tmp_path / "run"
+    assert not (run / "init").exists() and [p.name for p in (run / "sft_ckpt").iterdir()] == ["1"]
+    with pytest.raises(ConfigError, match="already holds a run"):
+        T.Trainer(config, echo=lambda *_: None)
+    lines = []
+    resumed = T.Trainer(dataclasses.replace(config, resume=True), echo=lines.append)
+    assert params_digest(resumed.initial_params()) == expected
+    assert "sft: resumed from step 1" in lines and not (run / "sft_ckpt").exists()
+
+
+def test_resuming_with_other_steps_says_how_it_bends_a_cosine_schedule(tmp_path):
+    import dataclasses
+
+    from orchestra_jax.rl.trainer import Trainer
+
+    tiny = preset("test-tiny")
+    lines = []
+    config = dataclasses.replace(tiny, run_dir=str(tmp_path / "run"), steps=20,
+                                 optimizer=dataclasses.replace(tiny.optimizer, schedule="cosine", lr=0.1))
+    trainer = Trainer(config, echo=lines.append)
+    trainer._note_stretched_schedule(20, 10)  # same steps: nothing to say
+    trainer._note_stretched_schedule(10, 10)  # began with --steps 10, resumed at 10 with --steps 20
+    assert lines == ["note: --steps 20 (the run began with 10) stretches the cosine schedule: the learning rate at "
+                     "step 10 goes from 0 to 0.05, so the run is not the one an uninterrupted --steps run would have "
+                     "been"]
