@@ -118,9 +118,10 @@ class AlgorithmConfig:
     kl_coef: float = 1e-4
     kl_estimator: Literal["k1", "k2", "k3"] = "k2"
     kl_in_reward: bool = False
-    """Take the KL out of the loss and lower each token's advantage by kl_coef x KL (no gradient) instead. Unlike
-    verl's use_kl_in_reward, the penalty is not summed into the rollout's reward before the group normalisation,
-    and it is taken against the policy being updated, not the one that sampled."""
+    """Take the KL out of the loss and into the reward, as verl's use_kl_in_reward: GRPO normalises each group's
+    reward - kl_coef x KL (summed over the rollout's policy tokens); PPO lowers each token's GAE reward by
+    kl_coef x its KL. The KL is the engine's (behaviour) log-probs against the reference's, so it is that of the
+    policy that sampled."""
     entropy_coef: float = 0.0
     loss_aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
     tis_cap: float | None = None

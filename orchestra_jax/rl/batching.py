@@ -26,7 +26,8 @@ class Sample:
     """One training sequence: token ids, which tokens the policy produced (loss mask), its advantage.
 
     behaviour_logprobs (same length as token_ids; anything where the mask is 0) are the engine's log-probs of
-    the sampled tokens; reward is the scalar outcome placed on the last policy token (used by PPO's GAE).
+    the sampled tokens; reward is the scalar outcome placed on the last policy token (used by PPO's GAE);
+    ref_logprobs, laid out like behaviour_logprobs, are the frozen reference's (for the KL).
     """
 
     token_ids: np.ndarray
@@ -34,6 +35,7 @@ class Sample:
     advantage: float
     behaviour_logprobs: np.ndarray | None = None
     reward: float = 0.0
+    ref_logprobs: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,19 @@ class PackedBatch:
     num_loss_tokens: int
     num_tokens: int
     truncated: int
+    spans: tuple[tuple[int, int, int, int, int], ...] = ()
+    """Where each sample landed, in the samples' order: (micro-batch, row, offset, tokens kept, its length)."""
+
+    def per_sample(self, values: np.ndarray) -> list[np.ndarray]:
+        """Split a [micro_batches, rows, row_len] array of per-position values (position i: the log-prob of
+        token i + 1, as the step computes them) back into per-sample arrays laid out like
+        Sample.behaviour_logprobs (index k: token k; 0 at k = 0 and past a truncation)."""
+        out = []
+        for m, r, offset, n, length in self.spans:
+            sample = np.zeros(length, np.float32)
+            sample[1:n] = values[m, r, offset : offset + n - 1]
+            out.append(sample)
+        return out
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -117,6 +132,10 @@ def pack(
         "behaviour_logprobs": np.zeros((total_rows, row_len), np.float32),
         "rewards": np.zeros((total_rows, row_len), np.float32),
     }
+    with_reference = bool(samples) and all(s.ref_logprobs is not None for s in samples)
+    if with_reference:
+        out["ref_logprobs"] = np.zeros((total_rows, row_len), np.float32)
+    spans = [(0, 0, 0, 0, 0)] * len(samples)
     for r, members in enumerate(rows):
         offset = 0
         for segment, i in enumerate(members, start=1):
@@ -133,17 +152,22 @@ def pack(
             out["advantages"][r, offset : offset + n - 1] = s.advantage * (mask > 0)
             if s.behaviour_logprobs is not None:
                 out["behaviour_logprobs"][r, offset : offset + n - 1] = np.asarray(s.behaviour_logprobs[:n])[1:]
+            if with_reference:
+                out["ref_logprobs"][r, offset : offset + n - 1] = np.asarray(s.ref_logprobs[:n])[1:]
+            spans[i] = (r // micro_batch_size, r % micro_batch_size, offset, n, len(s.token_ids))
             policy = np.nonzero(mask > 0)[0]
             if policy.size:
                 out["rewards"][r, offset + policy[-1]] = s.reward
             offset += n
     num_loss_tokens = int(out["mask"].sum())
     out["weights"] = aggregation_weights(out["mask"], out["sequence"], aggregation)
-    arrays = {k: out[k].reshape(num_micro, micro_batch_size, row_len) for k in (*FIELDS, "mask")}
+    keys = (*FIELDS, "mask", "ref_logprobs") if with_reference else (*FIELDS, "mask")
+    arrays = {k: out[k].reshape(num_micro, micro_batch_size, row_len) for k in keys}
     return PackedBatch(
         arrays=arrays,
         num_samples=len(samples),
         num_loss_tokens=num_loss_tokens,
         num_tokens=int(sum(lengths)),
         truncated=int(truncated),
+        spans=tuple(spans),
     )

@@ -116,15 +116,14 @@ def policy_objective(
     """The per-token loss: surrogate x TIS weight + kl_coef KL (unless KL is in the reward) - entropy_coef H.
 
     `old_logp` defaults to stop_gradient(logp): one optimizer update per batch, so the recomputed old policy
-    is the current one. With KL in the reward the advantage is lowered by kl_coef x KL (no gradient) instead.
+    is the current one. With KL in the reward the trainer has already taken it into the advantages (GRPO) or
+    GAE's token rewards (PPO); here it is only measured.
     """
     old_logp = jax.lax.stop_gradient(logp) if old_logp is None else old_logp
     stats: dict[str, jax.Array] = {}
     if ref_logp is not None:
         kl = kl_estimate(logp, ref_logp, config.kl_estimator)
         stats["kl"] = jax.lax.stop_gradient(kl)
-        if config.kl_in_reward:
-            advantages = advantages - config.kl_coef * jax.lax.stop_gradient(kl)
     loss, surrogate_stats = clipped_surrogate(
         logp, old_logp, advantages, clip_low=config.clip_low, clip_high=config.clip_high, dual_clip=config.dual_clip
     )

@@ -6,7 +6,8 @@ One layer's working set is ~17 values per token and hidden unit (34 B in bf16, 6
 transformer estimate). Full remat keeps one [tokens, hidden] residual per layer plus one layer's working set;
 'none' and 'dots' are counted as keeping every layer's working set. Plus the [tokens, vocab-tile] log-prob
 working set.
-Time: 6 x params x tokens FLOPs per update (+2 x for the reference forward) over devices x peak x MFU.
+Time: 6 x params x tokens FLOPs per epoch over the step's samples (+2 x, once a step, for the reference's
+forward) over devices x peak x MFU.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def estimate(config: TrainConfig, num_devices: int, accelerator: str = "H100") -
         activation_bytes = value_bytes * 17 * layers
     logprob_bytes = micro_tokens * 4096 * 4
     total = state_bytes + reference_bytes + activation_bytes + logprob_bytes
-    flops = (6 + (2 if config.algorithm.kl_coef > 0 else 0)) * params * tokens_per_step
+    flops = (6 * config.algorithm.epochs + (2 if config.algorithm.kl_coef > 0 else 0)) * params * tokens_per_step
     seconds = flops / (num_devices * PEAK_FLOPS[accelerator] * ASSUMED_MFU)
     return {
         "model": {"source": config.model.source, "family": model.family, "params": params, "layers": layers,

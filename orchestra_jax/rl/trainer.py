@@ -35,7 +35,7 @@ from orchestra_jax.parallel.mesh import make_mesh
 from orchestra_jax.rl import environment as envlib
 from orchestra_jax.rl.batching import Sample, pack, split_minibatches
 from orchestra_jax.rl.checkpoint import Checkpointer, CheckpointError
-from orchestra_jax.rl.losses import PolicyLossConfig
+from orchestra_jax.rl.losses import PolicyLossConfig, kl_estimate
 from orchestra_jax.rl.metrics import rollout_metrics
 from orchestra_jax.rl.optimizer import make_optimizer, make_schedule
 from orchestra_jax.rl.reward import group_advantages, keep_mask, multi_objective_reward
@@ -78,19 +78,34 @@ def step_settings(config: TrainConfig, model: Any, *, sft: bool = False) -> Step
 
 
 def rl_samples(config: TrainConfig, trajectories: list, advantages: np.ndarray, rewards: np.ndarray,
-               keep: np.ndarray) -> list[Sample]:
-    """Training samples of the kept trajectories; tokens of malformed turns lose their loss mask."""
+               keep: np.ndarray, ref_logprobs: list | None = None) -> list[Sample]:
+    """Training samples of the kept trajectories; tokens of malformed turns lose their loss mask.
+    `ref_logprobs`: per trajectory, its samples' reference log-probs (None for a trajectory not computed)."""
     out = []
-    for traj, adv, reward, kept in zip(trajectories, advantages, rewards, keep):
+    for t, (traj, adv, reward, kept) in enumerate(zip(trajectories, advantages, rewards, keep)):
         if not kept:
             continue
-        for sample in traj.samples:
+        for k, sample in enumerate(traj.samples):
             mask = np.asarray(sample.loss_mask, np.int32)
             if config.reward.drop_malformed_turns and any(traj.malformed_turns):
-                mask = _mask_malformed_turns(mask, traj.malformed_turns, len(traj.samples) > 1, traj.samples.index(sample))
+                mask = _mask_malformed_turns(mask, traj.malformed_turns, len(traj.samples) > 1, k)
+            ref = ref_logprobs[t][k] if ref_logprobs is not None else None
             out.append(Sample(np.asarray(sample.token_ids, np.int32), mask, float(adv),
-                              np.asarray(sample.behaviour_logprobs, np.float32), float(reward)))
+                              np.asarray(sample.behaviour_logprobs, np.float32), float(reward), ref))
     return out
+
+
+def trajectory_kl(trajectories: list, ref_logprobs: list, estimator: str) -> np.ndarray:
+    """Each rollout's KL to the reference, summed over its policy tokens: the engine's (behaviour) log-probs
+    against the reference's, per-token estimates as in the loss (verl sums the same into the reward)."""
+    totals = np.zeros(len(trajectories))
+    for t, (traj, refs) in enumerate(zip(trajectories, ref_logprobs)):
+        for sample, ref in zip(traj.samples, refs):
+            mask = np.asarray(sample.loss_mask) > 0
+            mask[0] = False  # token 0 has no log-prob
+            behaviour = np.asarray(sample.behaviour_logprobs, np.float32)
+            totals[t] += float(np.sum(np.asarray(kl_estimate(behaviour, ref, estimator))[mask]))
+    return totals
 
 
 def _mask_malformed_turns(mask: np.ndarray, malformed: tuple[bool, ...], per_turn: bool, index: int) -> np.ndarray:
@@ -107,8 +122,10 @@ def _mask_malformed_turns(mask: np.ndarray, malformed: tuple[bool, ...], per_tur
     return mask
 
 
-def score(config: TrainConfig, trajectories: list) -> tuple[np.ndarray, ...]:
-    """(rewards, advantages, keep) for one step's trajectories (DESIGN.md section 4)."""
+def score(config: TrainConfig, trajectories: list, kl: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+    """(rewards, advantages, keep) for one step's trajectories (DESIGN.md section 4). With `kl` (each rollout's
+    summed KL, algorithm.kl_in_reward) the advantages are those of reward - kl_coef x KL, as verl's
+    use_kl_in_reward; the rewards returned and the group filter stay the task's."""
     names = trajectories[0].tool_names
     counts = np.array([[t.tool_counts.get(n, 0) for n in names] for t in trajectories], np.float64)
     correct = np.array([t.correct for t in trajectories])
@@ -117,8 +134,9 @@ def score(config: TrainConfig, trajectories: list) -> tuple[np.ndarray, ...]:
     preference = np.array([t.preference for t in trajectories])
     groups = np.array([t.group_id for t in trajectories])
     rewards = multi_objective_reward(counts, correct, cost, latency, preference, groups, mode=config.reward.mode)
-    advantages = group_advantages(rewards, groups, eps=config.reward.advantage_eps, clip=config.reward.advantage_clip,
-                                  mode=config.reward.mode)
+    penalised = rewards if kl is None else rewards - config.algorithm.kl_coef * np.asarray(kl)
+    advantages = group_advantages(penalised, groups, eps=config.reward.advantage_eps,
+                                  clip=config.reward.advantage_clip, mode=config.reward.mode)
     keep = keep_mask(rewards, groups, [t.has_valid_answer for t in trajectories],
                      min_group_std=config.reward.min_group_std, drop_invalid_answers=config.reward.drop_invalid_answers,
                      mode=config.reward.mode)
@@ -394,29 +412,55 @@ class Trainer:
 
     async def _update(self, state, train_step, logprob_fn, reference, trajectories, timings, step):
         cfg = self.config
-        rewards, advantages, keep = score(cfg, trajectories)
+        timings["logprob"] = 0.0
+        ref, kl = None, None
+        if logprob_fn is not None and cfg.algorithm.kl_in_reward:  # every rollout's KL, before the reward
+            ref = await self._reference_logprobs(logprob_fn, reference, trajectories, timings)
+            if cfg.algorithm.name == "grpo":  # PPO takes it per token into GAE's rewards instead (_optimize)
+                kl = trajectory_kl(trajectories, ref, cfg.algorithm.kl_estimator)
+        rewards, advantages, keep = score(cfg, trajectories, kl)
         scalars = rollout_metrics(trajectories, rewards, advantages, keep)
         scalars["time/tools_s"] = float(sum(t.ledger.tool_latency_s for t in trajectories))
-        samples = rl_samples(cfg, trajectories, advantages, rewards, keep)
+        if kl is not None:
+            scalars["reward/kl_penalty"] = float(cfg.algorithm.kl_coef * np.mean(kl))
+        if logprob_fn is not None and ref is None:  # the kept rollouts' only
+            ref = await self._reference_logprobs(logprob_fn, reference,
+                                                 [t if k else None for t, k in zip(trajectories, keep)], timings)
+        samples = rl_samples(cfg, trajectories, advantages, rewards, keep, ref)
         scalars["train/samples"] = float(len(samples))
         if samples:
-            state, metrics, tokens, seconds = await self._optimize(state, train_step, logprob_fn, reference, samples,
-                                                                   timings, step)
+            state, metrics, tokens, seconds = await self._optimize(state, train_step, samples, timings, step)
             scalars.update({f"train/{k}": v for k, v in metrics.items()})
             scalars["train/tokens_per_s"] = tokens / max(seconds, 1e-9)
         else:
-            timings["logprob"] = timings["update"] = 0.0
+            timings["update"] = 0.0
             scalars["train/skipped_empty"] = 1.0
         texts = [(_trajectory_text(t, r)) for t, r in zip(trajectories[: cfg.logging.trajectories_per_step], rewards)]
         return state, scalars, (texts, rewards, advantages)
 
-    async def _optimize(self, state, train_step, logprob_fn, reference, samples, timings, step):
+    async def _reference_logprobs(self, logprob_fn, reference, trajectories: list, timings: dict) -> list:
+        """The frozen reference's log-probs of every sample of each trajectory (None: skip that one), in one
+        pass over them, whatever the epochs and mini-batches."""
+        cfg = self.config
+        chosen = [s for t in trajectories if t is not None for s in t.samples]
+        t0 = time.perf_counter()
+        per_sample = iter([])
+        if chosen:
+            batch = pack([Sample(np.asarray(s.token_ids, np.int32), np.asarray(s.loss_mask, np.int32), 0.0)
+                          for s in chosen], micro_batch_size=cfg.algorithm.micro_batch_size,
+                         max_row_len=cfg.rollout.max_context)
+            values = await asyncio.to_thread(logprob_fn, reference, batch.arrays)
+            per_sample = iter(batch.per_sample(values))
+        timings["logprob"] += time.perf_counter() - t0
+        return [None if t is None else [next(per_sample) for _ in t.samples] for t in trajectories]
+
+    async def _optimize(self, state, train_step, samples, timings, step):
         """epochs x mini_batches updates on one step's samples; old log-probs are the engine's (behaviour)
         ones, so every update's ratio is against the policy that sampled. Metrics are means over updates."""
         cfg = self.config
         algorithm = cfg.algorithm
         rng = np.random.default_rng((cfg.seed, step))
-        timings["logprob"] = timings["update"] = 0.0
+        timings["update"] = 0.0
         totals: dict[str, float] = {}
         tokens = padded = truncated = updates = 0
         for _ in range(algorithm.epochs):
@@ -425,10 +469,10 @@ class Trainer:
                              max_row_len=cfg.rollout.max_context, aggregation=algorithm.loss_aggregation,
                              one_per_row=algorithm.name == "ppo")
                 arrays = dict(batch.arrays)
-                t = time.perf_counter()
-                if logprob_fn is not None:
-                    arrays["ref_logprobs"] = await asyncio.to_thread(logprob_fn, reference, arrays)
-                timings["logprob"] += time.perf_counter() - t
+                if algorithm.kl_in_reward and algorithm.name == "ppo" and "ref_logprobs" in arrays:
+                    # verl's token-level KL penalty: each policy token's reward is lowered by kl_coef x its KL
+                    kl = kl_estimate(arrays["behaviour_logprobs"], arrays["ref_logprobs"], algorithm.kl_estimator)
+                    arrays["rewards"] = arrays["rewards"] - algorithm.kl_coef * np.asarray(kl) * arrays["mask"]
                 t = time.perf_counter()
                 state, metrics = await asyncio.to_thread(train_step, state, arrays)
                 timings["update"] += time.perf_counter() - t

@@ -70,3 +70,21 @@ def test_minibatches_partition_the_samples():
     assert max(map(len, chunks)) - min(map(len, chunks)) <= 1
     assert [c.tolist() for c in split_minibatches(n, 1, rng)] == [list(range(n))]  # one part: original order
     assert len(split_minibatches(3, 8, rng)) == 3 and split_minibatches(0, 4, rng) == []
+
+
+def test_reference_logprobs_pack_and_come_back_per_sample():
+    """Each sample's ref log-probs land beside its behaviour ones, and per_sample undoes the packing (a sample
+    cut at max_row_len gets 0 past the cut)."""
+    rng = np.random.default_rng()
+    samples = [Sample(rng.integers(1, 100, n), np.ones(n, np.int32), 0.0, -rng.random(n), 0.0, -rng.random(n))
+               for n in rng.integers(2, 40, 9)]
+    samples.append(Sample(rng.integers(1, 100, 70), np.ones(70, np.int32), 0.0, None, 0.0, -rng.random(70)))
+    batch = pack(samples, micro_batch_size=2, max_row_len=64)
+    assert batch.truncated == 1
+    back = batch.per_sample(batch.arrays["ref_logprobs"])
+    for s, b in zip(samples, back):
+        kept = min(len(s.token_ids), 64)
+        assert b.shape == (len(s.token_ids),) and b[0] == 0 and not b[kept:].any()
+        np.testing.assert_array_equal(b[1:kept], s.ref_logprobs[1:kept].astype(np.float32))
+    assert "ref_logprobs" not in pack(samples[:-1] + [Sample(np.arange(5), np.ones(5), 0.0)], micro_batch_size=2,
+                                      max_row_len=64).arrays  # only when every sample has them

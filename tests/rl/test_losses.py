@@ -96,14 +96,16 @@ def test_on_policy_gradient_is_minus_advantage():
     np.testing.assert_allclose(grad, -adv + 0.1 * (logp - ref), rtol=1e-5, atol=1e-6)
 
 
-def test_kl_in_reward_shifts_the_advantage_without_gradient():
+def test_kl_in_reward_leaves_the_loss_to_the_surrogate_and_only_measures_the_kl():
+    """The trainer takes the KL into the advantages (GRPO) or GAE's rewards (PPO) before the step."""
     rng = np.random.default_rng()
     logp = jnp.asarray(rng.normal(-1, 0.5, 32), jnp.float32)
     ref = jnp.asarray(rng.normal(-1, 0.5, 32), jnp.float32)
     adv = jnp.asarray(rng.normal(0, 1, 32), jnp.float32)
     config = PolicyLossConfig(kl_coef=0.5, kl_estimator="k1", kl_in_reward=True)
     grad = jax.grad(lambda lp: policy_objective(lp, adv, config, ref_logp=ref)[0].sum())(logp)
-    np.testing.assert_allclose(grad, -(adv - 0.5 * (logp - ref)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(grad, -adv, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(policy_objective(logp, adv, config, ref_logp=ref)[1]["kl"], logp - ref, rtol=1e-6)
 
 
 def test_entropy_bonus_and_tis():

@@ -1,8 +1,9 @@
-"""Trainer pieces that need no model: scoring trajectories, masking malformed turns, building samples."""
+"""Trainer pieces (scoring, masking, samples, run directories) and short test-tiny runs of the trainer."""
 
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 
 from orchestra_jax.config import preset
 from orchestra_jax.rl.trainer import _mask_malformed_turns, rl_samples, score
@@ -191,3 +192,43 @@ def test_resuming_with_other_steps_says_how_it_bends_a_cosine_schedule(tmp_path)
     assert lines == ["note: --steps 20 (the run began with 10) stretches the cosine schedule: the learning rate at "
                      "step 10 goes from 0 to 0.05, so the run is not the one an uninterrupted --steps run would have "
                      "been"]
+
+
+def test_kl_in_reward_enters_the_group_normalisation_and_sums_the_policy_tokens():
+    import dataclasses
+
+    from orchestra_jax.rl.reward import group_advantages
+    from orchestra_jax.rl.trainer import trajectory_kl
+
+    rng = np.random.default_rng()
+    config = preset("cpu-demo")
+    config = dataclasses.replace(config, algorithm=dataclasses.replace(config.algorithm, kl_coef=0.3))
+    trajs = [fake_trajectory(0, True, c, (1, 0, 1)) for c in rng.uniform(0.01, 0.5, 4)]
+    refs = [[-rng.random(12).astype(np.float32)] for _ in trajs]
+    kl = trajectory_kl(trajs, refs, "k1")
+    mask = np.array(trajs[0].samples[0].loss_mask, bool)  # token 0 has no log-prob; it is masked anyway here
+    np.testing.assert_allclose(kl, [np.sum((-0.5 - r[0])[mask]) for r in refs], rtol=1e-5)
+    plain, _, keep = score(config, trajs)
+    rewards, advantages, keep_kl = score(config, trajs, kl)
+    np.testing.assert_array_equal(rewards, plain)  # the task's reward, logged as such
+    np.testing.assert_array_equal(keep_kl, keep)
+    np.testing.assert_allclose(advantages, group_advantages(plain - 0.3 * kl, np.zeros(4),
+                                                            eps=config.reward.advantage_eps,
+                                                            clip=config.reward.advantage_clip))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
+def test_a_step_with_the_kl_in_the_reward(tmp_path, algorithm):
+    import dataclasses
+
+    from orchestra_jax.rl.trainer import Trainer
+    from orchestra_jax.runlog import read_scalars
+
+    tiny = preset("test-tiny")
+    config = dataclasses.replace(tiny, run_dir=str(tmp_path / "run"), steps=1, algorithm=dataclasses.replace(
+        tiny.algorithm, name=algorithm, kl_coef=0.5, kl_in_reward=True))
+    assert Trainer(config, echo=lambda *_: None).train() == 0
+    scalars = read_scalars(tmp_path / "run" / "tb")
+    assert "train/kl" in scalars and np.isfinite(scalars["train/loss"][0][1])
+    assert ("reward/kl_penalty" in scalars) == (algorithm == "grpo")
