@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import signal
@@ -61,23 +62,18 @@ def run_sft(config: TrainConfig, data: str, tokenizer_dir: str | None, *, echo=p
     """Train `config.model.source` (a preset) on a JSONL of demonstrations for `config.steps` steps at
     `algorithm.sft_lr`; saves the result as an orbax checkpoint under the run directory. SIGTERM saves the step
     reached and stops ("terminated" in the summary); --resume goes on from the run's checkpoint."""
-    from orchestra_jax.rl.trainer import step_settings
+    from orchestra_jax.rl.trainer import check_run_dir, step_settings
 
     model, samples = _sft_inputs(config, data, tokenizer_dir)
     run = create_run_dir(_sft_run_dir(config))
-    lock = lock_run_dir(run)
-    checkpointer = Checkpointer(run.checkpoints, dataclasses.replace(CheckpointConfig(), async_save=False))
-    try:
-        return _sft_run(config, model, samples, data, run, checkpointer, echo, step_settings)
-    finally:
-        checkpointer.close()
-        lock.close()
+    with contextlib.closing(lock_run_dir(run)):
+        check_run_dir(config, run)  # no new run over an old one; --resume with the run's own settings
+        checkpointer = Checkpointer(run.checkpoints, dataclasses.replace(CheckpointConfig(), async_save=False))
+        with contextlib.closing(checkpointer):
+            return _sft_run(config, model, samples, data, run, checkpointer, echo, step_settings)
 
 
 def _sft_run(config, model, samples, data, run, checkpointer, echo, step_settings) -> dict:
-    if checkpointer.latest_step() is not None and not config.resume:
-        raise ConfigError(f"run directory {run.root} already holds an SFT run: pass --resume to continue it, or "
-                          "choose another --run-dir")
     save_config(config, run.config_path)
     optimizer = make_optimizer(
         OptimizerConfig(lr=config.algorithm.sft_lr, schedule="cosine", warmup_steps=max(config.steps // 10, 1),

@@ -39,7 +39,7 @@ def test_sigterm_saves_the_step_reached_and_resume_goes_on_exactly(tmp_path):
     summary = commands.run_sft(cut, data, None, echo=echo)
     assert summary["terminated"] and summary["steps"] == 1
     assert load_params(tmp_path / "cut" / "ckpt")[0] == 1
-    with pytest.raises(ConfigError, match="already holds an SFT run: pass --resume"):
+    with pytest.raises(ConfigError, match="already holds a run: pass --resume"):
         commands.run_sft(cut, data, None, echo=lambda *_: None)
     lines = []
     summary = commands.run_sft(dataclasses.replace(cut, resume=True), data, None, echo=lines.append)
