@@ -8,6 +8,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import tempfile
 import time
 from collections.abc import Mapping
@@ -80,10 +81,21 @@ def write_jsonl_atomic(path: str | os.PathLike, rows: list[Mapping[str, Any]]) -
     os.replace(tmp, path)
 
 
+def _wait_for_a_later_second(logdir: Path) -> None:
+    """TensorBoard reads a directory's event files in name order, and a name starts with the second it was made
+    in, then the host, the pid and a counter: a second file from one process within the same second could sort
+    first (counter 10 after 9), and a resumed log would then be read before the one it replaces."""
+    stamps = (re.match(r"events\.out\.tfevents\.(\d+)\.", p.name) for p in logdir.glob("events.out.tfevents.*"))
+    seconds = [int(m.group(1)) for m in stamps if m]
+    while seconds and time.time() < max(seconds) + 1:
+        time.sleep(0.05)
+
+
 class TensorBoardLogger:
     """Scalars, histograms and text as TensorBoard events, readable by `tensorboard --logdir`."""
 
     def __init__(self, logdir: str | os.PathLike):
+        _wait_for_a_later_second(Path(logdir))
         self._writer = EventFileWriter(str(logdir))
 
     def _write(self, step: int, value: summary_pb2.Summary.Value) -> None:

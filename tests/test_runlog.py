@@ -68,6 +68,10 @@ def test_a_restarted_log_drops_what_a_killed_run_wrote_after_its_checkpoint(tmp_
         for step in (4, 5):
             tb.scalar("reward/mean", 10.0 * step, step)
     assert read_scalars(run.tensorboard)["reward/mean"] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0)]
+    # TensorBoard reads files in name order: the second file's name starts with a later second than the first's
+    # (within one second, the writer's counter decides, and 10 sorts before 9)
+    first, second = sorted(p.name.split(".")[3] for p in run.tensorboard.glob("events.out.tfevents.*"))
+    assert int(second) > int(first)
 
 
 def test_a_run_directory_takes_one_run_at_a_time(tmp_path):

@@ -283,7 +283,8 @@ class Trainer:
             if done > start:
                 saved.save(done, state, {"seed": cfg.seed}, force=True)
             saved.close()
-            raise _Terminated(f"SIGTERM: saved SFT step {done} of {cfg.algorithm.sft_steps}, exiting")
+            raise _Terminated(f"SIGTERM: saved SFT step {done} of {cfg.algorithm.sft_steps}, exiting" if done else
+                              "SIGTERM before the first SFT step: nothing to save, exiting")
         saved.close()
         return jax.device_get(state.params)
 
