@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import signal
 from pathlib import Path
 
 import jax
@@ -62,7 +61,7 @@ def run_sft(config: TrainConfig, data: str, tokenizer_dir: str | None, *, echo=p
     """Train `config.model.source` (a preset) on a JSONL of demonstrations for `config.steps` steps at
     `algorithm.sft_lr`; saves the result as an orbax checkpoint under the run directory. SIGTERM saves the step
     reached and stops ("terminated" in the summary); --resume goes on from the run's checkpoint."""
-    from orchestra_jax.rl.trainer import check_run_dir, step_settings
+    from orchestra_jax.rl.trainer import check_run_dir
 
     model, samples = _sft_inputs(config, data, tokenizer_dir)
     run = create_run_dir(_sft_run_dir(config))
@@ -70,10 +69,12 @@ def run_sft(config: TrainConfig, data: str, tokenizer_dir: str | None, *, echo=p
         check_run_dir(config, run)  # no new run over an old one; --resume with the run's own settings
         checkpointer = Checkpointer(run.checkpoints, dataclasses.replace(CheckpointConfig(), async_save=False))
         with contextlib.closing(checkpointer):
-            return _sft_run(config, model, samples, data, run, checkpointer, echo, step_settings)
+            return _sft_run(config, model, samples, data, run, checkpointer, echo)
 
 
-def _sft_run(config, model, samples, data, run, checkpointer, echo, step_settings) -> dict:
+def _sft_run(config: TrainConfig, model, samples, data: str, run, checkpointer: Checkpointer, echo) -> dict:
+    from orchestra_jax.rl.trainer import Stop, catching_sigterm, step_settings
+
     save_config(config, run.config_path)
     optimizer = make_optimizer(
         OptimizerConfig(lr=config.algorithm.sft_lr, schedule="cosine", warmup_steps=max(config.steps // 10, 1),
@@ -88,25 +89,20 @@ def _sft_run(config, model, samples, data, run, checkpointer, echo, step_setting
         state, meta = checkpointer.restore(state)
         start = int(meta["step"])
         echo(f"resumed from step {start}")
-    stop = []
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
-    try:
-        with TensorBoardLogger(run.tensorboard) as tb:
-            if start:
-                tb.restart(start + 1)
+    with catching_sigterm(Stop()) as stop, TensorBoardLogger(run.tensorboard) as tb:
+        if start:
+            tb.restart(start + 1)
 
-            def on_step(i: int, metrics: dict) -> None:
-                tb.scalars({"sft/nll": metrics["nll"], "sft/grad_norm": metrics["grad_norm"]}, i + 1)
-                if i % 10 == 0 or i + 1 == config.steps:
-                    echo(f"sft step {i + 1}/{config.steps}: nll {metrics['nll']:.4f}")
+        def on_step(i: int, metrics: dict) -> None:
+            tb.scalars({"sft/nll": metrics["nll"], "sft/grad_norm": metrics["grad_norm"]}, i + 1)
+            if i % 10 == 0 or i + 1 == config.steps:
+                echo(f"sft step {i + 1}/{config.steps}: nll {metrics['nll']:.4f}")
 
-            state, history = sft_train(step, state, samples, steps=config.steps,
-                                       batch_size=config.algorithm.sft_batch_size,
-                                       micro_batch_size=config.algorithm.micro_batch_size,
-                                       max_row_len=config.rollout.max_context, seed=config.seed, on_step=on_step,
-                                       start=start, stop=lambda: bool(stop))
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+        state, history = sft_train(step, state, samples, steps=config.steps,
+                                   batch_size=config.algorithm.sft_batch_size,
+                                   micro_batch_size=config.algorithm.micro_batch_size,
+                                   max_row_len=config.rollout.max_context, seed=config.seed, on_step=on_step,
+                                   start=start, stop=lambda: stop.requested)
     done = start + len(history)
     if history:
         meta = {"seed": config.seed, "data_position": 0, "sft_data": str(data)}
@@ -116,6 +112,7 @@ def _sft_run(config, model, samples, data, run, checkpointer, echo, step_setting
         summary.update(first_nll=history[0]["nll"], last_nll=history[-1]["nll"])
     if done < config.steps:
         summary["terminated"] = True
-        echo(f"SIGTERM: saved step {done} of {config.steps}, exiting")
+        echo(f"SIGTERM: saved step {done} of {config.steps}, exiting" if done else
+             "SIGTERM before the first step: nothing to save, exiting")
     echo(json.dumps(summary))
     return summary

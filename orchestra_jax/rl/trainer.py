@@ -12,11 +12,13 @@ current step (RL or SFT warm start), saves a checkpoint and returns 143.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import shutil
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,10 +50,20 @@ TERMINATED = 143
 
 
 @dataclass
-class _Stop:
+class Stop:
     """Set by the SIGTERM handler; the loops (SFT and RL) check it between steps."""
 
     requested: bool = False
+
+
+@contextlib.contextmanager
+def catching_sigterm(stop: Stop) -> Iterator[Stop]:
+    """While inside, SIGTERM sets `stop` instead of killing the process, so a loop can save and return."""
+    previous = signal.signal(signal.SIGTERM, lambda *_: setattr(stop, "requested", True))
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class _Terminated(Exception):
@@ -204,7 +216,7 @@ class Trainer:
         self.env = envlib.build_environment(config, self.run.root)
         self.model = envlib.model_config(config, self.env.tokenizer)
         self.mesh = make_mesh(config.mesh)
-        self.stop = _Stop()
+        self.stop = Stop()
 
     # ---- start: SFT warm start (or its saved result), then the RL state --------------------------------------
 
@@ -295,14 +307,12 @@ class Trainer:
         return self.config.algorithm.epochs * self.config.algorithm.mini_batches
 
     def train(self) -> int:
-        previous = signal.signal(signal.SIGTERM, lambda *_: setattr(self.stop, "requested", True))
         try:
-            return self._train()
+            with catching_sigterm(self.stop):
+                return self._train()
         except _Terminated as stopped:
             self.echo(str(stopped))
             return TERMINATED
-        finally:
-            signal.signal(signal.SIGTERM, previous)
 
     def _train(self) -> int:
         cfg = self.config
