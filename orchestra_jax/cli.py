@@ -190,7 +190,7 @@ def cmd_train(argv: Sequence[str]) -> int:
 
     try:
         return trainer.train(config)
-    except (config_lib.ConfigError, OSError, CheckpointError, SourceError, TokenizerError) as e:
+    except (config_lib.ConfigError, OSError, CheckpointError, SourceError, TokenizerError, trainer.RolloutFailed) as e:
         raise UsageError(str(e).splitlines()[0]) from None
 
 

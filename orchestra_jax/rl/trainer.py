@@ -44,6 +44,8 @@ from orchestra_jax.rl.reward import group_advantages, keep_mask, multi_objective
 from orchestra_jax.rl.sft import samples_from_trajectories, sft_train
 from orchestra_jax.rl.train_step import LogprobFn, StepSettings, TrainStep, make_train_step
 from orchestra_jax.rollout.sampler import EmbeddedEngine
+from orchestra_jax.rollout.sglang_client import SGLangEngine
+from orchestra_jax.rollout.weight_sync import WeightSyncError
 from orchestra_jax.runlog import RunDir, TensorBoardLogger, create_run_dir, lock_run_dir, write_jsonl_atomic
 
 TERMINATED = 143
@@ -68,6 +70,10 @@ def catching_sigterm(stop: Stop) -> Iterator[Stop]:
 
 class _Terminated(Exception):
     """SIGTERM handled: what was saved, for the console."""
+
+
+class RolloutFailed(RuntimeError):
+    """The rollout servers failed in a way the run cannot go on from; says what was saved."""
 
 
 def step_settings(config: TrainConfig, model: Any, *, sft: bool = False) -> StepSettings:
@@ -361,9 +367,7 @@ class Trainer:
     async def _loop(self, state, train_step: TrainStep, logprob_fn, reference, checkpointer: Checkpointer,
                     tasks: list, start: int, schedule) -> int:
         cfg = self.config
-        engine = EmbeddedEngine(self.model, jax.tree.map(jnp.copy, state.params), max_slots=cfg.rollout.max_slots,
-                                max_context=cfg.rollout.max_context, decode_chunk=cfg.rollout.decode_chunk, weight_version=str(start),
-                                detokenize=self.env.tokenizer.decode, prefix_reuse=False, seed=cfg.seed)
+        engine = await self._engine(state.params, start)
         pool = ToolPool()
         tb = TensorBoardLogger(self.run.tensorboard)
         if start:  # TensorBoard then drops what a killed run logged after its last checkpoint
@@ -382,12 +386,18 @@ class Trainer:
                     pending = asyncio.ensure_future(self._rollouts(engine, pool, tasks, step + 1))
                 state, scalars, texts = await self._update(state, train_step, logprob_fn, reference, trajectories,
                                                            timings, step)
-                t = time.perf_counter()
-                await engine.update_weights(jax.tree.map(jnp.copy, state.params), version=str(step + 1))
-                timings["sync"] = time.perf_counter() - t
-                t = time.perf_counter()
                 meta = {"seed": cfg.seed, "data_position": (step + 1) * cfg.algorithm.prompts_per_step,
                         "config": to_dict(cfg)}
+                t = time.perf_counter()
+                try:
+                    await engine.update_weights(jax.tree.map(jnp.copy, state.params), version=str(step + 1))
+                except WeightSyncError as e:  # the servers went away: keep the step, then stop
+                    checkpointer.save(step + 1, state, meta, force=True)
+                    checkpointer.wait()
+                    raise RolloutFailed(f"weight sync after step {step + 1} failed ({str(e).splitlines()[0]}); "
+                                        f"step {step + 1} is saved: --resume once the servers are back") from None
+                timings["sync"] = time.perf_counter() - t
+                t = time.perf_counter()
                 checkpointer.save(step + 1, state, meta, force=self.stop.requested or step + 1 == cfg.steps)
                 timings["checkpoint"] = time.perf_counter() - t
                 scalars.update({f"time/{k}_s": v for k, v in timings.items()})
@@ -410,8 +420,33 @@ class Trainer:
         finally:
             if pending is not None:
                 pending.cancel()
+            if isinstance(engine, SGLangEngine):
+                await engine.close()
             progress.close()
             tb.close()
+
+    async def _engine(self, params: Any, start: int):
+        """The embedded JAX sampler on this process's params, or a client of the endpoints file's SGLang servers,
+        which first get the policy's weights (they may hold another step's, or another model's values)."""
+        r = self.config.rollout
+        if r.engine == "embedded":
+            return EmbeddedEngine(self.model, jax.tree.map(jnp.copy, params), max_slots=r.max_slots,
+                                  max_context=r.max_context, decode_chunk=r.decode_chunk, weight_version=str(start),
+                                  detokenize=self.env.tokenizer.decode, prefix_reuse=False, seed=self.config.seed)
+        try:
+            engine = SGLangEngine.from_endpoints_file(r.endpoints_file, config=self.model, sync_root=r.weight_sync_dir,
+                                                      verbose=False)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"rollout.endpoints_file: {str(e).splitlines()[0]}") from None
+        try:
+            await engine.update_weights(params, version=str(start))
+        except WeightSyncError as e:
+            await engine.close()
+            raise ConfigError(f"rollout.endpoints_file {r.endpoints_file}: the first weight sync failed: "
+                              f"{str(e).splitlines()[0]}") from None
+        self.echo(f"rollouts: {len(engine.servers)} SGLang server(s) from {r.endpoints_file}, "
+                  f"weights synced in {engine.last_sync.total_s:.1f} s")
+        return engine
 
     async def _rollouts(self, engine, pool, tasks: list, step: int) -> list:
         cfg = self.config
