@@ -14,6 +14,7 @@ Field names match `env.episode.Task` (id, question, answer, tools, preference, m
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -21,6 +22,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from orchestra_jax.env.domain import Action, DomainTask, write_text_atomic
+from orchestra_jax.env.episode import EpisodeSetup
 from orchestra_jax.env.preferences import Preference, PreferenceError
 from orchestra_jax.env.trajectory import Task
 
@@ -141,3 +143,41 @@ def domain_task(task: TaskRecord | Task) -> DomainTask:
                           tuple(meta.get("nl_assertions", ())), tuple(meta.get("reward_basis", ("DB", "COMMUNICATE"))))
     except (KeyError, TypeError) as e:
         raise TaskFileError(f"task {task.id!r}: malformed domain metadata ({type(e).__name__}: {e})") from None
+
+
+def load_playable_tasks(path: str | os.PathLike) -> list[Task]:
+    """A task file's episode Tasks, ready to play: each remembers its file (metadata.tasks_file), and a
+    synthesised domain task gets its domain's policy as the system prompt. Raises TaskFileError."""
+    out = []
+    for task in load_episode_tasks(path):
+        metadata = {**task.metadata, "tasks_file": str(path)}
+        if metadata.get("evaluator") == "domain" and "system_prompt" not in metadata:
+            try:
+                metadata["system_prompt"] = _domain(str(domain_dir(task, path))).policy
+            except ValueError as e:
+                raise TaskFileError(str(e).splitlines()[0]) from None
+        out.append(dataclasses.replace(task, metadata=metadata))
+    return out
+
+
+def domain_setup(task: Task, default: EpisodeSetup) -> EpisodeSetup:
+    """A synthesised domain task (metadata.evaluator 'domain') plays in its own database with the domain's tools
+    and is graded by the domain's evaluator on the final message (verified by execution); other tasks use
+    `default`."""
+    if task.metadata.get("evaluator") != "domain":
+        return default
+    from orchestra_jax.env.domain import DomainEnv
+
+    env = DomainEnv(_domain(str(domain_dir(task, task.metadata["tasks_file"]))), domain_task(task))
+
+    async def grade(answer: str | None) -> bool:
+        return env.score([answer] if answer else []).reward > 0
+
+    return EpisodeSetup(env.catalog(), grader=grade)
+
+
+@functools.cache
+def _domain(directory: str) -> Any:
+    from orchestra_jax.env.domain import load_domain
+
+    return load_domain(directory)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import json
 import os
 import re
@@ -109,24 +108,12 @@ def load_examples(args: EvalArgs) -> list[Task]:
 
 
 def _load_tasks(args: EvalArgs) -> list[Task]:
-    from orchestra_jax.data.tasks import TaskFileError, load_episode_tasks
+    from orchestra_jax.data.tasks import TaskFileError, load_playable_tasks
 
     try:
-        tasks = load_episode_tasks(args.data)
+        return load_playable_tasks(args.data)
     except TaskFileError as e:
         raise EvalUsageError(str(e)) from None
-    out = []
-    for task in tasks:
-        metadata = {**task.metadata, "tasks_file": str(args.data)}
-        if metadata.get("evaluator") == "domain" and "system_prompt" not in metadata:
-            from orchestra_jax.data.tasks import domain_dir
-
-            try:
-                metadata["system_prompt"] = _domain(str(domain_dir(task, args.data))).policy
-            except ValueError as e:
-                raise EvalUsageError(str(e).splitlines()[0]) from None
-        out.append(dataclasses.replace(task, metadata=metadata))
-    return out
 
 
 def cpu_family_tasks(args: EvalArgs, world: Any) -> list[Task]:
@@ -134,29 +121,6 @@ def cpu_family_tasks(args: EvalArgs, world: Any) -> list[Task]:
     from orchestra_jax.env import tasks_cpu
 
     return tasks_cpu.generate_tasks(args.limit or 50, seed=args.task_seed, world=world)
-
-
-def domain_setup(task: Task, default: EpisodeSetup) -> EpisodeSetup:
-    """A synthesised domain task (metadata.evaluator 'domain') plays in its own database with the domain's tools
-    and is graded by the domain's evaluator on the final message; other tasks use the toolset's catalog."""
-    if task.metadata.get("evaluator") != "domain":
-        return default
-    from orchestra_jax.data.tasks import domain_dir, domain_task
-    from orchestra_jax.env.domain import DomainEnv
-
-    env = DomainEnv(_domain(str(domain_dir(task, task.metadata["tasks_file"]))), domain_task(task))
-
-    async def grade(answer: str | None) -> bool:
-        return env.score([answer] if answer else []).reward > 0
-
-    return EpisodeSetup(env.catalog(), grader=grade)
-
-
-@functools.cache
-def _domain(directory: str) -> Any:
-    from orchestra_jax.env.domain import load_domain
-
-    return load_domain(directory)
 
 
 def _retriever(args: EvalArgs, tools: ToolsFile):
@@ -201,6 +165,8 @@ def _judge_config(args: EvalArgs, tools: ToolsFile) -> JudgeConfig:
 
 def _setup(args: EvalArgs, tools: ToolsFile, client: Any, toolset: baselines.Toolset | None):
     if args.benchmark != "tau2":
+        from orchestra_jax.data.tasks import domain_setup
+
         default = EpisodeSetup(toolset.catalog)
         return lambda task, rollout: domain_setup(task, default)
     from orchestra_jax.env import tau2

@@ -1,22 +1,29 @@
 """The pieces one training run plays with: tokenizer, model config, tool catalog, prices and the task stream.
 
-Only the CPU task family is wired into the trainer so far (`env.tasks = 'cpu-family'`). Its tokenizer is a
-small byte-level BPE trained on the family's own texts, including the rendered system prompt with the tool
-schemas, so prompts stay short for a tiny policy. The tokenizer is saved in the run directory and re-read on
-resume, so ids never drift between a run and its continuation.
+`env.tasks` is the CPU task family (`cpu-family`, generated here) or a task JSONL (`orchestra-jax synth`'s, or
+any file in our task format). The family's tokenizer is a small byte-level BPE trained on its own texts,
+including the rendered system prompt with the tool schemas, so prompts stay short for a tiny policy; it is saved
+in the run directory and re-read on resume, so ids never drift between a run and its continuation. A task file
+is played with the policy's own tokenizer (`model.source` a checkpoint directory) and the eval harness's tools:
+the orchestrator toolset over `env.tools_file`'s endpoints, or sandboxed Python (and search, given a retriever)
+without them; a synthesised domain task gets its domain's tools and is graded by executing its evaluator.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from orchestra_jax.config import ConfigError, TrainConfig
 from orchestra_jax.env import tasks_cpu
 from orchestra_jax.env.catalog import ToolCatalog
-from orchestra_jax.env.preferences import Preference, PreferenceDistribution
+from orchestra_jax.env.episode import EpisodeSetup
+from orchestra_jax.env.preferences import Preference, PreferenceDistribution, sample_preference
 from orchestra_jax.env.prices import PriceTable
 from orchestra_jax.env.trajectory import EpisodeConfig, Task
 from orchestra_jax.models.tokenizer import Tokenizer
@@ -34,6 +41,11 @@ class Environment:
     world: Any
     tool_names: tuple[str, ...]
     template_family: str
+    system_prompt: str = tasks_cpu.SYSTEM_PROMPT
+    tasks: tuple[Task, ...] = ()
+    """A task file's tasks (empty for the CPU family, whose tasks are generated)."""
+    setup: Callable[[Task, int], EpisodeSetup] | None = None
+    """Per-episode tools and grader (a synthesised domain task's); None: `catalog` and the reference answer."""
 
 
 def preference_distribution(config: TrainConfig, tool_names: tuple[str, ...]) -> PreferenceDistribution:
@@ -44,7 +56,17 @@ def preference_distribution(config: TrainConfig, tool_names: tuple[str, ...]) ->
 
 
 def task_stream(config: TrainConfig, env: Environment, count: int) -> list[Task]:
-    """The RL tasks in order: step s takes [s * prompts_per_step, (s + 1) * prompts_per_step)."""
+    """The RL tasks in order: step s takes [s * prompts_per_step, (s + 1) * prompts_per_step). A task file's
+    tasks come in seeded passes, each task with a preference drawn for it; a longer stream starts with a shorter
+    one (so --resume with more --steps replays the same steps)."""
+    if env.tasks:
+        rng = np.random.default_rng(config.seed + 1)
+        dist = preference_distribution(config, env.tool_names)
+        out: list[Task] = []
+        while len(out) < count:
+            out += [dataclasses.replace(env.tasks[i], preference=sample_preference(rng, env.tool_names, dist))
+                    for i in rng.permutation(len(env.tasks))]
+        return out[:count]
     return tasks_cpu.generate_tasks(
         count, seed=config.seed + 1, world=env.world,
         preferences=preference_distribution(config, env.tool_names),
@@ -61,8 +83,11 @@ def demonstration_tasks(config: TrainConfig, env: Environment) -> list[Task]:
 
 def build_environment(config: TrainConfig, run_root: Path) -> Environment:
     """World, catalog, prices and tokenizer for `config.env.tasks` (trained or re-read from run_root/tokenizer)."""
+    if config.env.tasks.startswith("tau2:"):
+        raise ConfigError(f"env.tasks: {config.env.tasks!r}: the trainer does not play tau2 yet (orchestra-jax eval "
+                          "does; train on the cpu family or a task file)")
     if config.env.tasks != "cpu-family":
-        raise ConfigError(f"env.tasks: {config.env.tasks!r} is not supported by the trainer yet (use 'cpu-family')")
+        return _task_file_environment(config)
     world = tasks_cpu.make_world(config.seed)
     catalog = tasks_cpu.cpu_catalog(world, expert_coverage=config.env.expert_coverage)
     source = config.model.source
@@ -79,6 +104,39 @@ def build_environment(config: TrainConfig, run_root: Path) -> Environment:
     if source not in MODEL_PRESETS and "smollm" in str(source).lower():
         family = "smollm2"
     return Environment(tokenizer, catalog, tasks_cpu.cpu_prices(), world, names, family)
+
+
+def _task_file_environment(config: TrainConfig) -> Environment:
+    from orchestra_jax.data.tasks import TaskFileError, domain_setup, load_playable_tasks
+    from orchestra_jax.env.llm_tools import ChatClient, EndpointError
+    from orchestra_jax.env.search import HttpRetriever
+    from orchestra_jax.eval import baselines
+    from orchestra_jax.eval.inputs import EvalUsageError, load_tools_file
+
+    source = config.model.source
+    if source in MODEL_PRESETS:
+        raise ConfigError(f"env.tasks: a task file is played with the policy's own tokenizer; set --model.source to "
+                          f"a checkpoint directory (not the preset {source!r})")
+    if config.algorithm.sft_steps > 0:
+        raise ConfigError("algorithm.sft_steps: the warm start's scripted demonstrations exist for the cpu family "
+                          "only (set it to 0 with a task file)")
+    try:
+        tasks = load_playable_tasks(config.env.tasks)
+        tools = load_tools_file(config.env.tools_file)
+        client = ChatClient(tools.endpoints) if tools.endpoints else None
+        retriever = HttpRetriever(tools.retriever_url) if tools.retriever_url else None
+        toolset = baselines.build_toolset("orchestrator" if client else "basic", client=client, retriever=retriever,
+                                          alias_map=tools.alias_map, prices=tools.prices)
+    except (TaskFileError, EvalUsageError, EndpointError, baselines.ToolsetError) as e:
+        raise ConfigError(f"env: {str(e).splitlines()[0]}") from None
+    if not tasks:
+        raise ConfigError(f"env.tasks: {config.env.tasks} holds no tasks")
+    default = EpisodeSetup(toolset.catalog)
+    return Environment(
+        Tokenizer.from_file(source), toolset.catalog, tools.prices, None, tuple(t.name for t in toolset.catalog.tools),
+        "smollm2" if "smollm" in str(source).lower() else "qwen3", toolset.system_prompt, tuple(tasks),
+        lambda task, rollout: domain_setup(task, default),
+    )
 
 
 def model_config(config: TrainConfig, tokenizer: Tokenizer | None) -> TransformerConfig:
@@ -127,5 +185,5 @@ def episode_config(config: TrainConfig, env: Environment, step: int) -> EpisodeC
         seed=config.seed * 1_000_003 + step,
         enable_thinking=False,
         family=env.template_family,
-        system_prompt=tasks_cpu.SYSTEM_PROMPT,
+        system_prompt=env.system_prompt,
     )

@@ -144,12 +144,13 @@ def score(config: TrainConfig, trajectories: list, kl: np.ndarray | None = None)
     """(rewards, advantages, keep) for one step's trajectories (DESIGN.md section 4). With `kl` (each rollout's
     summed KL, algorithm.kl_in_reward) the advantages are those of reward - kl_coef x KL, as verl's
     use_kl_in_reward; the rewards returned and the group filter stay the task's."""
-    names = trajectories[0].tool_names
+    # Every tool any rollout had, in first-seen order: a task file's domains bring tools of their own.
+    names = list(dict.fromkeys(n for t in trajectories for n in t.tool_names))
     counts = np.array([[t.tool_counts.get(n, 0) for n in names] for t in trajectories], np.float64)
     correct = np.array([t.correct for t in trajectories])
     cost = np.array([t.ledger.cost_usd for t in trajectories])
     latency = np.array([t.ledger.tool_latency_s for t in trajectories])
-    preference = np.array([t.preference for t in trajectories])
+    preference = np.array([_preference_over(t, names) for t in trajectories])
     groups = np.array([t.group_id for t in trajectories])
     rewards = multi_objective_reward(counts, correct, cost, latency, preference, groups, mode=config.reward.mode)
     penalised = rewards if kl is None else rewards - config.algorithm.kl_coef * np.asarray(kl)
@@ -159,6 +160,13 @@ def score(config: TrainConfig, trajectories: list, kl: np.ndarray | None = None)
                      min_group_std=config.reward.min_group_std, drop_invalid_answers=config.reward.drop_invalid_answers,
                      mode=config.reward.mode)
     return rewards, advantages, keep
+
+
+def _preference_over(traj: Any, names: list[str]) -> list[float]:
+    """A rollout's [tools..., outcome, cost, latency] preference re-laid over `names` (0 for a tool it lacked)."""
+    k = len(traj.tool_names)
+    own = dict(zip(traj.tool_names, traj.preference[:k]))
+    return [own.get(n, 0.0) for n in names] + list(traj.preference[k:])
 
 
 def _trajectory_text(traj: Any, reward: float) -> str:
@@ -454,7 +462,8 @@ class Trainer:
         step_tasks = [tasks[(step * p + i) % len(tasks)] for i in range(p)]
         return await run_episodes(engine, self.env.tokenizer, self.env.catalog, step_tasks,
                                   envlib.episode_config(cfg, self.env, step), group_size=cfg.algorithm.group_size,
-                                  concurrency=cfg.env.concurrency, prices=self.env.prices, pool=pool)
+                                  concurrency=cfg.env.concurrency, prices=self.env.prices, pool=pool,
+                                  setup=self.env.setup)
 
     async def _update(self, state, train_step, logprob_fn, reference, trajectories, timings, step):
         cfg = self.config

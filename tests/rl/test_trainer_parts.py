@@ -232,3 +232,69 @@ def test_a_step_with_the_kl_in_the_reward(tmp_path, algorithm):
     scalars = read_scalars(tmp_path / "run" / "tb")
     assert "train/kl" in scalars and np.isfinite(scalars["train/loss"][0][1])
     assert ("reward/kl_penalty" in scalars) == (algorithm == "grpo")
+
+
+def _checkpoint_dir(tmp_path, shared_data):
+    """qwen3-tiny with random weights and the real Qwen3 tokenizer, as an HF checkpoint directory."""
+    import dataclasses
+    import shutil
+
+    import jax
+
+    from orchestra_jax.models import init_params, save_pretrained
+    from orchestra_jax.models.transformer_config import get_preset
+
+    source = tmp_path / "source"
+    model = dataclasses.replace(get_preset("qwen3-tiny"), vocab_size=151936)
+    params = init_params(model, jax.random.key(np.random.randint(1 << 30)))
+    save_pretrained(model, params, source)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(shared_data / "qwen3" / name, source / name)
+    return source, params
+
+
+def test_a_task_file_trains_on_its_domains_tools_and_their_grader(tmp_path, shared_data):
+    """env.tasks = a synthesised task file: each episode gets its domain's tools, is graded by executing the
+    domain's evaluator, and the step trains on it."""
+    import dataclasses
+    import json
+
+    from orchestra_jax import cli
+    from orchestra_jax.rl.trainer import Trainer
+    from orchestra_jax.runlog import read_scalars
+
+    assert cli.main(["synth", "--domain", "clinic", "--out", str(tmp_path / "synth"), "--num-tasks", "4"]) == 0
+    source, _ = _checkpoint_dir(tmp_path, shared_data)
+    tiny = preset("test-tiny")
+    # The clinic's policy and its 13 tool schemas make a prompt of about 2000 tokens.
+    config = dataclasses.replace(tiny, run_dir=str(tmp_path / "run"), steps=1,
+                                 model=dataclasses.replace(tiny.model, source=str(source)),
+                                 rollout=dataclasses.replace(tiny.rollout, max_context=3072, max_new_tokens=16),
+                                 env=dataclasses.replace(tiny.env, tasks=str(tmp_path / "synth" / "tasks.jsonl"),
+                                                         max_turns=1),
+                                 algorithm=dataclasses.replace(tiny.algorithm, prompts_per_step=1, group_size=2,
+                                                               kl_coef=0.0))
+    assert Trainer(config, echo=lambda *_: None).train() == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "trajectories" / "step_1.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["finish_reason"] != "context_full" for r in rows)
+    assert all("find_patient_by_email" in r["tool_names"] for r in rows)  # the clinic's own tools
+    assert not any(r["correct"] for r in rows)  # a random policy never completes a clinic task
+    assert read_scalars(tmp_path / "run" / "tb")["train/samples"][0][1] > 0
+
+
+def test_a_task_file_needs_a_checkpoint_directory_and_no_warm_start(tmp_path):
+    import dataclasses
+
+    from orchestra_jax.config import ConfigError
+    from orchestra_jax.rl.environment import build_environment
+
+    tiny = preset("test-tiny")
+    config = dataclasses.replace(tiny, env=dataclasses.replace(tiny.env, tasks=str(tmp_path / "tasks.jsonl")))
+    with pytest.raises(ConfigError, match="played with the policy's own tokenizer"):
+        build_environment(config, tmp_path)
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, source=str(tmp_path)))
+    with pytest.raises(ConfigError, match=r"env: .*tasks.jsonl"):
+        build_environment(config, tmp_path)
+    config = dataclasses.replace(config, algorithm=dataclasses.replace(config.algorithm, sft_steps=5))
+    with pytest.raises(ConfigError, match="algorithm.sft_steps: the warm start's scripted demonstrations"):
+        build_environment(config, tmp_path)
