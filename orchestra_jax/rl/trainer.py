@@ -469,10 +469,11 @@ class Trainer:
         cfg = self.config
         timings["logprob"] = 0.0
         ref, kl = None, None
-        if logprob_fn is not None and cfg.algorithm.kl_in_reward:  # every rollout's KL, before the reward
+        # GRPO with the KL in the reward needs every rollout's KL before scoring; PPO takes it per token into
+        # GAE's rewards instead (_optimize), so it needs the kept rollouts' only, like the KL in the loss.
+        if logprob_fn is not None and cfg.algorithm.kl_in_reward and cfg.algorithm.name == "grpo":
             ref = await self._reference_logprobs(logprob_fn, reference, trajectories, timings)
-            if cfg.algorithm.name == "grpo":  # PPO takes it per token into GAE's rewards instead (_optimize)
-                kl = trajectory_kl(trajectories, ref, cfg.algorithm.kl_estimator)
+            kl = trajectory_kl(trajectories, ref, cfg.algorithm.kl_estimator)
         rewards, advantages, keep = score(cfg, trajectories, kl)
         scalars = rollout_metrics(trajectories, rewards, advantages, keep)
         scalars["time/tools_s"] = float(sum(t.ledger.tool_latency_s for t in trajectories))
