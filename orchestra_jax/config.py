@@ -83,6 +83,8 @@ class EnvConfig:
     tools_file: str | None = None
     preference_sampling: Literal["fixed", "uniform", "dirichlet"] = "uniform"
     """Distribution preference vectors are drawn from per task: 'fixed', 'uniform' or 'dirichlet'."""
+    task_preferences: Literal["keep", "draw"] = "keep"
+    """A task file's own preferences: 'keep' them (a task without one gets a draw) or 'draw' for every task."""
     expert_coverage: float = 1.0
     """CPU task family: the share of towns and of arithmetic questions the local expert knows (it says "I do
     not know." about the rest)."""

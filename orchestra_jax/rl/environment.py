@@ -46,6 +46,8 @@ class Environment:
     """A task file's tasks (empty for the CPU family, whose tasks are generated)."""
     setup: Callable[[Task, int], EpisodeSetup] | None = None
     """Per-episode tools and grader (a synthesised domain task's); None: `catalog` and the reference answer."""
+    own_preferences: frozenset[str] = frozenset()
+    """Ids of the task file's tasks that carry a preference of their own."""
 
 
 def preference_distribution(config: TrainConfig, tool_names: tuple[str, ...]) -> PreferenceDistribution:
@@ -57,15 +59,19 @@ def preference_distribution(config: TrainConfig, tool_names: tuple[str, ...]) ->
 
 def task_stream(config: TrainConfig, env: Environment, count: int) -> list[Task]:
     """The RL tasks in order: step s takes [s * prompts_per_step, (s + 1) * prompts_per_step). A task file's
-    tasks come in seeded passes, each task with a preference drawn for it; a longer stream starts with a shorter
-    one (so --resume with more --steps replays the same steps)."""
+    tasks come in seeded passes; a task keeps its own preference (under env.task_preferences 'keep') or gets one
+    drawn for it. A longer stream starts with a shorter one (so --resume with more --steps replays the same
+    steps)."""
     if env.tasks:
         rng = np.random.default_rng(config.seed + 1)
         dist = preference_distribution(config, env.tool_names)
+        keep = env.own_preferences if config.env.task_preferences == "keep" else frozenset()
         out: list[Task] = []
         while len(out) < count:
-            out += [dataclasses.replace(env.tasks[i], preference=sample_preference(rng, env.tool_names, dist))
-                    for i in rng.permutation(len(env.tasks))]
+            for i in rng.permutation(len(env.tasks)):
+                drawn = sample_preference(rng, env.tool_names, dist)  # drawn always: the stream stays seeded alike
+                task = env.tasks[i]
+                out.append(task if task.id in keep else dataclasses.replace(task, preference=drawn))
         return out[:count]
     return tasks_cpu.generate_tasks(
         count, seed=config.seed + 1, world=env.world,
@@ -107,7 +113,7 @@ def build_environment(config: TrainConfig, run_root: Path) -> Environment:
 
 
 def _task_file_environment(config: TrainConfig) -> Environment:
-    from orchestra_jax.data.tasks import TaskFileError, domain_setup, load_playable_tasks
+    from orchestra_jax.data.tasks import TaskFileError, domain_setup, load_playable_tasks, load_tasks
     from orchestra_jax.env.llm_tools import ChatClient, EndpointError
     from orchestra_jax.env.search import HttpRetriever
     from orchestra_jax.eval import baselines
@@ -122,6 +128,7 @@ def _task_file_environment(config: TrainConfig) -> Environment:
                           "only (set it to 0 with a task file)")
     try:
         tasks = load_playable_tasks(config.env.tasks)
+        own = frozenset(r.id for r in load_tasks(config.env.tasks) if r.preference is not None)
         tools = load_tools_file(config.env.tools_file)
         client = ChatClient(tools.endpoints) if tools.endpoints else None
         retriever = HttpRetriever(tools.retriever_url) if tools.retriever_url else None
@@ -135,7 +142,7 @@ def _task_file_environment(config: TrainConfig) -> Environment:
     return Environment(
         Tokenizer.from_file(source), toolset.catalog, tools.prices, None, tuple(t.name for t in toolset.catalog.tools),
         "smollm2" if "smollm" in str(source).lower() else "qwen3", toolset.system_prompt, tuple(tasks),
-        lambda task, rollout: domain_setup(task, default),
+        lambda task, rollout: domain_setup(task, default), own,
     )
 
 

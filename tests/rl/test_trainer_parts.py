@@ -282,6 +282,34 @@ def test_a_task_file_trains_on_its_domains_tools_and_their_grader(tmp_path, shar
     assert read_scalars(tmp_path / "run" / "tb")["train/samples"][0][1] > 0
 
 
+def test_a_task_files_own_preferences_are_kept_and_the_rest_drawn(tmp_path, shared_data):
+    import dataclasses
+    import json
+
+    from orchestra_jax.rl.environment import build_environment, task_stream
+
+    own = {"tools": {}, "outcome": 0.25, "cost": 1.0, "latency": 0.5}
+    lines = [{"id": "mine", "question": "2+2?", "answer": "4", "preference": own},
+             {"id": "drawn", "question": "3+3?", "answer": "6"}]
+    (tmp_path / "tasks.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    source, _ = _checkpoint_dir(tmp_path, shared_data)
+    tiny = preset("test-tiny")
+    config = dataclasses.replace(tiny, model=dataclasses.replace(tiny.model, source=str(source)),
+                                 env=dataclasses.replace(tiny.env, tasks=str(tmp_path / "tasks.jsonl"),
+                                                         preference_sampling="uniform"),
+                                 algorithm=dataclasses.replace(tiny.algorithm, sft_steps=0))
+    env = build_environment(config, tmp_path)
+    kept = task_stream(config, env, 6)
+    mine = [t.preference for t in kept if t.id == "mine"]
+    assert len(mine) == 3 and all((p.outcome, p.cost, p.latency) == (0.25, 1.0, 0.5) for p in mine)
+    assert len({t.preference for t in kept if t.id == "drawn"}) == 3  # uniform draws differ
+    draw = dataclasses.replace(config, env=dataclasses.replace(config.env, task_preferences="draw"))
+    drawn = task_stream(draw, env, 6)
+    assert [t.id for t in drawn] == [t.id for t in kept]  # the same seeded order either way
+    assert not any((t.preference.outcome, t.preference.cost) == (0.25, 1.0) for t in drawn)
+    assert [t.preference for t in drawn if t.id == "drawn"] == [t.preference for t in kept if t.id == "drawn"]
+
+
 def test_a_task_file_needs_a_checkpoint_directory_and_no_warm_start(tmp_path):
     import dataclasses
 
