@@ -7,6 +7,7 @@ runs cannot starve the machine, and `utilisation` says how much of the pool's ca
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections.abc import Awaitable
 from typing import TypeVar
@@ -31,16 +32,22 @@ class ToolPool:
     async def run(self, call: Awaitable[T]) -> T:
         if self._semaphore is None:
             self._semaphore = asyncio.Semaphore(self.workers)
-        async with self._semaphore:
-            start = time.perf_counter()
-            self.running += 1
-            self.peak = max(self.peak, self.running)
-            try:
-                return await call
-            finally:
-                self.running -= 1
-                self.busy_s += time.perf_counter() - start
-                self.calls += 1
+        try:
+            await self._semaphore.acquire()
+        except BaseException:  # cancelled while queued: the call never starts, so close it unawaited
+            if inspect.iscoroutine(call):
+                call.close()
+            raise
+        start = time.perf_counter()
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        try:
+            return await call
+        finally:
+            self._semaphore.release()
+            self.running -= 1
+            self.busy_s += time.perf_counter() - start
+            self.calls += 1
 
     def utilisation(self, wall_s: float) -> float:
         """Busy worker-seconds over available worker-seconds during `wall_s`."""

@@ -301,6 +301,31 @@ def test_64_concurrent_episodes_in_flight_without_deadlock(tokenizer, catalog, w
     assert sum(t.tool_counts["python"] for t in trajs) == 16
 
 
+def test_a_call_cancelled_while_queued_is_closed_unstarted():
+    """A run cancelled mid-rollout must not leave queued tool coroutines unawaited (they never start)."""
+    pool = ToolPool(workers=1)
+    started = []
+
+    async def call(name):
+        started.append(name)
+        await asyncio.sleep(10)
+
+    async def main():
+        holder = asyncio.create_task(pool.run(call("first")))
+        await asyncio.sleep(0)
+        queued_call = call("queued")
+        queued = asyncio.create_task(pool.run(queued_call))
+        await asyncio.sleep(0.01)
+        for task in (queued, holder):
+            task.cancel()
+        await asyncio.gather(holder, queued, return_exceptions=True)
+        return queued_call
+
+    queued_call = run(main())
+    assert started == ["first"] and queued_call.cr_frame is None  # closed, never run
+    assert pool.running == 0 and pool.calls == 1
+
+
 def test_group_rollouts_share_a_group_id_and_differ_in_seed(tokenizer, catalog, world):
     tasks = tasks_cpu.generate_tasks(2, seed=3, world=world, kinds=("fact",))
     engine = ScriptedEngine(tokenizer, lambda ids, rid: "no idea")
