@@ -233,6 +233,12 @@ def episode_setup(
     return setup
 
 
+def tools_file_setup(client: Any, user_backend: str, alias_map: Mapping[str, str] | None):
+    """`episode_setup` offering call_expert for the expert aliases (expert-1..3) that `alias_map` defines."""
+    experts = {a: alias_map[a] for a in EXPERT_ALIASES if alias_map and a in alias_map}
+    return episode_setup(client, user_backend, client if experts else None, experts or None)
+
+
 def _grader(session: Tau2Session):
     async def grade(answer: str | None) -> bool:
         return await asyncio.to_thread(session.reward) > 0

@@ -177,8 +177,7 @@ def _setup(args: EvalArgs, tools: ToolsFile, client: Any, toolset: baselines.Too
         return tau2_gold_setup
     if tools.tau2_user is None:
         raise EvalUsageError("--benchmark tau2 needs a user simulator: set 'tau2_user' in --tools")
-    experts = {a: tools.alias_map[a] for a in tau2.EXPERT_ALIASES if tools.alias_map and a in tools.alias_map}
-    return tau2.episode_setup(client, tools.tau2_user, client if experts else None, experts or None)
+    return tau2.tools_file_setup(client, tools.tau2_user, tools.alias_map)
 
 
 async def _evaluate(args: EvalArgs) -> dict[str, Any]:

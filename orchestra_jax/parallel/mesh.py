@@ -77,6 +77,12 @@ def logical_to_spec(logical_axes: Sequence[str | None], rules: dict | None = Non
     return PartitionSpec(*spec)
 
 
+def batch_ways(mesh: Mesh) -> int:
+    """How many ways a batch's rows split over the mesh (its rows must come in multiples of this)."""
+    axes = LOGICAL_RULES["batch"]
+    return int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ())]))
+
+
 def logical_sharding(mesh: Mesh, logical_axes: Sequence[str | None]) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(logical_axes))
 

@@ -3,8 +3,8 @@
 Each sample's tokens are laid into a row at some offset; next-token targets, loss weights, advantages and
 behaviour log-probs are aligned to the *input* position that predicts them (position i predicts token i+1),
 so the last token of every segment predicts nothing (weight 0). Segment ids start at 1 per row; 0 is padding.
-Shapes are bucketed (row length to a power of two, micro-batch count to a small set) so jit compiles a few
-programs, not one per step.
+Shapes are bucketed (row length, micro-batch count, and the rows of a lone micro-batch, each to a small set) so
+jit compiles a few programs, not one per step.
 """
 
 from __future__ import annotations
@@ -97,11 +97,14 @@ def pack(
     aggregation: Aggregation = "token-mean",
     one_per_row: bool = False,
     min_row_len: int = 32,
+    row_multiple: int = 1,
 ) -> PackedBatch:
     """First-fit-decreasing packing of samples into rows; rows grouped into micro-batches of `micro_batch_size`.
 
     A sample longer than `max_row_len` keeps its first `max_row_len` tokens (counted in `truncated`).
-    `one_per_row` puts each sample alone in its row (PPO's GAE runs along rows).
+    `one_per_row` puts each sample alone in its row (PPO's GAE runs along rows). Rows that fit in one
+    micro-batch get one of only the rows they need (bucketed, a multiple of `row_multiple`: the data-parallel
+    devices), not `micro_batch_size` rows of which most would be padding the step computes anyway.
     """
     if micro_batch_size <= 0:
         raise ValueError(f"micro_batch_size must be positive, got {micro_batch_size}")
@@ -118,8 +121,11 @@ def pack(
             target = len(rows) - 1
         rows[target].append(i)
         room[target] -= lengths[i]
-    num_micro = _bucket_count(max(1, -(-len(rows) // micro_batch_size)))
-    total_rows = num_micro * micro_batch_size
+    per_micro = micro_batch_size
+    if len(rows) < micro_batch_size:
+        per_micro = min(micro_batch_size, -(-_bucket_count(max(1, len(rows))) // row_multiple) * row_multiple)
+    num_micro = _bucket_count(max(1, -(-len(rows) // per_micro)))
+    total_rows = num_micro * per_micro
 
     out = {
         "tokens": np.zeros((total_rows, row_len), np.int32),
@@ -154,7 +160,7 @@ def pack(
                 out["behaviour_logprobs"][r, offset : offset + n - 1] = np.asarray(s.behaviour_logprobs[:n])[1:]
             if with_reference:
                 out["ref_logprobs"][r, offset : offset + n - 1] = np.asarray(s.ref_logprobs[:n])[1:]
-            spans[i] = (r // micro_batch_size, r % micro_batch_size, offset, n, len(s.token_ids))
+            spans[i] = (r // per_micro, r % per_micro, offset, n, len(s.token_ids))
             policy = np.nonzero(mask > 0)[0]
             if policy.size:
                 out["rewards"][r, offset + policy[-1]] = s.reward
@@ -162,7 +168,7 @@ def pack(
     num_loss_tokens = int(out["mask"].sum())
     out["weights"] = aggregation_weights(out["mask"], out["sequence"], aggregation)
     keys = (*FIELDS, "mask", "ref_logprobs") if with_reference else (*FIELDS, "mask")
-    arrays = {k: out[k].reshape(num_micro, micro_batch_size, row_len) for k in keys}
+    arrays = {k: out[k].reshape(num_micro, per_micro, row_len) for k in keys}
     return PackedBatch(
         arrays=arrays,
         num_samples=len(samples),

@@ -14,7 +14,7 @@ from orchestra_jax.models.tokenizer import Tokenizer
 from orchestra_jax.models.transformer import init_params
 from orchestra_jax.models.transformer_config import PRESETS as MODEL_PRESETS
 from orchestra_jax.models.transformer_config import get_preset
-from orchestra_jax.parallel.mesh import make_mesh
+from orchestra_jax.parallel.mesh import batch_ways, make_mesh
 from orchestra_jax.rl.checkpoint import Checkpointer, load_params, param_count, params_digest
 from orchestra_jax.rl.optimizer import make_optimizer
 from orchestra_jax.rl.sft import load_demonstrations, sft_train
@@ -102,7 +102,7 @@ def _sft_run(config: TrainConfig, model, samples, data: str, run, checkpointer: 
                                    batch_size=config.algorithm.sft_batch_size,
                                    micro_batch_size=config.algorithm.micro_batch_size,
                                    max_row_len=config.rollout.max_context, seed=config.seed, on_step=on_step,
-                                   start=start, stop=lambda: stop.requested)
+                                   start=start, stop=lambda: stop.requested, row_multiple=batch_ways(mesh))
     done = start + len(history)
     if history:
         meta = {"seed": config.seed, "data_position": 0, "sft_data": str(data)}

@@ -1,12 +1,14 @@
 """The pieces one training run plays with: tokenizer, model config, tool catalog, prices and the task stream.
 
-`env.tasks` is the CPU task family (`cpu-family`, generated here) or a task JSONL (`orchestra-jax synth`'s, or
-any file in our task format). The family's tokenizer is a small byte-level BPE trained on its own texts,
-including the rendered system prompt with the tool schemas, so prompts stay short for a tiny policy; it is saved
-in the run directory and re-read on resume, so ids never drift between a run and its continuation. A task file
-is played with the policy's own tokenizer (`model.source` a checkpoint directory) and the eval harness's tools:
-the orchestrator toolset over `env.tools_file`'s endpoints, or sandboxed Python (and search, given a retriever)
-without them; a synthesised domain task gets its domain's tools and is graded by executing its evaluator.
+`env.tasks` is the CPU task family (`cpu-family`, generated here), a task JSONL (`orchestra-jax synth`'s, or
+any file in our task format) or a tau2 domain (`tau2:retail`). The family's tokenizer is a small byte-level BPE
+trained on its own texts, including the rendered system prompt with the tool schemas, so prompts stay short for
+a tiny policy; it is saved in the run directory and re-read on resume, so ids never drift between a run and its
+continuation. A task file is played with the policy's own tokenizer (`model.source` a checkpoint directory) and
+the eval harness's tools: the orchestrator toolset over `env.tools_file`'s endpoints, or sandboxed Python (and
+search, given a retriever) without them; a synthesised domain task gets its domain's tools and is graded by
+executing its evaluator. A tau2 domain plays as eval plays it: a fresh session per episode, the tools file's
+user simulator, tau2's own grader.
 """
 
 from __future__ import annotations
@@ -90,8 +92,7 @@ def demonstration_tasks(config: TrainConfig, env: Environment) -> list[Task]:
 def build_environment(config: TrainConfig, run_root: Path) -> Environment:
     """World, catalog, prices and tokenizer for `config.env.tasks` (trained or re-read from run_root/tokenizer)."""
     if config.env.tasks.startswith("tau2:"):
-        raise ConfigError(f"env.tasks: {config.env.tasks!r}: the trainer does not play tau2 yet (orchestra-jax eval "
-                          "does; train on the cpu family or a task file)")
+        return _tau2_environment(config)
     if config.env.tasks != "cpu-family":
         return _task_file_environment(config)
     world = tasks_cpu.make_world(config.seed)
@@ -106,10 +107,50 @@ def build_environment(config: TrainConfig, run_root: Path) -> Environment:
         tasks = tasks_cpu.generate_tasks(400, seed=12345, world=world)
         tokenizer = tasks_cpu.family_tokenizer(world, catalog, tasks, CPU_TOKENIZER_VOCAB, out_dir=tokenizer_dir)
     names = tuple(t.name for t in catalog.tools)
-    family = "qwen3"
-    if source not in MODEL_PRESETS and "smollm" in str(source).lower():
-        family = "smollm2"
+    family = "qwen3" if source in MODEL_PRESETS else _template_family(source)
     return Environment(tokenizer, catalog, tasks_cpu.cpu_prices(), world, names, family)
+
+
+def _check_outside_the_family(config: TrainConfig) -> None:
+    """What a task file and tau2 both need: the policy's own tokenizer, and no scripted warm start."""
+    source = config.model.source
+    if source in MODEL_PRESETS:
+        raise ConfigError(f"env.tasks: {config.env.tasks} is played with the policy's own tokenizer; set "
+                          f"--model.source to a checkpoint directory (not the preset {source!r})")
+    if config.algorithm.sft_steps > 0:
+        raise ConfigError("algorithm.sft_steps: the warm start's scripted demonstrations exist for the cpu family "
+                          f"only (set it to 0 with {config.env.tasks})")
+
+
+def _template_family(source: str) -> str:
+    return "smollm2" if "smollm" in str(source).lower() else "qwen3"
+
+
+def _tau2_environment(config: TrainConfig) -> Environment:
+    """tau2's domain: every task, a fresh session per episode, the tools file's user simulator (and experts),
+    graded by tau2's own evaluator, as `orchestra-jax eval --benchmark tau2` plays it."""
+    import asyncio
+
+    from orchestra_jax.env import tau2
+    from orchestra_jax.env.llm_tools import ChatClient, EndpointError
+    from orchestra_jax.eval.inputs import EvalUsageError, load_tools_file
+
+    _check_outside_the_family(config)
+    domain = config.env.tasks.removeprefix("tau2:")
+    try:
+        tasks = tuple(tau2.to_task(domain, t) for t in tau2.load_tasks(domain))
+        tools = load_tools_file(config.env.tools_file)
+        if tools.tau2_user is None:
+            raise ConfigError(f"env.tools_file: {config.env.tasks} needs a user simulator: set 'tau2_user' to one of "
+                              f"the tools file's endpoints (given: {config.env.tools_file})")
+        setup = tau2.tools_file_setup(ChatClient(tools.endpoints), tools.tau2_user, tools.alias_map)
+        catalog = asyncio.run(setup(tasks[0], 0)).catalog  # the domain's tools, named for the preferences
+    except (tau2.Tau2Error, EvalUsageError, EndpointError) as e:
+        raise ConfigError(f"env: {str(e).splitlines()[0]}") from None
+    return Environment(
+        Tokenizer.from_file(config.model.source), catalog, tools.prices, None, tuple(t.name for t in catalog.tools),
+        _template_family(config.model.source), tasks[0].metadata["system_prompt"], tasks, setup,
+    )
 
 
 def _task_file_environment(config: TrainConfig) -> Environment:
@@ -119,13 +160,8 @@ def _task_file_environment(config: TrainConfig) -> Environment:
     from orchestra_jax.eval import baselines
     from orchestra_jax.eval.inputs import EvalUsageError, load_tools_file
 
+    _check_outside_the_family(config)
     source = config.model.source
-    if source in MODEL_PRESETS:
-        raise ConfigError(f"env.tasks: a task file is played with the policy's own tokenizer; set --model.source to "
-                          f"a checkpoint directory (not the preset {source!r})")
-    if config.algorithm.sft_steps > 0:
-        raise ConfigError("algorithm.sft_steps: the warm start's scripted demonstrations exist for the cpu family "
-                          "only (set it to 0 with a task file)")
     try:
         tasks = load_playable_tasks(config.env.tasks)
         own = frozenset(r.id for r in load_tasks(config.env.tasks) if r.preference is not None)
@@ -141,7 +177,7 @@ def _task_file_environment(config: TrainConfig) -> Environment:
     default = EpisodeSetup(toolset.catalog)
     return Environment(
         Tokenizer.from_file(source), toolset.catalog, tools.prices, None, tuple(t.name for t in toolset.catalog.tools),
-        "smollm2" if "smollm" in str(source).lower() else "qwen3", toolset.system_prompt, tuple(tasks),
+        _template_family(source), toolset.system_prompt, tuple(tasks),
         lambda task, rollout: domain_setup(task, default), own,
     )
 

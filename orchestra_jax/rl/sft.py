@@ -74,6 +74,7 @@ def sft_train(
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     start: int = 0,
     stop: Callable[[], bool] | None = None,
+    row_multiple: int = 1,
 ) -> tuple[TrainState, list[dict[str, float]]]:
     """Updates `start` .. `steps - 1` on batches drawn (seeded, epoch by epoch without replacement) from
     `samples`; step k gets the same batch whatever `start` is, so a resumed warm start goes on exactly. Returns
@@ -91,7 +92,8 @@ def sft_train(
             continue
         if stop is not None and stop():
             break
-        batch = pack([samples[i] for i in chosen], micro_batch_size=micro_batch_size, max_row_len=max_row_len)
+        batch = pack([samples[i] for i in chosen], micro_batch_size=micro_batch_size, max_row_len=max_row_len,
+                     row_multiple=row_multiple)
         state, metrics = train_step(state, batch.arrays)
         metrics["nll"] = -metrics["logprob"]
         history.append(metrics)

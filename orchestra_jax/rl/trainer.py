@@ -33,7 +33,7 @@ from orchestra_jax.env.episode import ToolPool, run_episodes
 from orchestra_jax.env.tasks_cpu import demonstrations
 from orchestra_jax.models.hf_io import load_pretrained
 from orchestra_jax.models.transformer import init_params
-from orchestra_jax.parallel.mesh import make_mesh
+from orchestra_jax.parallel.mesh import batch_ways, make_mesh
 from orchestra_jax.rl import environment as envlib
 from orchestra_jax.rl.batching import Sample, pack, split_minibatches
 from orchestra_jax.rl.checkpoint import Checkpointer, CheckpointError
@@ -303,7 +303,8 @@ class Trainer:
                                        batch_size=cfg.algorithm.sft_batch_size,
                                        micro_batch_size=cfg.algorithm.micro_batch_size,
                                        max_row_len=cfg.rollout.max_context, seed=cfg.seed, on_step=on_step,
-                                       start=start, stop=lambda: self.stop.requested)
+                                       start=start, stop=lambda: self.stop.requested,
+                                       row_multiple=batch_ways(self.mesh))
         done = start + len(history)
         if done < cfg.algorithm.sft_steps:  # stopped by SIGTERM
             if done > start:
@@ -504,7 +505,7 @@ class Trainer:
         if chosen:
             batch = pack([Sample(np.asarray(s.token_ids, np.int32), np.asarray(s.loss_mask, np.int32), 0.0)
                           for s in chosen], micro_batch_size=cfg.algorithm.micro_batch_size,
-                         max_row_len=cfg.rollout.max_context)
+                         max_row_len=cfg.rollout.max_context, row_multiple=batch_ways(self.mesh))
             values = await asyncio.to_thread(logprob_fn, reference, batch.arrays)
             per_sample = iter(batch.per_sample(values))
         timings["logprob"] += time.perf_counter() - t0
@@ -523,7 +524,7 @@ class Trainer:
             for chunk in split_minibatches(len(samples), algorithm.mini_batches, rng):
                 batch = pack([samples[i] for i in chunk], micro_batch_size=algorithm.micro_batch_size,
                              max_row_len=cfg.rollout.max_context, aggregation=algorithm.loss_aggregation,
-                             one_per_row=algorithm.name == "ppo")
+                             one_per_row=algorithm.name == "ppo", row_multiple=batch_ways(self.mesh))
                 arrays = dict(batch.arrays)
                 if algorithm.kl_in_reward and algorithm.name == "ppo" and "ref_logprobs" in arrays:
                     # verl's token-level KL penalty: each policy token's reward is lowered by kl_coef x its KL

@@ -62,6 +62,22 @@ def test_truncation_and_one_per_row():
     assert batch.shape[0] * batch.shape[1] % 4 == 0
 
 
+def test_a_lone_micro_batch_holds_only_the_rows_it_needs():
+    """Two long samples under micro_batch_size 8 make a [1, 2, L] batch, not [1, 8, L] of mostly padding; the
+    row count stays a multiple of the data-parallel devices and never exceeds the micro-batch size."""
+    rng = np.random.default_rng()
+    long = [Sample(rng.integers(1, 100, 60), np.ones(60, np.int32), 1.0) for _ in range(2)]
+    assert pack(long, micro_batch_size=8, max_row_len=64).shape == (1, 2, 64)
+    assert pack(long, micro_batch_size=8, max_row_len=64, row_multiple=4).shape == (1, 4, 64)
+    five = long + [Sample(rng.integers(1, 100, 60), np.ones(60, np.int32), 1.0) for _ in range(3)]
+    assert pack(five, micro_batch_size=8, max_row_len=64).shape == (1, 6, 64)  # buckets 1, 2, 3, 4, 6, 8
+    assert pack(five, micro_batch_size=4, max_row_len=64).shape == (2, 4, 64)  # several micro-batches: full ones
+    batch = pack(five, micro_batch_size=8, max_row_len=64, row_multiple=4)
+    assert batch.shape == (1, 8, 64)
+    got = batch.per_sample(batch.arrays["targets"].astype(np.float64))
+    assert all((g[1:] == s.token_ids[1:]).all() for g, s in zip(got, five))
+
+
 def test_minibatches_partition_the_samples():
     rng = np.random.default_rng()
     n, parts = int(rng.integers(5, 60)), int(rng.integers(2, 6))

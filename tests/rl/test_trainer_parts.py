@@ -282,6 +282,83 @@ def test_a_task_file_trains_on_its_domains_tools_and_their_grader(tmp_path, shar
     assert read_scalars(tmp_path / "run" / "tb")["train/samples"][0][1] > 0
 
 
+@pytest.mark.slow  # about 100 s: two 4700-token rollouts and their step over 8 fake devices on the CPU
+def test_a_tau2_domain_trains_with_its_tools_user_simulator_and_grader(tmp_path, shared_data):
+    """env.tasks = tau2:airline: each episode talks to the tools file's user simulator (a chat server on
+    127.0.0.1), gets the domain's tools minus transfer_to_human_agents, is graded by tau2, and the step trains."""
+    import dataclasses
+    import json
+
+    from openai_stub import stub_app
+
+    from orchestra_jax.env.search import BackgroundServer
+    from orchestra_jax.rl.trainer import Trainer
+    from orchestra_jax.runlog import read_scalars
+
+    def user(messages):
+        return "I need to change my flight." if len(messages) <= 2 else "Thanks, bye. ###STOP###"
+
+    source, _ = _checkpoint_dir(tmp_path, shared_data)
+    tiny = preset("test-tiny")
+    app = stub_app(user)
+    with BackgroundServer(app) as server:
+        tools = {"endpoints": [{"name": "user", "base_url": server.url + "/v1", "model": "stub", "max_retries": 0}],
+                 "tau2_user": "user"}
+        (tmp_path / "tools.json").write_text(json.dumps(tools))
+        # tau2's airline policy and its 13 tool schemas make a prompt of about 4700 tokens.
+        config = dataclasses.replace(tiny, run_dir=str(tmp_path / "run"), steps=1,
+                                     model=dataclasses.replace(tiny.model, source=str(source)),
+                                     rollout=dataclasses.replace(tiny.rollout, max_context=5632, max_new_tokens=8),
+                                     env=dataclasses.replace(tiny.env, tasks="tau2:airline", max_turns=1,
+                                                             tools_file=str(tmp_path / "tools.json")),
+                                     algorithm=dataclasses.replace(tiny.algorithm, prompts_per_step=1, group_size=2,
+                                                                   kl_coef=0.0))
+        assert Trainer(config, echo=lambda *_: None).train() == 0
+        asked = [r["messages"][0]["content"] for r in app.state.requests]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "trajectories" / "step_1.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["finish_reason"] != "context_full" and r["error"] is None for r in rows)
+    assert all("get_user_details" in r["tool_names"] and "transfer_to_human_agents" not in r["tool_names"]
+               for r in rows)
+    assert len(asked) >= 2 and all("<scenario>" in a for a in asked)  # the user simulator was asked each episode
+    assert not any(r["correct"] for r in rows)  # a random policy never completes an airline task
+    assert read_scalars(tmp_path / "run" / "tb")["train/samples"][0][1] > 0
+
+
+def test_tau2_plays_its_domains_tasks_with_the_tools_files_user_simulator(tmp_path, shared_data):
+    import asyncio
+    import dataclasses
+    import json
+
+    from orchestra_jax.config import ConfigError
+    from orchestra_jax.env.tau2 import Tau2User
+    from orchestra_jax.rl.environment import build_environment, task_stream
+
+    tiny = preset("test-tiny")
+    tools = {"endpoints": [{"name": "sim", "base_url": "http://127.0.0.1:9/v1", "model": "m"}], "tau2_user": "sim"}
+    (tmp_path / "tools.json").write_text(json.dumps(tools))
+    config = dataclasses.replace(tiny, model=dataclasses.replace(tiny.model, source=str(shared_data / "qwen3")),
+                                 env=dataclasses.replace(tiny.env, tasks="tau2:airline", preference_sampling="uniform",
+                                                         tools_file=str(tmp_path / "tools.json")),
+                                 algorithm=dataclasses.replace(tiny.algorithm, sft_steps=0))
+    env = build_environment(config, tmp_path)
+    assert "get_user_details" in env.tool_names and "transfer_to_human_agents" not in env.tool_names
+    assert len(env.tasks) == 50 and "<policy>" in env.system_prompt  # tau2-bench v1's airline tasks
+    stream = task_stream(config, env, 60)
+    assert len({t.id for t in stream[:50]}) == 50 and len({t.preference for t in stream}) == 60
+    parts = asyncio.run(env.setup(stream[0], 0))
+    assert isinstance(parts.user, Tau2User) and parts.user.backend == "sim" and parts.grader is not None
+
+    (tmp_path / "tools.json").write_text(json.dumps({"endpoints": []}))
+    config = dataclasses.replace(tiny, model=dataclasses.replace(tiny.model, source=str(tmp_path)),
+                                 env=dataclasses.replace(tiny.env, tasks="tau2:airline",
+                                                         tools_file=str(tmp_path / "tools.json")),
+                                 algorithm=dataclasses.replace(tiny.algorithm, sft_steps=0))
+    with pytest.raises(ConfigError, match=r"env.tools_file: tau2:airline needs a user simulator: set 'tau2_user'"):
+        build_environment(config, tmp_path)
+    with pytest.raises(ConfigError, match=r"env: unknown tau2 domain 'mars'"):
+        build_environment(dataclasses.replace(config, env=dataclasses.replace(config.env, tasks="tau2:mars")), tmp_path)
+
+
 def test_a_task_files_own_preferences_are_kept_and_the_rest_drawn(tmp_path, shared_data):
     import dataclasses
     import json
