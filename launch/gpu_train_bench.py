@@ -88,7 +88,8 @@ def build(name: str, args: argparse.Namespace):
     length = args.seq_len // args.samples_per_row
     samples = [Sample(rng.integers(0, model.vocab_size, length), np.ones(length, np.int32), float(rng.normal()))
                for _ in range(args.batch * args.micro_batches * args.samples_per_row)]
-    packed = pack(samples, micro_batch_size=args.batch, max_row_len=args.seq_len, min_row_len=args.seq_len)
+    packed = pack(samples, micro_batch_size=args.batch, max_row_len=args.seq_len, min_row_len=args.seq_len,
+                  row_multiple=1)  # one accelerator
     if packed.arrays["tokens"].shape[:2] != (args.micro_batches, args.batch):
         raise SystemExit(f"{len(samples)} samples of {length} tokens packed into {packed.arrays['tokens'].shape[:2]}"
                          f" micro-batches x rows, not {args.micro_batches} x {args.batch}")

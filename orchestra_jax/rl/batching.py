@@ -94,17 +94,18 @@ def pack(
     *,
     micro_batch_size: int,
     max_row_len: int,
+    row_multiple: int,
     aggregation: Aggregation = "token-mean",
     one_per_row: bool = False,
     min_row_len: int = 32,
-    row_multiple: int = 1,
 ) -> PackedBatch:
     """First-fit-decreasing packing of samples into rows; rows grouped into micro-batches of `micro_batch_size`.
 
     A sample longer than `max_row_len` keeps its first `max_row_len` tokens (counted in `truncated`).
     `one_per_row` puts each sample alone in its row (PPO's GAE runs along rows). Rows that fit in one
-    micro-batch get one of only the rows they need (bucketed, a multiple of `row_multiple`: the data-parallel
-    devices), not `micro_batch_size` rows of which most would be padding the step computes anyway.
+    micro-batch get one of only the rows they need (bucketed, a multiple of `row_multiple`: the devices the rows
+    split over, `parallel.mesh.batch_ways`), not `micro_batch_size` rows of which most would be padding the step
+    computes anyway.
     """
     if micro_batch_size <= 0:
         raise ValueError(f"micro_batch_size must be positive, got {micro_batch_size}")

@@ -112,7 +112,7 @@ def bench_model(name: str, args: TrainBenchArgs) -> dict:
 def _bench_sides(name: str, model, params, ids_BT: np.ndarray, args: TrainBenchArgs,
                  reference: TorchReference | None) -> dict:
     samples = [Sample(row, np.ones(args.seq_len, np.int32), 1.0) for row in ids_BT]
-    batch = pack(samples, micro_batch_size=args.batch, max_row_len=args.seq_len)
+    batch = pack(samples, micro_batch_size=args.batch, max_row_len=args.seq_len, row_multiple=1)  # one device
     tokens = args.batch * (args.seq_len - 1)
 
     mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])

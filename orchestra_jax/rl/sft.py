@@ -70,11 +70,11 @@ def sft_train(
     batch_size: int,
     micro_batch_size: int,
     max_row_len: int,
+    row_multiple: int,
     seed: int = 0,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     start: int = 0,
     stop: Callable[[], bool] | None = None,
-    row_multiple: int = 1,
 ) -> tuple[TrainState, list[dict[str, float]]]:
     """Updates `start` .. `steps - 1` on batches drawn (seeded, epoch by epoch without replacement) from
     `samples`; step k gets the same batch whatever `start` is, so a resumed warm start goes on exactly. Returns

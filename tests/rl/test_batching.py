@@ -25,7 +25,7 @@ def random_samples(rng, n, max_len=40):
 def test_pack_round_trips_every_sample():
     rng = np.random.default_rng()
     samples = random_samples(rng, 13)
-    batch = pack(samples, micro_batch_size=2, max_row_len=64)
+    batch = pack(samples, micro_batch_size=2, max_row_len=64, row_multiple=1)
     a = {k: v.reshape(-1, v.shape[-1]) for k, v in batch.arrays.items()}
     m, b, t = batch.shape
     assert b == 2 and t == bucket_length(max(len(s.token_ids) for s in samples))
@@ -55,7 +55,7 @@ def test_pack_round_trips_every_sample():
 def test_truncation_and_one_per_row():
     rng = np.random.default_rng()
     samples = random_samples(rng, 5, max_len=30) + [Sample(np.arange(1, 101), np.ones(100), 1.0)]
-    batch = pack(samples, micro_batch_size=4, max_row_len=64, one_per_row=True)
+    batch = pack(samples, micro_batch_size=4, max_row_len=64, row_multiple=1, one_per_row=True)
     assert batch.truncated == 1 and batch.shape[-1] == 64
     seg = batch.arrays["segment_ids"].reshape(-1, 64)
     assert seg.max() == 1 and (seg.max(axis=1) == 1).sum() == 6
@@ -67,11 +67,12 @@ def test_a_lone_micro_batch_holds_only_the_rows_it_needs():
     row count stays a multiple of the data-parallel devices and never exceeds the micro-batch size."""
     rng = np.random.default_rng()
     long = [Sample(rng.integers(1, 100, 60), np.ones(60, np.int32), 1.0) for _ in range(2)]
-    assert pack(long, micro_batch_size=8, max_row_len=64).shape == (1, 2, 64)
+    assert pack(long, micro_batch_size=8, max_row_len=64, row_multiple=1).shape == (1, 2, 64)
     assert pack(long, micro_batch_size=8, max_row_len=64, row_multiple=4).shape == (1, 4, 64)
     five = long + [Sample(rng.integers(1, 100, 60), np.ones(60, np.int32), 1.0) for _ in range(3)]
-    assert pack(five, micro_batch_size=8, max_row_len=64).shape == (1, 6, 64)  # buckets 1, 2, 3, 4, 6, 8
-    assert pack(five, micro_batch_size=4, max_row_len=64).shape == (2, 4, 64)  # several micro-batches: full ones
+    assert pack(five, micro_batch_size=8, max_row_len=64, row_multiple=1).shape == (1, 6, 64)  # 1, 2, 3, 4, 6, 8
+    # several micro-batches: full ones
+    assert pack(five, micro_batch_size=4, max_row_len=64, row_multiple=1).shape == (2, 4, 64)
     batch = pack(five, micro_batch_size=8, max_row_len=64, row_multiple=4)
     assert batch.shape == (1, 8, 64)
     got = batch.per_sample(batch.arrays["targets"].astype(np.float64))
@@ -95,7 +96,7 @@ def test_reference_logprobs_pack_and_come_back_per_sample():
     samples = [Sample(rng.integers(1, 100, n), np.ones(n, np.int32), 0.0, -rng.random(n), 0.0, -rng.random(n))
                for n in rng.integers(2, 40, 9)]
     samples.append(Sample(rng.integers(1, 100, 70), np.ones(70, np.int32), 0.0, None, 0.0, -rng.random(70)))
-    batch = pack(samples, micro_batch_size=2, max_row_len=64)
+    batch = pack(samples, micro_batch_size=2, max_row_len=64, row_multiple=1)
     assert batch.truncated == 1
     back = batch.per_sample(batch.arrays["ref_logprobs"])
     for s, b in zip(samples, back):
@@ -103,4 +104,4 @@ def test_reference_logprobs_pack_and_come_back_per_sample():
         assert b.shape == (len(s.token_ids),) and b[0] == 0 and not b[kept:].any()
         np.testing.assert_array_equal(b[1:kept], s.ref_logprobs[1:kept].astype(np.float32))
     assert "ref_logprobs" not in pack(samples[:-1] + [Sample(np.arange(5), np.ones(5), 0.0)], micro_batch_size=2,
-                                      max_row_len=64).arrays  # only when every sample has them
+                                      max_row_len=64, row_multiple=1).arrays  # only when every sample has them

@@ -11,7 +11,7 @@ import pytest
 from orchestra_jax.config import MeshConfig, OptimizerConfig
 from orchestra_jax.models.transformer import init_params
 from orchestra_jax.models.transformer_config import get_preset
-from orchestra_jax.parallel.mesh import make_mesh
+from orchestra_jax.parallel.mesh import batch_ways, make_mesh
 from orchestra_jax.rl.batching import Sample, pack
 from orchestra_jax.rl.losses import PolicyLossConfig
 from orchestra_jax.rl.optimizer import make_optimizer
@@ -57,10 +57,10 @@ def test_sharded_step_matches_one_device(shape):
     rng = np.random.default_rng()
     model = tiny_model()
     params = init_params(model, jax.random.key(int(rng.integers(1 << 30))))
-    batch = pack(random_samples(rng, 12), micro_batch_size=8, max_row_len=64)
     settings = StepSettings(model=model, loss=PolicyLossConfig(kl_coef=0.0, tis_cap=2.0))
     one = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
     many = make_mesh(MeshConfig(data=shape[0], fsdp=shape[1], tensor=shape[2]))
+    batch = pack(random_samples(rng, 12), micro_batch_size=8, max_row_len=64, row_multiple=batch_ways(many))
     p1, m1 = run_step(settings, one, params, batch)
     p8, m8 = run_step(settings, many, params, batch)
     close(p8, p1)
@@ -76,8 +76,8 @@ def test_gradient_accumulation_matches_one_micro_batch():
     model = tiny_model()
     params = init_params(model, jax.random.key(1))
     samples = random_samples(rng, 10)
-    big = pack(samples, micro_batch_size=16, max_row_len=64)
-    small = pack(samples, micro_batch_size=2, max_row_len=64)
+    big = pack(samples, micro_batch_size=16, max_row_len=64, row_multiple=1)
+    small = pack(samples, micro_batch_size=2, max_row_len=64, row_multiple=1)
     assert big.shape[0] == 1 and small.shape[0] > 1
     settings = StepSettings(model=model, loss=PolicyLossConfig())
     mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
@@ -91,7 +91,7 @@ def test_nan_guard_skips_the_update():
     rng = np.random.default_rng()
     model = tiny_model()
     params = init_params(model, jax.random.key(2))
-    batch = pack(random_samples(rng, 4), micro_batch_size=8, max_row_len=64)
+    batch = pack(random_samples(rng, 4), micro_batch_size=8, max_row_len=64, row_multiple=1)
     batch.arrays["advantages"][0, 0, 3] = np.nan
     batch.arrays["mask"][0, 0, 3] = 1.0
     batch.arrays["weights"][0, 0, 3] = 0.1
@@ -112,12 +112,12 @@ def test_kl_to_reference_bf16_and_ppo_run():
     settings = StepSettings(model=model, loss=PolicyLossConfig(kl_coef=0.1), use_reference=True,
                             compute_dtype="bfloat16", remat="full")
     adamw = make_optimizer(OptimizerConfig(lr=1e-3, schedule="cosine", warmup_steps=2), 10)
-    batch = pack(samples, micro_batch_size=4, max_row_len=64)
+    batch = pack(samples, micro_batch_size=4, max_row_len=64, row_multiple=1)
     new_params, metrics = run_step(settings, mesh, params, batch, ref=ref, optimizer=adamw)
     assert metrics["kl"] > 0 and metrics["skipped"] == 0 and np.isfinite(metrics["loss"])
     assert new_params["embed"].dtype == jnp.float32
     ppo = StepSettings(model=model, loss=PolicyLossConfig(), algorithm="ppo")
-    batch = pack(samples, micro_batch_size=4, max_row_len=64, one_per_row=True)
+    batch = pack(samples, micro_batch_size=4, max_row_len=64, row_multiple=1, one_per_row=True)
     _, metrics = run_step(ppo, mesh, params, batch)
     assert metrics["skipped"] == 0 and np.isfinite(metrics["loss"])
 
@@ -131,7 +131,7 @@ def test_a_small_step_raises_positive_advantage_tokens_and_lowers_negative_ones(
     settings = StepSettings(model=model, loss=PolicyLossConfig())
     samples = random_samples(rng, 2)
     samples = [dataclasses.replace(s, advantage=a) for s, a in zip(samples, (1.0, -1.0))]
-    batch = pack(samples, micro_batch_size=2, max_row_len=64, one_per_row=True)
+    batch = pack(samples, micro_batch_size=2, max_row_len=64, row_multiple=1, one_per_row=True)
     step, _ = make_train_step(settings, optax.sgd(1e-3), mesh, params)
     before = LogprobFn(settings, mesh, step.shardings.params)(params, batch.arrays)
     arrays = {**batch.arrays, "behaviour_logprobs": before}
@@ -151,7 +151,7 @@ def test_attention_layout_is_found_on_the_host_for_cudnn_only(monkeypatch):
     from orchestra_jax.rl.train_step import attention_layout
 
     rng = np.random.default_rng()
-    batch = pack(random_samples(rng, 12), micro_batch_size=4, max_row_len=64).arrays
+    batch = pack(random_samples(rng, 12), micro_batch_size=4, max_row_len=64, row_multiple=1).arrays
     settings = StepSettings(model=tiny_model(), loss=PolicyLossConfig(), compute_dtype="bfloat16")
     assert attention_layout(settings, batch["segment_ids"]) == (
         T.host_packed_layout(batch["segment_ids"]) if jax.default_backend() == "gpu" else None)
