@@ -45,9 +45,10 @@ class Environment:
     template_family: str
     system_prompt: str = tasks_cpu.SYSTEM_PROMPT
     tasks: tuple[Task, ...] = ()
-    """A task file's tasks (empty for the CPU family, whose tasks are generated)."""
+    """A task file's or a tau2 domain's tasks (empty for the CPU family, whose tasks are generated)."""
     setup: Callable[[Task, int], EpisodeSetup] | None = None
-    """Per-episode tools and grader (a synthesised domain task's); None: `catalog` and the reference answer."""
+    """Per-episode tools, user and grader (a synthesised domain task's, a tau2 session's); None: `catalog` and
+    the reference answer."""
     own_preferences: frozenset[str] = frozenset()
     """Ids of the task file's tasks that carry a preference of their own."""
 
