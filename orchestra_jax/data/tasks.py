@@ -146,10 +146,15 @@ def domain_task(task: TaskRecord | Task) -> DomainTask:
 
 
 def load_playable_tasks(path: str | os.PathLike) -> list[Task]:
-    """A task file's episode Tasks, ready to play: each remembers its file (metadata.tasks_file), and a
-    synthesised domain task gets its domain's policy as the system prompt. Raises TaskFileError."""
+    """A task file's episode Tasks, ready to play (see `playable_tasks`). Raises TaskFileError."""
+    return playable_tasks(load_tasks(path), path)
+
+
+def playable_tasks(records: Iterable[TaskRecord], path: str | os.PathLike) -> list[Task]:
+    """The records of the task file at `path` as episode Tasks: each remembers its file (metadata.tasks_file),
+    and a synthesised domain task gets its domain's policy as the system prompt. Raises TaskFileError."""
     out = []
-    for task in load_episode_tasks(path):
+    for task in (to_task(r, str(path)) for r in records):
         metadata = {**task.metadata, "tasks_file": str(path)}
         if metadata.get("evaluator") == "domain" and "system_prompt" not in metadata:
             try:

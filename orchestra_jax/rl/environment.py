@@ -155,7 +155,7 @@ def _tau2_environment(config: TrainConfig) -> Environment:
 
 
 def _task_file_environment(config: TrainConfig) -> Environment:
-    from orchestra_jax.data.tasks import TaskFileError, domain_setup, load_playable_tasks, load_tasks
+    from orchestra_jax.data.tasks import TaskFileError, domain_setup, load_tasks, playable_tasks
     from orchestra_jax.env.llm_tools import ChatClient, EndpointError
     from orchestra_jax.env.search import HttpRetriever
     from orchestra_jax.eval import baselines
@@ -164,8 +164,9 @@ def _task_file_environment(config: TrainConfig) -> Environment:
     _check_outside_the_family(config)
     source = config.model.source
     try:
-        tasks = load_playable_tasks(config.env.tasks)
-        own = frozenset(r.id for r in load_tasks(config.env.tasks) if r.preference is not None)
+        records = load_tasks(config.env.tasks)
+        tasks = playable_tasks(records, config.env.tasks)
+        own = frozenset(r.id for r in records if r.preference is not None)
         tools = load_tools_file(config.env.tools_file)
         client = ChatClient(tools.endpoints) if tools.endpoints else None
         retriever = HttpRetriever(tools.retriever_url) if tools.retriever_url else None
