@@ -213,7 +213,9 @@ class OpenAIEngine:
 
 
 def _family(config: Any, chat_template: str | None) -> str:
-    return chat_template or ("smollm2" if getattr(config, "family", "") == "llama" else "qwen3")
+    from orchestra_jax.models.chat_template import family_of
+
+    return chat_template or family_of(getattr(config, "family", ""))
 
 
 def _tokenizer(path: str | os.PathLike | None, where: str) -> Tokenizer:

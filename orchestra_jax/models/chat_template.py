@@ -46,6 +46,11 @@ class ChatTemplateError(ValueError):
     """Messages or tools that the chat template cannot render."""
 
 
+def family_of(model_family: str) -> str:
+    """The chat template a checkpoint speaks, from its model family: SmolLM2's for llama models, else Qwen3's."""
+    return "smollm2" if model_family == "llama" else "qwen3"
+
+
 def render(
     messages: Sequence[Mapping[str, Any]],
     tools: Sequence[Mapping[str, Any]] | None = None,

@@ -28,6 +28,7 @@ from orchestra_jax.env.episode import EpisodeSetup
 from orchestra_jax.env.preferences import Preference, PreferenceDistribution, sample_preference
 from orchestra_jax.env.prices import PriceTable
 from orchestra_jax.env.trajectory import EpisodeConfig, Task
+from orchestra_jax.models.chat_template import family_of
 from orchestra_jax.models.tokenizer import Tokenizer
 from orchestra_jax.models.transformer_config import PRESETS as MODEL_PRESETS
 from orchestra_jax.models.transformer_config import TransformerConfig, get_preset
@@ -108,7 +109,7 @@ def build_environment(config: TrainConfig, run_root: Path) -> Environment:
         tasks = tasks_cpu.generate_tasks(400, seed=12345, world=world)
         tokenizer = tasks_cpu.family_tokenizer(world, catalog, tasks, CPU_TOKENIZER_VOCAB, out_dir=tokenizer_dir)
     names = tuple(t.name for t in catalog.tools)
-    family = "qwen3" if source in MODEL_PRESETS else _template_family(source)
+    family = "qwen3" if source in MODEL_PRESETS else _template_family(config)
     return Environment(tokenizer, catalog, tasks_cpu.cpu_prices(), world, names, family)
 
 
@@ -123,8 +124,9 @@ def _check_outside_the_family(config: TrainConfig) -> None:
                           f"only (set it to 0 with {config.env.tasks})")
 
 
-def _template_family(source: str) -> str:
-    return "smollm2" if "smollm" in str(source).lower() else "qwen3"
+def _template_family(config: TrainConfig) -> str:
+    """The chat template of a checkpoint-directory policy, from its config.json's family (as `serve` picks)."""
+    return family_of(model_config(config, None).family)
 
 
 def _tau2_environment(config: TrainConfig) -> Environment:
@@ -150,7 +152,7 @@ def _tau2_environment(config: TrainConfig) -> Environment:
         raise ConfigError(f"env: {str(e).splitlines()[0]}") from None
     return Environment(
         Tokenizer.from_file(config.model.source), catalog, tools.prices, None, tuple(t.name for t in catalog.tools),
-        _template_family(config.model.source), tasks[0].metadata["system_prompt"], tasks, setup,
+        _template_family(config), tasks[0].metadata["system_prompt"], tasks, setup,
     )
 
 
@@ -179,7 +181,7 @@ def _task_file_environment(config: TrainConfig) -> Environment:
     default = EpisodeSetup(toolset.catalog)
     return Environment(
         Tokenizer.from_file(source), toolset.catalog, tools.prices, None, tuple(t.name for t in toolset.catalog.tools),
-        _template_family(source), toolset.system_prompt, tuple(tasks),
+        _template_family(config), toolset.system_prompt, tuple(tasks),
         lambda task, rollout: domain_setup(task, default), own,
     )
 

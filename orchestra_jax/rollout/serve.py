@@ -36,6 +36,7 @@ def load_served_model(args: ServeArgs) -> ServedModel:
 
     from orchestra_jax import models
     from orchestra_jax.models import tokenizer as tokenizer_lib
+    from orchestra_jax.models.chat_template import family_of
 
     path = pathlib.Path(args.model_path)
     tok = None
@@ -68,7 +69,7 @@ def load_served_model(args: ServeArgs) -> ServedModel:
         tokenizer=tok,
         model_path=args.model_path,
         served_model_name=args.served_model_name or path.name,
-        chat_family=args.chat_template or ("smollm2" if config.family == "llama" else "qwen3"),
+        chat_family=args.chat_template or family_of(config.family),
         load_weights=lambda p: models.load_pretrained(p, dtype=args.dtype),
     )
 

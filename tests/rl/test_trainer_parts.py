@@ -336,7 +336,8 @@ def test_tau2_plays_its_domains_tasks_with_the_tools_files_user_simulator(tmp_pa
     tiny = preset("test-tiny")
     tools = {"endpoints": [{"name": "sim", "base_url": "http://127.0.0.1:9/v1", "model": "m"}], "tau2_user": "sim"}
     (tmp_path / "tools.json").write_text(json.dumps(tools))
-    config = dataclasses.replace(tiny, model=dataclasses.replace(tiny.model, source=str(shared_data / "qwen3")),
+    source, _ = _checkpoint_dir(tmp_path, shared_data)
+    config = dataclasses.replace(tiny, model=dataclasses.replace(tiny.model, source=str(source)),
                                  env=dataclasses.replace(tiny.env, tasks="tau2:airline", preference_sampling="uniform",
                                                          tools_file=str(tmp_path / "tools.json")),
                                  algorithm=dataclasses.replace(tiny.algorithm, sft_steps=0))
@@ -385,6 +386,32 @@ def test_a_task_files_own_preferences_are_kept_and_the_rest_drawn(tmp_path, shar
     assert [t.id for t in drawn] == [t.id for t in kept]  # the same seeded order either way
     assert not any((t.preference.outcome, t.preference.cost) == (0.25, 1.0) for t in drawn)
     assert [t.preference for t in drawn if t.id == "drawn"] == [t.preference for t in kept if t.id == "drawn"]
+
+
+def test_a_checkpoint_policy_speaks_its_familys_chat_template_whatever_its_folder_is_called(tmp_path, shared_data):
+    """A llama checkpoint gets SmolLM2's template, as `orchestra-jax serve` and eval give it, not Qwen3's."""
+    import dataclasses
+    import json
+    import shutil
+
+    import jax
+
+    from orchestra_jax.models import init_params, save_pretrained
+    from orchestra_jax.models.transformer_config import get_preset
+    from orchestra_jax.rl.environment import build_environment
+
+    (tmp_path / "tasks.jsonl").write_text(json.dumps({"id": "a", "question": "2+2?", "answer": "4"}) + "\n")
+    tiny = preset("test-tiny")
+    for family, template in (("llama", "smollm2"), ("qwen3", "qwen3")):
+        source = tmp_path / f"policy-{template[::-1]}"  # the folder's name says nothing
+        model = dataclasses.replace(get_preset(f"{family}-tiny"), vocab_size=151936)
+        save_pretrained(model, init_params(model, jax.random.key(0)), source)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(shared_data / "qwen3" / name, source / name)
+        config = dataclasses.replace(tiny, model=dataclasses.replace(tiny.model, source=str(source)),
+                                     env=dataclasses.replace(tiny.env, tasks=str(tmp_path / "tasks.jsonl")),
+                                     algorithm=dataclasses.replace(tiny.algorithm, sft_steps=0))
+        assert build_environment(config, tmp_path).template_family == template
 
 
 def test_a_task_file_needs_a_checkpoint_directory_and_no_warm_start(tmp_path):
