@@ -26,6 +26,7 @@ from orchestra_jax.models.transformer import (
     attention_impl,
     hidden_states,
     host_packed_layout,
+    init_params,
     lm_head_weight,
     param_logical_axes,
 )
@@ -164,6 +165,26 @@ def _microbatch_loss(settings: StepSettings, trainable: dict, mb: dict[str, jax.
     sums["behaviour_logprob_diff"] = jnp.sum(jnp.abs(jax.lax.stop_gradient(logp_BT) - mb["behaviour_logprobs"]) * mask_BT)
     sums["tokens"] = jnp.sum(mask_BT)
     return loss, sums
+
+
+def saved_activation_bytes(settings: StepSettings, rows: int, row_len: int) -> int:
+    """Bytes one micro-batch's backward reads back from its forward (what the remat policy keeps), counted from
+    the pullback's residuals traced on abstract shapes: nothing is allocated or compiled, so `--dry-run` can
+    size an 8B step on a laptop. The parameters are not counted (the state holds them). A backend may keep
+    more: XLA's CPU holds remat "none"'s stacked bf16 activations in float32, about twice this."""
+    trainable = jax.eval_shape(lambda: {"policy": init_params(settings.model, jax.random.key(0)),
+                                        "critic": init_critic(settings.model, settings.algorithm)})
+    ints = ("tokens", "targets", "positions", "segment_ids")
+    mb = {k: jax.ShapeDtypeStruct((rows, row_len), jnp.int32 if k in ints else jnp.float32) for k in BATCH_KEYS}
+
+    def residuals(trainable, mb):
+        _, pullback, _ = jax.vjp(lambda tr: _microbatch_loss(settings, tr, mb), trainable, has_aux=True)
+        return jax.tree.leaves(pullback)
+
+    jaxpr = jax.make_jaxpr(residuals)(trainable, mb).jaxpr
+    inputs = set(map(id, jaxpr.invars))
+    saved = {id(v): v.aval for v in jaxpr.outvars if id(v) not in inputs}
+    return sum(aval.size * aval.dtype.itemsize for aval in saved.values())
 
 
 def _step(settings: StepSettings, optimizer: optax.GradientTransformation, state: TrainState,
