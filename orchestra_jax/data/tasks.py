@@ -127,11 +127,6 @@ def to_task(record: TaskRecord, where: str = "task") -> Task:
     return Task(record.id, record.question, record.answer, record.tools, preference, dict(record.metadata))
 
 
-def load_episode_tasks(path: str | os.PathLike) -> list[Task]:
-    """load_tasks, converted to the episode loop's `Task` values."""
-    return [to_task(r, str(path)) for r in load_tasks(path)]
-
-
 def domain_task(task: TaskRecord | Task) -> DomainTask:
     """The τ²-style grading view of a synthesised task (metadata written by `orchestra-jax synth`)."""
     meta = task.metadata

@@ -109,7 +109,7 @@ def test_unknown_domain_and_bad_names_fail_early():
 
 
 def test_jsonl_feeds_the_episode_loop_and_the_catalog_grades(tmp_path):
-    """Our JSONL loads as episode `Task`s; a scripted policy calling gold actions through the episode
+    """Our JSONL loads as the trainer's episode `Task`s; a scripted policy calling gold actions through the episode
     `ToolCatalog` (async, as the episode loop calls tools) scores 1.0 in the domain environment."""
     import asyncio
 
@@ -117,7 +117,7 @@ def test_jsonl_feeds_the_episode_loop_and_the_catalog_grades(tmp_path):
 
     result = run("bank", random.randrange(10**6), num_tasks=12)
     stages.write_outputs(result, tmp_path)
-    episode_tasks = tasks_lib.load_episode_tasks(tmp_path / "tasks.jsonl")
+    episode_tasks = tasks_lib.load_playable_tasks(tmp_path / "tasks.jsonl")
     assert episode_tasks and all(isinstance(t, Task) for t in episode_tasks)
     domain = dl.load_domain(tmp_path / "bank")
 
