@@ -52,6 +52,11 @@ def test_the_plan_counts_the_devices_share_of_the_activations():
     # Twice the rows a device (the batch over 4 devices) is about twice the activations.
     four = plan.estimate(dataclasses.replace(config, mesh=MeshConfig(data=1, fsdp=4, tensor=1)), 4)
     assert four["memory_gib_per_device"]["activations"] == pytest.approx(2 * act["full"], rel=0.02)
+    # A step of two rollouts packs two rows, whatever the micro-batch size.
+    one_device = dataclasses.replace(config, mesh=MeshConfig(data=1, fsdp=1, tensor=1))
+    two = _with(_with(one_device, "algorithm.prompts_per_step", 1), "algorithm.group_size", 2)
+    assert plan.estimate(two, 1)["memory_gib_per_device"] == \
+        plan.estimate(_with(one_device, "algorithm.micro_batch_size", 2), 1)["memory_gib_per_device"]
 
 
 @pytest.mark.parametrize("remat", ["none", "dots", "full"])
