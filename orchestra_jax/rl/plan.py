@@ -24,6 +24,9 @@ from orchestra_jax.parallel.mesh import resolve_mesh_shape
 # substrings of JAX's device_kind, so launch/gpu_train_bench.py finds the card it runs on here too.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "TPU v5p": 459e12,
               "TPU v5e": 197e12, "TPU v5 lite": 197e12, "TPU v4": 275e12}
+# Memory per device, GiB (vendor figures; the A100's larger model).
+MEMORY_GIB = {"H100": 80, "H200": 141, "A100": 80, "L40S": 48, "TPU v5p": 95, "TPU v5e": 16, "TPU v5 lite": 16,
+              "TPU v4": 32}
 # Measured, not hoped for: on one H200 the Qwen3-1.7B train step ran at 35 % of this peak and the 0.6B step at
 # 28 % (52 % and 41 % of a measured bf16 matmul; notes/DEVICE_NOTES.md, session 13). Larger models run larger
 # matmuls, but nothing of 8B size ran, so the estimate takes the 0.6B figure, rounded down.
@@ -129,10 +132,20 @@ def describe(config: TrainConfig, num_devices: int) -> str:
         f"remat {config.model.remat}",
         f"  weight sync: {'in memory' if r.engine == 'embedded' else 'safetensors at ' + str(r.weight_sync_dir)}",
         f"  checkpoints every {config.checkpoint.every_steps} steps, keep {config.checkpoint.keep}",
+        f"  memory: {_fit(est)}",
         f"estimate (no weights loaded){note}:",
         json.dumps(est, indent=2),
     ]
     return "\n".join(lines)
+
+
+def _fit(est: dict[str, Any]) -> str:
+    accelerator = est["update_time_s"]["accelerator"]
+    total, capacity = est["memory_gib_per_device"]["total"], MEMORY_GIB[accelerator]
+    if total <= capacity:
+        return f"{total} GiB a device, within one {accelerator}'s {capacity} GiB"
+    return (f"{total} GiB a device, MORE than one {accelerator}'s {capacity} GiB: shard wider (--mesh.fsdp), remat "
+            "more (--model.remat full), or shorten the rows (--algorithm.micro-batch-size, --rollout.max-context)")
 
 
 def resolved_config_json(config: TrainConfig) -> str:

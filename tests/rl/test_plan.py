@@ -80,3 +80,10 @@ def test_the_activation_count_matches_what_xla_keeps_on_the_cpu(remat):
     temp = step.lower(state, dict(batch.arrays)).compile().memory_analysis().temp_size_in_bytes
     kept = temp - 4 * model.num_params()
     assert 0.8 < counted / kept < 1.25, (counted, kept)
+
+
+def test_the_plan_says_whether_a_device_holds_it():
+    config = C.orchestrator_8b()
+    assert "GiB a device, within one H100's 80 GiB" in plan.describe(config, 8)
+    line = next(x for x in plan.describe(_with(config, "model.remat", "none"), 8).splitlines() if "memory:" in x)
+    assert "MORE than one H100's 80 GiB" in line and "--model.remat full" in line
