@@ -46,11 +46,13 @@ def estimate(config: TrainConfig, num_devices: int, accelerator: str = "H100") -
     rollouts = config.algorithm.prompts_per_step * config.algorithm.group_size
     # A typical ToolOrchestra episode fills about half its context.
     tokens_per_step = rollouts * config.rollout.max_context // 2
-    micro_tokens = min(config.algorithm.micro_batch_size, rollouts) * config.rollout.max_context // data_ways
+    # One rollout a row at full length; a step of fewer rollouts than the micro-batch size packs only their rows.
+    rows = -(-min(config.algorithm.micro_batch_size, rollouts) // data_ways)
+    micro_tokens = rows * config.rollout.max_context
     state_bytes = params * 16 / shards
     reference_bytes = params * compute_bytes / shards if config.algorithm.kl_coef > 0 else 0
     layers = model.num_layers
-    activations = activation_bytes(config, model, data_ways, shape[2])
+    activations = activation_bytes(config, model, rows, shape[2])
     logprob_bytes = micro_tokens * 4096 * 4
     total = state_bytes + reference_bytes + activations + logprob_bytes
     flops = (6 * config.algorithm.epochs + (2 if config.algorithm.kl_coef > 0 else 0)) * params * tokens_per_step
@@ -73,10 +75,9 @@ def estimate(config: TrainConfig, num_devices: int, accelerator: str = "H100") -
     }
 
 
-def activation_bytes(config: TrainConfig, model: Any, data_ways: int, tensor_ways: int) -> int:
-    """What one device holds for a micro-batch's backward: its rows split over the data-parallel axes, its heads
-    and MLP over `tensor_ways` (where they divide), one rollout a row at full length (a step of fewer rollouts
-    than the micro-batch size packs only their rows)."""
+def activation_bytes(config: TrainConfig, model: Any, rows: int, tensor_ways: int) -> int:
+    """What one device holds for the backward of its `rows` of a micro-batch, full length, with the heads and
+    MLP split over `tensor_ways` (where they divide)."""
     from orchestra_jax.rl.train_step import saved_activation_bytes
     from orchestra_jax.rl.trainer import step_settings
 
@@ -85,8 +86,6 @@ def activation_bytes(config: TrainConfig, model: Any, data_ways: int, tensor_way
                                     num_kv_heads=model.num_kv_heads // tensor_ways)
     if model.intermediate_size % tensor_ways == 0:
         model = dataclasses.replace(model, intermediate_size=model.intermediate_size // tensor_ways)
-    rollouts = config.algorithm.prompts_per_step * config.algorithm.group_size
-    rows = -(-min(config.algorithm.micro_batch_size, rollouts) // data_ways)
     settings = step_settings(config, model)
 
     def saved(remat: str, layers: int) -> int:

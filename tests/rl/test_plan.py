@@ -1,4 +1,5 @@
-"""The dry-run's activation memory: counted from the traced backward, checked by hand and against XLA."""
+"""The dry-run plan: activation memory counted from the traced backward (checked by hand and against
+XLA), the mesh it plans for, and whether a device holds it."""
 
 import dataclasses
 
@@ -6,6 +7,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from config_edit import with_field
 
 from orchestra_jax import config as C
 from orchestra_jax.config import MeshConfig
@@ -16,11 +18,6 @@ from orchestra_jax.rl import plan
 from orchestra_jax.rl.batching import Sample, pack
 from orchestra_jax.rl.losses import PolicyLossConfig
 from orchestra_jax.rl.train_step import StepSettings, make_train_step, saved_activation_bytes
-
-
-def _with(config, path, value):
-    section, name = path.split(".")
-    return dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), **{name: value})})
 
 
 def test_each_layer_keeps_what_its_remat_policy_names():
@@ -46,7 +43,7 @@ def test_each_layer_keeps_what_its_remat_policy_names():
 def test_the_plan_counts_the_devices_share_of_the_activations():
     """orchestrator-8b on 8 devices (fsdp 8): one 32768-token row a device, remat full."""
     config = C.orchestrator_8b()
-    act = {remat: plan.estimate(_with(config, "model.remat", remat), 8)["memory_gib_per_device"]["activations"]
+    act = {remat: plan.estimate(with_field(config, "model.remat", remat), 8)["memory_gib_per_device"]["activations"]
            for remat in ("full", "dots", "none")}
     assert 36 * 32768 * 4096 * 2 / 2**30 < act["full"] < act["dots"] < act["none"]
     # Twice the rows a device (the batch over 4 devices) is about twice the activations.
@@ -54,9 +51,9 @@ def test_the_plan_counts_the_devices_share_of_the_activations():
     assert four["memory_gib_per_device"]["activations"] == pytest.approx(2 * act["full"], rel=0.02)
     # A step of two rollouts packs two rows, whatever the micro-batch size.
     one_device = dataclasses.replace(config, mesh=MeshConfig(data=1, fsdp=1, tensor=1))
-    two = _with(_with(one_device, "algorithm.prompts_per_step", 1), "algorithm.group_size", 2)
+    two = with_field(with_field(one_device, "algorithm.prompts_per_step", 1), "algorithm.group_size", 2)
     assert plan.estimate(two, 1)["memory_gib_per_device"] == \
-        plan.estimate(_with(one_device, "algorithm.micro_batch_size", 2), 1)["memory_gib_per_device"]
+        plan.estimate(with_field(one_device, "algorithm.micro_batch_size", 2), 1)["memory_gib_per_device"]
 
 
 @pytest.mark.parametrize("remat", ["none", "dots", "full"])
@@ -67,9 +64,9 @@ def test_the_activation_count_matches_what_xla_keeps_on_the_cpu(remat):
     which do neither (fused attention there)."""
     model = dataclasses.replace(get_preset("qwen3-tiny", vocab_size=512), hidden_size=256, intermediate_size=768,
                                 num_heads=4, num_kv_heads=2, head_dim=64)
-    config = _with(_with(_with(C.test_tiny(), "model.remat", remat), "rollout.max_context", 512),
+    config = with_field(with_field(with_field(C.test_tiny(), "model.remat", remat), "rollout.max_context", 512),
                    "algorithm.micro_batch_size", 1)
-    counted = plan.activation_bytes(config, model, data_ways=1, tensor_ways=1)
+    counted = plan.activation_bytes(config, model, rows=1, tensor_ways=1)
 
     rng = np.random.default_rng()
     batch = pack([Sample(rng.integers(1, model.vocab_size, 512), np.ones(512, np.int32), 1.0, -rng.random(512))],
@@ -85,5 +82,12 @@ def test_the_activation_count_matches_what_xla_keeps_on_the_cpu(remat):
 def test_the_plan_says_whether_a_device_holds_it():
     config = C.orchestrator_8b()
     assert "GiB a device, within one H100's 80 GiB" in plan.describe(config, 8)
-    line = next(x for x in plan.describe(_with(config, "model.remat", "none"), 8).splitlines() if "memory:" in x)
+    line = next(x for x in plan.describe(with_field(config, "model.remat", "none"), 8).splitlines() if "memory:" in x)
     assert "MORE than one H100's 80 GiB" in line and "--model.remat full" in line
+
+
+def test_a_dry_run_plans_for_the_mesh_asked_for_on_a_smaller_host():
+    config = with_field(with_field(with_field(C.orchestrator_8b(), "mesh.data", 2), "mesh.fsdp", 16), "mesh.tensor", 1)
+    text = plan.describe(config, 1)
+    assert "this host has 1 device(s); estimated for the 32 the mesh asks for" in text
+    assert '"devices": 32' in text and '"fsdp": 16' in text
