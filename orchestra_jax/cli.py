@@ -176,8 +176,10 @@ def cmd_train(argv: Sequence[str]) -> int:
 
         try:
             print(plan.describe(config, jax.device_count()))
+            if config.dry_run_compile:
+                print(plan.describe_compiled(config))
         except (ValueError, KeyError) as e:
-            raise UsageError(str(e)) from None
+            raise UsageError(str(e).splitlines()[0]) from None
         return 0
     try:
         config_lib.validate(config, num_devices=jax.device_count())

@@ -193,6 +193,9 @@ class TrainConfig:
     resume: bool = False
     dry_run: bool = False
     """Print the plan, the mesh and a memory/time estimate, then exit without loading weights."""
+    dry_run_compile: bool = False
+    """With --dry-run: also compile the step for this host's devices on abstract weights and print XLA's memory
+    figures beside the estimate (the check on the machine that will run it; takes a compile)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)

@@ -147,5 +147,59 @@ def _fit(est: dict[str, Any]) -> str:
             "more (--model.remat full), or shorten the rows (--algorithm.micro-batch-size, --rollout.max-context)")
 
 
+def compiled_memory(config: TrainConfig) -> dict[str, Any]:
+    """XLA's own memory analysis of the train step, compiled for this host's devices on abstract weights: a check
+    of the estimate on the machine that will run it, before any weights load (only one micro-batch of zeros is
+    allocated). Raises ValueError where this host lacks the mesh's devices."""
+    import jax
+    import numpy as np
+
+    from orchestra_jax.models.transformer import init_params
+    from orchestra_jax.parallel.mesh import batch_ways, make_mesh
+    from orchestra_jax.rl import environment as envlib
+    from orchestra_jax.rl.optimizer import make_optimizer
+    from orchestra_jax.rl.train_step import BATCH_KEYS, TrainStep, init_train_state, state_shardings
+    from orchestra_jax.rl.trainer import step_settings
+
+    model = envlib.model_config(config, None)
+    mesh = make_mesh(config.mesh)
+    settings = step_settings(config, model)
+    optimizer = make_optimizer(config.optimizer, config.steps)
+    state = jax.eval_shape(lambda: init_train_state(model, init_params(model, jax.random.key(0)), optimizer,
+                                                    settings.algorithm))
+    step = TrainStep(settings, optimizer, mesh, state_shardings(mesh, model, state, optimizer))
+    # One micro-batch as `pack` lays it out: one rollout a row, rows a multiple of the data-parallel devices.
+    ways = batch_ways(mesh)
+    rows = -(-min(config.algorithm.micro_batch_size,
+                  config.algorithm.prompts_per_step * config.algorithm.group_size) // ways) * ways
+    shape = (1, rows, config.rollout.max_context)
+    batch = {k: np.zeros(shape, np.int32 if k in ("tokens", "targets") else np.float32) for k in BATCH_KEYS
+             if k != "ref_logprobs" or settings.use_reference}
+    batch["positions"] = np.broadcast_to(np.arange(shape[2], dtype=np.int32), shape).copy()
+    batch["segment_ids"] = np.ones(shape, np.int32)
+    stats = step.lower(state, batch).compile().memory_analysis()
+    sizes = {"arguments": stats.argument_size_in_bytes, "temporaries": stats.temp_size_in_bytes,
+             "outputs": stats.output_size_in_bytes, "aliased": stats.alias_size_in_bytes}
+    sizes["total"] = sizes["arguments"] + sizes["temporaries"] + sizes["outputs"] - sizes["aliased"]
+    return {"devices": mesh.devices.size, "mesh": dict(mesh.shape), "rows": rows, "bytes_per_device": sizes}
+
+
+def describe_compiled(config: TrainConfig) -> str:
+    """`--dry-run-compile`'s lines: XLA's figures beside the estimate for the same devices."""
+    import jax
+
+    xla = compiled_memory(config)
+    est = estimate(config, xla["devices"])["memory_gib_per_device"]
+    gib = {k: round(v / 2**30, 2) for k, v in xla["bytes_per_device"].items()}
+    return "\n".join([
+        f"compiled for this host's {xla['devices']} {jax.default_backend()} device(s), mesh {xla['mesh']}, "
+        f"{xla['rows']} rows of {config.rollout.max_context} tokens a micro-batch (abstract weights):",
+        f"  XLA: {gib['total']} GiB a device = arguments {gib['arguments']} (params and optimizer state) + "
+        f"temporaries {gib['temporaries']} (gradients, activations, working sets) + outputs {gib['outputs']} "
+        f"- donated {gib['aliased']}",
+        f"  the estimate for these devices: {est['total']} GiB a device",
+    ])
+
+
 def resolved_config_json(config: TrainConfig) -> str:
     return json.dumps(to_dict(config), indent=2, sort_keys=True)

@@ -179,7 +179,7 @@ def _trajectory_text(traj: Any, reward: float) -> str:
 
 # What `--resume` may change: how long the run goes on, where and how often it logs and saves, and the mesh
 # (orbax restores onto new shardings). Everything else must match the run's config.json.
-RESUMABLE = ("steps", "resume", "dry_run", "run_dir", "logging", "checkpoint", "mesh", "rollout.endpoints_file")
+RESUMABLE = ("steps", "resume", "dry_run", "dry_run_compile", "run_dir", "logging", "checkpoint", "mesh", "rollout.endpoints_file")
 
 
 def check_run_dir(config: TrainConfig, run: RunDir) -> None:

@@ -16,6 +16,7 @@ from orchestra_jax.models.transformer_config import get_preset
 from orchestra_jax.parallel.mesh import make_mesh
 from orchestra_jax.rl import plan
 from orchestra_jax.rl.batching import Sample, pack
+from orchestra_jax.rl.environment import model_config
 from orchestra_jax.rl.losses import PolicyLossConfig
 from orchestra_jax.rl.train_step import StepSettings, make_train_step, saved_activation_bytes
 
@@ -91,3 +92,29 @@ def test_a_dry_run_plans_for_the_mesh_asked_for_on_a_smaller_host():
     text = plan.describe(config, 1)
     assert "this host has 1 device(s); estimated for the 32 the mesh asks for" in text
     assert '"devices": 32' in text and '"fsdp": 16' in text
+
+
+@pytest.mark.parametrize("mesh, shards", [(MeshConfig(data=-1, fsdp=1, tensor=1), 1),
+                                          (MeshConfig(data=1, fsdp=-1, tensor=1), 8)])
+def test_a_compiled_dry_run_reports_xlas_figures_for_this_hosts_devices(mesh, shards):
+    """On the 8 test devices: the donated state XLA counts is each device's share of 12 B a parameter (float32
+    params and AdamW's two moments), and the micro-batch holds a multiple of the data-parallel devices' rows."""
+    config = dataclasses.replace(C.test_tiny(), mesh=mesh)
+    xla = plan.compiled_memory(config)
+    params = model_config(config, None).num_params()
+    assert xla["devices"] == 8 and xla["rows"] == 8
+    sizes = xla["bytes_per_device"]
+    assert sizes["outputs"] == pytest.approx(12 * params / shards, rel=0.05)
+    assert 0 <= sizes["outputs"] - sizes["aliased"] < 1024 and sizes["temporaries"] > 0  # all but scalars donated
+
+
+def test_dry_run_compile_prints_xlas_line_and_a_missing_device_is_one_line(capsys):
+    from orchestra_jax import cli
+
+    argv = ["train", "--preset", "test-tiny", "--dry-run", "--dry-run-compile"]
+    assert cli.main([*argv, "--mesh.data", "-1"]) == 0
+    out = capsys.readouterr().out
+    assert "compiled for this host's 8 cpu device(s)" in out and "XLA: " in out and "the estimate for these" in out
+    assert cli.main([*argv, "--mesh.data", "16"]) == 2
+    err = capsys.readouterr().err
+    assert "needs 16 devices but 8 are present" in err and "Traceback" not in err
