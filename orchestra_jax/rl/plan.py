@@ -46,8 +46,7 @@ def estimate(config: TrainConfig, num_devices: int, accelerator: str = "H100") -
     rollouts = config.algorithm.prompts_per_step * config.algorithm.group_size
     # A typical ToolOrchestra episode fills about half its context.
     tokens_per_step = rollouts * config.rollout.max_context // 2
-    # One rollout a row at full length; a step of fewer rollouts than the micro-batch size packs only their rows.
-    rows = -(-min(config.algorithm.micro_batch_size, rollouts) // data_ways)
+    rows = _device_rows(config, data_ways)
     micro_tokens = rows * config.rollout.max_context
     state_bytes = params * 16 / shards
     reference_bytes = params * compute_bytes / shards if config.algorithm.kl_coef > 0 else 0
@@ -73,6 +72,13 @@ def estimate(config: TrainConfig, num_devices: int, accelerator: str = "H100") -
         },
         "update_time_s": {"accelerator": accelerator, "assumed_mfu": ASSUMED_MFU, "seconds": round(seconds, 1)},
     }
+
+
+def _device_rows(config: TrainConfig, data_ways: int) -> int:
+    """Rows of a micro-batch on each data-parallel device, as `pack` lays them out: one rollout a row at full
+    length, and a step of fewer rollouts than the micro-batch size packs only their rows."""
+    rollouts = config.algorithm.prompts_per_step * config.algorithm.group_size
+    return -(-min(config.algorithm.micro_batch_size, rollouts) // data_ways)
 
 
 def activation_bytes(config: TrainConfig, model: Any, rows: int, tensor_ways: int) -> int:
@@ -168,10 +174,7 @@ def compiled_memory(config: TrainConfig) -> dict[str, Any]:
     state = jax.eval_shape(lambda: init_train_state(model, init_params(model, jax.random.key(0)), optimizer,
                                                     settings.algorithm))
     step = TrainStep(settings, optimizer, mesh, state_shardings(mesh, model, state, optimizer))
-    # One micro-batch as `pack` lays it out: one rollout a row, rows a multiple of the data-parallel devices.
-    ways = batch_ways(mesh)
-    rows = -(-min(config.algorithm.micro_batch_size,
-                  config.algorithm.prompts_per_step * config.algorithm.group_size) // ways) * ways
+    rows = _device_rows(config, batch_ways(mesh)) * batch_ways(mesh)
     shape = (1, rows, config.rollout.max_context)
     batch = {k: np.zeros(shape, np.int32 if k in ("tokens", "targets") else np.float32) for k in BATCH_KEYS
              if k != "ref_logprobs" or settings.use_reference}
