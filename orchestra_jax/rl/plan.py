@@ -163,8 +163,9 @@ def compiled_memory(config: TrainConfig) -> dict[str, Any]:
     from orchestra_jax.models.transformer import init_params
     from orchestra_jax.parallel.mesh import batch_ways, make_mesh
     from orchestra_jax.rl import environment as envlib
+    from orchestra_jax.rl.batching import Sample, pack
     from orchestra_jax.rl.optimizer import make_optimizer
-    from orchestra_jax.rl.train_step import BATCH_KEYS, TrainStep, init_train_state, state_shardings
+    from orchestra_jax.rl.train_step import TrainStep, init_train_state, state_shardings
     from orchestra_jax.rl.trainer import step_settings
 
     model = envlib.model_config(config, None)
@@ -174,13 +175,15 @@ def compiled_memory(config: TrainConfig) -> dict[str, Any]:
     state = jax.eval_shape(lambda: init_train_state(model, init_params(model, jax.random.key(0)), optimizer,
                                                     settings.algorithm))
     step = TrainStep(settings, optimizer, mesh, state_shardings(mesh, model, state, optimizer))
-    rows = _device_rows(config, batch_ways(mesh)) * batch_ways(mesh)
-    shape = (1, rows, config.rollout.max_context)
-    batch = {k: np.zeros(shape, np.int32 if k in ("tokens", "targets") else np.float32) for k in BATCH_KEYS
-             if k != "ref_logprobs" or settings.use_reference}
-    batch["positions"] = np.broadcast_to(np.arange(shape[2], dtype=np.int32), shape).copy()
-    batch["segment_ids"] = np.ones(shape, np.int32)
-    stats = step.lower(state, batch).compile().memory_analysis()
+    # One micro-batch of full-length rollouts, packed as the trainer packs them.
+    length = config.rollout.max_context
+    zeros = np.zeros(length, np.float32)
+    sample = Sample(np.zeros(length, np.int32), np.ones(length, np.int32), 0.0, zeros,
+                    ref_logprobs=zeros if settings.use_reference else None)
+    batch = pack([sample] * _device_rows(config, 1), micro_batch_size=config.algorithm.micro_batch_size,
+                 max_row_len=length, row_multiple=batch_ways(mesh))
+    rows = batch.shape[1]
+    stats = step.lower(state, dict(batch.arrays)).compile().memory_analysis()
     sizes = {"arguments": stats.argument_size_in_bytes, "temporaries": stats.temp_size_in_bytes,
              "outputs": stats.output_size_in_bytes, "aliased": stats.alias_size_in_bytes}
     sizes["total"] = sizes["arguments"] + sizes["temporaries"] + sizes["outputs"] - sizes["aliased"]
