@@ -42,7 +42,12 @@ CUDNN_MAX_SEGMENTS = 16
 ATTENTION_CHUNK = 1024
 CAUSAL_BLOCK = 128
 CPU_CAUSAL_BLOCK = 64  # 135M bf16 4 x 128 step 6 % faster, tiny 8 x 256 9 % (session 11); GPUs keep 128
-MAX_CAUSAL_BLOCKS = 32
+# Rows of TILED_FROM tokens or more run training attention in square tiles, one at a time (`_tiled_flash`):
+# TILE_ROWS queries by as many keys, or T / MAX_TILES of each for longer rows. Shorter rows take the unrolled
+# blocks (`_flash`), which were as fast or faster there on the CPU (notes/BENCHMARKS.md, session 23).
+TILED_FROM = 2048
+TILE_ROWS = 256
+MAX_TILES = 32
 # bf16 weight gradients on the CPU read their activations transposed as 32-bit row pairs (see _weight_grad).
 CPU_PAIR_TRANSPOSE = True
 # ... and sum rows // CPU_WEIGHT_GRAD_ROWS products over chunks of the token rows (see _weight_grad).
@@ -372,19 +377,20 @@ def _attention(q_BTNH, k_BKSH, v_BKSH, positions_BT, chunk: int | None) -> jax.A
     return jnp.moveaxis(out_nBCNH, 0, 1).reshape(b, n * chunk, *q_BTNH.shape[2:])[:, :t]
 
 
-def causal_block(t: int) -> int:
-    """Query rows per block of training attention: 64 on the CPU and 128 elsewhere, or T/32 for long rows so the
-    unrolled blocks stay few (at 40K tokens a block holds about as many scores as the prefill path's 1024-query
-    chunk)."""
-    base = CPU_CAUSAL_BLOCK if jax.default_backend() == "cpu" else CAUSAL_BLOCK
-    return max(base, -(-t // MAX_CAUSAL_BLOCKS))
+def causal_schedule(t: int) -> tuple[bool, int]:
+    """(tiled, rows) of training attention over rows of t tokens: square tiles of `rows` for long rows, else
+    unrolled query blocks of `rows` (64 on the CPU, 128 elsewhere). At 32768 tokens a tile is 1024 rows."""
+    if t >= TILED_FROM:
+        return True, max(TILE_ROWS, -(-t // MAX_TILES))
+    return False, CPU_CAUSAL_BLOCK if jax.default_backend() == "cpu" else CAUSAL_BLOCK
 
 
-def _causal_attention(q_BTNH, k_BKTH, v_BKTH, segments_BT, block: int) -> jax.Array:
+def _causal_attention(q_BTNH, k_BKTH, v_BKTH, segments_BT, tiled: bool, rows: int) -> jax.Array:
     """Attention to earlier tokens of the same row and segment (segment id 0 is padding), for training."""
     q_BKGTH = _heads_major(q_BTNH, k_BKTH.shape[1])
     k_BKTH, v_BKTH = k_BKTH.astype(q_BTNH.dtype), v_BKTH.astype(q_BTNH.dtype)
-    return _token_major(_flash(q_BKGTH, k_BKTH, v_BKTH, segments_BT, block))
+    flash = _tiled_flash if tiled else _flash
+    return _token_major(flash(q_BKGTH, k_BKTH, v_BKTH, segments_BT, rows))
 
 
 def attention_impl(impl: str, dtype: Any, mask_elements: int = 0) -> str:
@@ -516,7 +522,7 @@ def _cudnn_packed_attention(q_BTNH, k_BTKH, v_BTKH, segments_BT) -> jax.Array:
 def _blocks_attention(q_BTNH, k_BTKH, v_BTKH, segments_BT) -> jax.Array:
     """The XLA blocks, for a batch with more segments per row than cuDNN's packed layout was compiled for."""
     k_BKTH, v_BKTH = jnp.moveaxis(k_BTKH, 1, 2), jnp.moveaxis(v_BTKH, 1, 2)
-    return _causal_attention(q_BTNH, k_BKTH, v_BKTH, segments_BT, causal_block(q_BTNH.shape[1]))
+    return _causal_attention(q_BTNH, k_BKTH, v_BKTH, segments_BT, *causal_schedule(q_BTNH.shape[1]))
 
 
 def _query_blocks(t: int, block: int) -> list[tuple[int, int]]:
@@ -596,6 +602,129 @@ def _flash_bwd(block, residuals, g_BKGTH):
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _tile(x: jax.Array, axis: int, i: Any, rows: int) -> jax.Array:
+    return jax.lax.dynamic_slice_in_dim(x, i * rows, rows, axis=axis)
+
+
+def _padded(x: jax.Array, axis: int, length: int) -> jax.Array:
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, length - x.shape[axis])
+    return jnp.pad(x, widths)
+
+
+def _tile_scores(q_BKGCH, k_BKCH, segments_BT, i, j, rows: int) -> tuple[jax.Array, jax.Array]:
+    """Scaled f32 scores of query tile i against key tile j, and their mask [B, 1, 1, C, C] (causal, same
+    segment; a padded tail's keys lie after every real query, so causality hides them)."""
+    scale = np.float32(1.0 / math.sqrt(q_BKGCH.shape[-1]))
+    scores_BKGCS = jnp.einsum("bkgch,bksh->bkgcs", q_BKGCH, k_BKCH, preferred_element_type=jnp.float32) * scale
+    offsets_C = jnp.arange(rows)
+    mask_BCS = (j * rows + offsets_C[None, :] <= i * rows + offsets_C[:, None])[None]
+    if segments_BT is not None:
+        mask_BCS = mask_BCS & (_tile(segments_BT, 1, i, rows)[:, :, None] == _tile(segments_BT, 1, j, rows)[:, None])
+    return scores_BKGCS, mask_BCS[:, None, None]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _tiled_flash(q_BKGTH, k_BKTH, v_BKTH, segments_BT, rows):
+    """`_flash` over square tiles of `rows` queries by `rows` keys in loops, with the online softmax of flash
+    attention: only the tiles on and below the diagonal run, one at a time, so the step holds one tile's scores
+    where the unrolled blocks let XLA's CPU keep many blocks' [C, T] scores live (7.2 GiB against 0.15 GiB for
+    two 8192-token rows of SmolLM2-135M's attention, and 2.2x as fast: notes/BENCHMARKS.md, session 23)."""
+    return _tiled_flash_fwd(q_BKGTH, k_BKTH, v_BKTH, segments_BT, rows)[0]
+
+
+def _tiled_flash_fwd(q_BKGTH, k_BKTH, v_BKTH, segments_BT, rows):
+    t = q_BKGTH.shape[3]
+    n = -(-t // rows)
+    q, k, v = _padded(q_BKGTH, 3, n * rows), _padded(k_BKTH, 2, n * rows), _padded(v_BKTH, 2, n * rows)
+    segments = None if segments_BT is None else _padded(segments_BT, 1, n * rows)
+    lowest = np.float32(jnp.finfo(jnp.float32).min)  # not -inf: a tile can mask a whole row
+
+    def query_tile(i, outputs):
+        q_BKGCH = _tile(q, 3, i, rows)
+
+        def key_tile(j, state):
+            top_BKGC1, total_BKGC1, acc_BKGCH = state
+            scores_BKGCS, mask = _tile_scores(q_BKGCH, _tile(k, 2, j, rows), segments, i, j, rows)
+            scores_BKGCS = jnp.where(mask, scores_BKGCS, lowest)
+            new_top_BKGC1 = jnp.maximum(top_BKGC1, jnp.max(scores_BKGCS, axis=-1, keepdims=True))
+            probs_BKGCS = jnp.where(mask, jnp.exp(scores_BKGCS - new_top_BKGC1), 0.0)
+            decay_BKGC1 = jnp.exp(top_BKGC1 - new_top_BKGC1)
+            total_BKGC1 = total_BKGC1 * decay_BKGC1 + jnp.sum(probs_BKGCS, axis=-1, keepdims=True)
+            acc_BKGCH = acc_BKGCH * decay_BKGC1 + jnp.einsum(
+                "bkgcs,bksh->bkgch", probs_BKGCS.astype(v.dtype), _tile(v, 2, j, rows),
+                preferred_element_type=jnp.float32)
+            return new_top_BKGC1, total_BKGC1, acc_BKGCH
+
+        row_shape = q_BKGCH.shape[:-1] + (1,)
+        start = (jnp.full(row_shape, lowest), jnp.zeros(row_shape, jnp.float32), jnp.zeros(q_BKGCH.shape, jnp.float32))
+        top_BKGC1, total_BKGC1, acc_BKGCH = jax.lax.fori_loop(0, i + 1, key_tile, start)
+        out_BKGTH, lse_BKGT1 = outputs
+        out_BKGTH = jax.lax.dynamic_update_slice_in_dim(
+            out_BKGTH, (acc_BKGCH / total_BKGC1).astype(q.dtype), i * rows, axis=3)
+        lse_BKGT1 = jax.lax.dynamic_update_slice_in_dim(
+            lse_BKGT1, top_BKGC1 + jnp.log(total_BKGC1), i * rows, axis=3)
+        return out_BKGTH, lse_BKGT1
+
+    outputs = (jnp.zeros(q.shape, q.dtype), jnp.zeros(q.shape[:-1] + (1,), jnp.float32))
+    out_BKGTH, lse_BKGT1 = jax.lax.fori_loop(0, n, query_tile, outputs)
+    out_BKGTH = _kept_bits(out_BKGTH[:, :, :, :t], "attn_heads")
+    lse_BKGT1 = checkpoint_name(lse_BKGT1[:, :, :, :t], "attn_lse")
+    return out_BKGTH, (q_BKGTH, k_BKTH, v_BKTH, segments_BT, out_BKGTH, lse_BKGT1)
+
+
+def _tiled_flash_bwd(rows, residuals, g_BKGTH):
+    """`_flash_bwd`'s sums, key tile by key tile: dK and dV of a key tile gather over the query tiles at and
+    below it, and dQ accumulates in place."""
+    q_BKGTH, k_BKTH, v_BKTH, segments_BT, out_BKGTH, lse_BKGT1 = residuals
+    dtype = q_BKGTH.dtype
+    t = q_BKGTH.shape[3]
+    n = -(-t // rows)
+    scale = np.float32(1.0 / math.sqrt(q_BKGTH.shape[-1]))
+    delta_BKGT1 = jnp.sum(g_BKGTH.astype(jnp.float32) * out_BKGTH.astype(jnp.float32), axis=-1, keepdims=True)
+    q, g = _padded(q_BKGTH, 3, n * rows), _padded(g_BKGTH, 3, n * rows)
+    lse, delta = _padded(lse_BKGT1, 3, n * rows), _padded(delta_BKGT1, 3, n * rows)
+    k, v = _padded(k_BKTH, 2, n * rows), _padded(v_BKTH, 2, n * rows)
+    segments = None if segments_BT is None else _padded(segments_BT, 1, n * rows)
+
+    def key_tile(j, grads):
+        k_BKCH, v_BKCH = _tile(k, 2, j, rows), _tile(v, 2, j, rows)
+
+        def query_tile(i, state):
+            dq_BKGTH, dkt_BKHC, dvt_BKHC = state
+            q_BKGCH, g_BKGCH = _tile(q, 3, i, rows), _tile(g, 3, i, rows)
+            scores_BKGCS, mask = _tile_scores(q_BKGCH, k_BKCH, segments, i, j, rows)
+            probs_BKGCS = jnp.where(mask, jnp.exp(scores_BKGCS - _tile(lse, 3, i, rows)), 0.0)
+            # dK and dV are summed transposed, as in `_flash_bwd`, so their matmuls read Q and g transposed.
+            dvt_BKHC = dvt_BKHC + jnp.einsum("bkgch,bkgcs->bkhs", g_BKGCH, probs_BKGCS.astype(dtype),
+                                             preferred_element_type=jnp.float32)
+            dprobs_BKGCS = jnp.einsum("bkgch,bksh->bkgcs", g_BKGCH, v_BKCH, preferred_element_type=jnp.float32)
+            dscores_BKGCS = (probs_BKGCS * (dprobs_BKGCS - _tile(delta, 3, i, rows)) * scale).astype(dtype)
+            dq_BKGCH = _tile(dq_BKGTH, 3, i, rows) + jnp.einsum(
+                "bkgcs,bksh->bkgch", dscores_BKGCS, k_BKCH, preferred_element_type=jnp.float32)
+            dq_BKGTH = jax.lax.dynamic_update_slice_in_dim(dq_BKGTH, dq_BKGCH, i * rows, axis=3)
+            dkt_BKHC = dkt_BKHC + jnp.einsum("bkgch,bkgcs->bkhs", q_BKGCH, dscores_BKGCS,
+                                             preferred_element_type=jnp.float32)
+            return dq_BKGTH, dkt_BKHC, dvt_BKHC
+
+        dq_BKGTH, dkt_BKHT, dvt_BKHT = grads
+        zeros_BKHC = jnp.zeros(k_BKCH.shape[:2] + (k_BKCH.shape[3], rows), jnp.float32)
+        dq_BKGTH, dkt_BKHC, dvt_BKHC = jax.lax.fori_loop(j, n, query_tile, (dq_BKGTH, zeros_BKHC, zeros_BKHC))
+        dkt_BKHT = jax.lax.dynamic_update_slice_in_dim(dkt_BKHT, dkt_BKHC, j * rows, axis=3)
+        dvt_BKHT = jax.lax.dynamic_update_slice_in_dim(dvt_BKHT, dvt_BKHC, j * rows, axis=3)
+        return dq_BKGTH, dkt_BKHT, dvt_BKHT
+
+    transposed = k.shape[:2] + (k.shape[3], n * rows)
+    grads = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(transposed, jnp.float32), jnp.zeros(transposed, jnp.float32))
+    dq_BKGTH, dkt_BKHT, dvt_BKHT = jax.lax.fori_loop(0, n, key_tile, grads)
+    dkt_BKHT, dvt_BKHT = jax.lax.optimization_barrier((dkt_BKHT, dvt_BKHT))  # see `_flash_bwd`
+    dk_BKTH, dv_BKTH = (jnp.swapaxes(d, 2, 3)[:, :, :t].astype(dtype) for d in (dkt_BKHT, dvt_BKHT))
+    return dq_BKGTH[:, :, :, :t].astype(dtype), dk_BKTH, dv_BKTH, None
+
+
+_tiled_flash.defvjp(_tiled_flash_fwd, _tiled_flash_bwd)
 
 
 def _decode_attention(q_B1NH, k_cache_BKSH, v_cache_BKSH, k_B1KH, v_B1KH, positions_B1) -> jax.Array:
@@ -692,8 +821,8 @@ def hidden_states(
     """Final-normed hidden states [B, T, D] (so the log-prob kernel can fuse the LM head) and the new cache.
 
     `attention_chunk`: with a KV cache (prefill), above this many tokens attention runs in query blocks of this
-    size (None: never). `attention` (without a cache): see `attention_impl`; "xla" runs causal blocks of
-    `causal_block(T)` rows. `layout`: cuDNN's call for these packed rows (`host_packed_layout`; None: found
+    size (None: never). `attention` (without a cache): see `attention_impl`; "xla" runs query blocks or, for long
+    rows, tiles (`causal_schedule(T)`). `layout`: cuDNN's call for these packed rows (`host_packed_layout`; None: found
     on the device). `remat`: "full" keeps only each layer's input for the backward and recomputes the
     layer; "dots" keeps KEPT_ACTIVATIONS and recomputes only elementwise work and attention.
     """

@@ -90,11 +90,13 @@ def _plain_causal_attention(q_BTNH, k_BKTH, v_BKTH, segments_BT):
     return jnp.einsum("bnts,bsnh->btnh", probs_BNTS, v_BTNH)
 
 
-@pytest.mark.parametrize("dtype, block, tol", [("float32", 4, 1e-5), ("float32", 13, 1e-5), ("float32", 5, 1e-5),
-                                              ("bfloat16", 4, 3e-2)])
-def test_blocked_causal_attention_and_its_gradients_match_plain_attention(dtype, block, tol):
-    """Blocks of 4 and 5 rows skip keys above the diagonal (13 rows: one block); packed segments and a padded
-    tail (segment 0); grouped-query heads (6 query heads over 2 K/V heads)."""
+@pytest.mark.parametrize("tiled", [False, True], ids=["blocks", "tiles"])
+@pytest.mark.parametrize("dtype, rows, tol", [("float32", 4, 1e-5), ("float32", 13, 1e-5), ("float32", 5, 1e-5),
+                                             ("bfloat16", 4, 3e-2), ("bfloat16", 16, 3e-2)])
+def test_causal_attention_and_its_gradients_match_plain_attention(tiled, dtype, rows, tol):
+    """Query blocks (or square tiles) of 4 and 5 rows skip keys above the diagonal (13 rows: one block; 16: one
+    tile, padded); packed segments and a padded tail (segment 0); grouped-query heads (6 query heads over 2 K/V
+    heads)."""
     seed = np.random.randint(1 << 30)
     kq, kk, kv, kg = jax.random.split(jax.random.key(seed), 4)
     q = jax.random.normal(kq, (2, 13, 6, 8)).astype(dtype)
@@ -102,13 +104,26 @@ def test_blocked_causal_attention_and_its_gradients_match_plain_attention(dtype,
     v = jax.random.normal(kv, (2, 2, 13, 8)).astype(dtype)
     g = jax.random.normal(kg, q.shape).astype(dtype)
     segments = jnp.array([[1] * 6 + [2] * 7, [1] * 9 + [0] * 4])
-    out, vjp = jax.vjp(lambda q, k, v: T._causal_attention(q, k, v, segments, block), q, k, v)
+    out, vjp = jax.vjp(lambda q, k, v: T._causal_attention(q, k, v, segments, tiled, rows), q, k, v)
     ref, ref_vjp = jax.vjp(lambda q, k, v: _plain_causal_attention(q, k, v, segments), q, k, v)
     assert out.dtype == q.dtype
     assert _rel_err(out.astype(jnp.float32), ref) < tol
     for got, want in zip(vjp(g), ref_vjp(g.astype(jnp.float32))):
         assert got.dtype == q.dtype
         assert _rel_err(got.astype(jnp.float32), want) < tol
+
+
+def test_tiled_attention_matches_the_blocks_without_segments():
+    """Rows without segment ids (causality alone), 3 tiles of 5 rows over 13 tokens, in float32."""
+    kq, kk, kv, kg = jax.random.split(jax.random.key(np.random.randint(1 << 30)), 4)
+    q = jax.random.normal(kq, (2, 13, 6, 8))
+    k, v = jax.random.normal(kk, (2, 2, 13, 8)), jax.random.normal(kv, (2, 2, 13, 8))
+    g = jax.random.normal(kg, q.shape)
+    tiles = jax.vjp(lambda q, k, v: T._causal_attention(q, k, v, None, True, 5), q, k, v)
+    blocks = jax.vjp(lambda q, k, v: T._causal_attention(q, k, v, None, False, 4), q, k, v)
+    assert _rel_err(tiles[0], blocks[0]) < 1e-5
+    for got, want in zip(tiles[1](g), blocks[1](g)):
+        assert _rel_err(got, want) < 1e-5
 
 
 PACKED_ROWS = {  # t = 39: an odd row length
@@ -207,10 +222,11 @@ def test_attention_impl_picks_cudnn_only_on_a_gpu_in_half_precision(monkeypatch)
         T.attention_impl("cudnn", jnp.float32)
 
 
-def test_causal_block_grows_with_long_rows():
+def test_long_rows_take_tiles_that_grow_past_max_tiles():
     base = T.CPU_CAUSAL_BLOCK if jax.default_backend() == "cpu" else T.CAUSAL_BLOCK
-    assert T.causal_block(100) == T.causal_block(base * T.MAX_CAUSAL_BLOCKS) == base
-    assert T.causal_block(32768) == 32768 // T.MAX_CAUSAL_BLOCKS
+    assert T.causal_schedule(100) == T.causal_schedule(T.TILED_FROM - 1) == (False, base)
+    assert T.causal_schedule(T.TILED_FROM) == T.causal_schedule(T.TILE_ROWS * T.MAX_TILES) == (True, T.TILE_ROWS)
+    assert T.causal_schedule(32768) == (True, 32768 // T.MAX_TILES)
 
 
 def _loss(config, params, ids, remat):
@@ -238,11 +254,13 @@ def _hidden_loss(config, params, ids, remat, dtype="bfloat16"):
     return jnp.sum(hidden.astype(jnp.float32) * jax.random.normal(jax.random.key(0), hidden.shape))
 
 
-def test_dots_remat_keeps_bf16_activations_as_bits(capsys):
+@pytest.mark.parametrize("tiled_from", [T.TILED_FROM, 8], ids=["blocks", "tiles"])
+def test_dots_remat_keeps_bf16_activations_as_bits(capsys, monkeypatch, tiled_from):
     """remat "dots" saves each layer's KEPT_ACTIVATIONS, stacked by the layer scan as uint16 bits (a stacked bf16
     residual costs the CPU an f32 round trip per layer), and no bf16 activation stack besides. The XLA attention
-    blocks keep their heads-major output and f32 log-sum-exp instead of "attn_out", so the backward never reruns
-    their forward."""
+    blocks (and tiles) keep their heads-major output and f32 log-sum-exp instead of "attn_out", so the backward
+    never reruns their forward."""
+    monkeypatch.setattr(T, "TILED_FROM", tiled_from)
     config, params = _model("qwen3-tiny", 3)
     layers, kv, groups = config.num_layers, config.num_kv_heads, config.num_heads // config.num_kv_heads
     ids = jnp.zeros((2, 8), jnp.int32)
@@ -252,6 +270,19 @@ def test_dots_remat_keeps_bf16_activations_as_bits(capsys):
     assert len(token_major) == len(T.KEPT_ACTIVATIONS) - 3  # all but attn_out, attn_heads and attn_lse
     heads, lse = f"u16[{layers},2,{kv},{groups},8,{config.head_dim}]", f"f32[{layers},2,{kv},{groups},8,1]"
     assert sorted(t for t in from_scan if t not in token_major) == sorted(["bf16[2,8,64]", heads, lse])
+
+
+def test_tiled_attention_under_remat_dots_keeps_the_gradients(monkeypatch):
+    """The model's gradient with long-row tiles (TILED_FROM lowered to the row: 3 tiles of 4 tokens) and remat
+    "dots" against the query blocks without remat, in float32."""
+    config, params = _model("qwen3-tiny", np.random.randint(1 << 30))
+    ids = jax.random.randint(jax.random.key(np.random.randint(1 << 30)), (2, 12), 0, config.vocab_size)
+    ref = jax.tree.leaves(jax.grad(_loss, argnums=1)(config, params, ids, "none"))
+    monkeypatch.setattr(T, "TILED_FROM", 12)
+    monkeypatch.setattr(T, "TILE_ROWS", 4)
+    assert T.causal_schedule(12) == (True, 4)
+    for a, b in zip(jax.tree.leaves(jax.grad(_loss, argnums=1)(config, params, ids, "dots")), ref):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_dots_remat_bf16_gradients_are_as_close_to_float32_as_full_remat():
