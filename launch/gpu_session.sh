@@ -2,7 +2,8 @@
 # One lent-GPU session in one command: environment, the GPU attention parity tests, the train-step MFU benchmark
 # (Qwen3-0.6B/1.7B shapes, remat dots) with the 0.6B step's cuDNN attention call picked on the host and, in turns
 # in the same process, on the device; a per-op profile of the 0.6B step; rows of four packed samples both ways;
-# a baseline commit's 0.6B step when one is given; the 0.6B step with remat full.
+# a baseline commit's 0.6B step when one is given; the 0.6B step with remat full; long rows through the XLA
+# attention, tiles against blocks.
 #
 #   bash launch/gpu_session.sh [SECONDS] [OUT_DIR]      # SECONDS: the whole script's budget (default 400)
 #   git archive -o base.tar BASE_COMMIT orchestra_jax kernels   # first, for side-by-side timings (BASE_TAR)
@@ -89,6 +90,12 @@ stage four_per_row 0 "${bench[@]}" --models "$m06" --samples-per-row 4 --steps 6
   "${attention[@]}" "${shape[@]}" "${bench_quick[@]}" --remat dots --models "$m06"  # the baseline, then this tree
 stage train_06_full 0 python3 launch/gpu_train_bench.py "${attention[@]}" "${shape[@]}" "${bench_quick[@]}" \
   --models "$m06"  # remat full, the default
+# Long rows through the XLA attention: square tiles (from TILED_FROM tokens) against the unrolled query blocks,
+# in turns (measured on the CPU only so far: 1 x 8192 1.24x faster with the tiles, session 23).
+long_row=(--batch 1 --seq-len 8192 --steps 3)
+[ -n "${SMOKE:-}" ] && long_row=(--batch 1 --seq-len 64 --steps 1 --override orchestra_jax.models.transformer.TILED_FROM=32)
+stage long_rows_xla 0 python3 launch/gpu_train_bench.py --attention xla "${bench_quick[@]}" --remat dots \
+  --models "$m06" "${long_row[@]}" --versus orchestra_jax.models.transformer.TILED_FROM=1000000
 
 echo "== summary"
 cat "$logs/summary.log"

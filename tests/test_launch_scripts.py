@@ -175,7 +175,7 @@ def test_gpu_session_script_runs_every_stage_on_the_cpu_in_smoke_mode(tmp_path):
                          text=True, timeout=1200, env=env)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     summary = (out / "summary.log").read_text()
-    stages = ["train_06", "train_17", "profile_06", "four_per_row", "compare_base", "train_06_full"]
+    stages = ["train_06", "train_17", "profile_06", "four_per_row", "compare_base", "train_06_full", "long_rows_xla"]
     assert "== attention for the timings: --attention xla" in summary
     for stage in stages:
         assert f"== {stage}: exit 0" in summary, summary
