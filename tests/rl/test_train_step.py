@@ -9,6 +9,7 @@ import optax
 import pytest
 
 from orchestra_jax.config import MeshConfig, OptimizerConfig
+from orchestra_jax.models import transformer
 from orchestra_jax.models.transformer import init_params
 from orchestra_jax.models.transformer_config import get_preset
 from orchestra_jax.parallel.mesh import batch_ways, make_mesh
@@ -50,10 +51,15 @@ def close(a, b, rtol=2e-5, atol=2e-6):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol), a, b)
 
 
-@pytest.mark.parametrize(
-    "shape", [(2, 2, 2), pytest.param((8, 1, 1), marks=pytest.mark.slow), pytest.param((1, 4, 2), marks=pytest.mark.slow)]
-)
-def test_sharded_step_matches_one_device(shape):
+@pytest.mark.parametrize("shape, tiled", [
+    ((2, 2, 2), False), pytest.param((8, 1, 1), False, marks=pytest.mark.slow),
+    pytest.param((1, 4, 2), False, marks=pytest.mark.slow),
+    ((2, 2, 2), True),  # the long-row attention tiles, TILED_FROM lowered to the rows (tiles of 16 tokens)
+])
+def test_sharded_step_matches_one_device(shape, tiled, monkeypatch):
+    if tiled:
+        monkeypatch.setattr(transformer, "TILED_FROM", 16)
+        monkeypatch.setattr(transformer, "TILE_ROWS", 16)
     rng = np.random.default_rng()
     model = tiny_model()
     params = init_params(model, jax.random.key(int(rng.integers(1 << 30))))
@@ -61,6 +67,7 @@ def test_sharded_step_matches_one_device(shape):
     one = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
     many = make_mesh(MeshConfig(data=shape[0], fsdp=shape[1], tensor=shape[2]))
     batch = pack(random_samples(rng, 12), micro_batch_size=8, max_row_len=64, row_multiple=batch_ways(many))
+    assert transformer.causal_schedule(batch.shape[-1])[0] == tiled
     p1, m1 = run_step(settings, one, params, batch)
     p8, m8 = run_step(settings, many, params, batch)
     close(p8, p1)
