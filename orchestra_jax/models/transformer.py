@@ -529,17 +529,22 @@ def _query_blocks(t: int, block: int) -> list[tuple[int, int]]:
     return [(start, min(start + block, t)) for start in range(0, t, block)]
 
 
-def _block_scores(q_BKGTH, k_BKTH, segments_BT, start: int, end: int) -> tuple[jax.Array, jax.Array]:
-    """Scaled f32 scores of queries [start, end) against keys [0, end) (the later keys are all masked), and
-    the mask [B, 1, 1, end - start, end]."""
-    scale = np.float32(1.0 / math.sqrt(q_BKGTH.shape[-1]))
-    scores_BKGCS = jnp.einsum("bkgch,bksh->bkgcs", q_BKGTH[:, :, :, start:end], k_BKTH[:, :, :end],
-                              preferred_element_type=jnp.float32) * scale
-    mask_CS = jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None]
-    mask_BCS = mask_CS[None]
-    if segments_BT is not None:
-        mask_BCS = mask_BCS & (segments_BT[:, start:end, None] == segments_BT[:, None, :end])
+def _masked_scores(q_BKGCH, k_BKSH, queries_C, keys_S, segments_BC, segments_BS) -> tuple[jax.Array, jax.Array]:
+    """Scaled f32 scores of queries at positions `queries_C` against keys at `keys_S`, and their mask
+    [B, 1, 1, C, S]: causal, within a segment (None: rows of one segment)."""
+    scale = np.float32(1.0 / math.sqrt(q_BKGCH.shape[-1]))
+    scores_BKGCS = jnp.einsum("bkgch,bksh->bkgcs", q_BKGCH, k_BKSH, preferred_element_type=jnp.float32) * scale
+    mask_BCS = (keys_S[None, :] <= queries_C[:, None])[None]
+    if segments_BC is not None:
+        mask_BCS = mask_BCS & (segments_BC[:, :, None] == segments_BS[:, None, :])
     return scores_BKGCS, mask_BCS[:, None, None]
+
+
+def _block_scores(q_BKGTH, k_BKTH, segments_BT, start: int, end: int) -> tuple[jax.Array, jax.Array]:
+    """`_masked_scores` of queries [start, end) against keys [0, end) (the later keys are all masked)."""
+    segments = (None, None) if segments_BT is None else (segments_BT[:, start:end], segments_BT[:, :end])
+    return _masked_scores(q_BKGTH[:, :, :, start:end], k_BKTH[:, :, :end], jnp.arange(start, end), jnp.arange(end),
+                          *segments)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -615,15 +620,11 @@ def _padded(x: jax.Array, axis: int, length: int) -> jax.Array:
 
 
 def _tile_scores(q_BKGCH, k_BKCH, segments_BT, i, j, rows: int) -> tuple[jax.Array, jax.Array]:
-    """Scaled f32 scores of query tile i against key tile j, and their mask [B, 1, 1, C, C] (causal, same
-    segment; a padded tail's keys lie after every real query, so causality hides them)."""
-    scale = np.float32(1.0 / math.sqrt(q_BKGCH.shape[-1]))
-    scores_BKGCS = jnp.einsum("bkgch,bksh->bkgcs", q_BKGCH, k_BKCH, preferred_element_type=jnp.float32) * scale
+    """`_masked_scores` of query tile i against key tile j (a padded tail's keys lie after every real query, so
+    causality hides them)."""
+    segments = (None, None) if segments_BT is None else (_tile(segments_BT, 1, i, rows), _tile(segments_BT, 1, j, rows))
     offsets_C = jnp.arange(rows)
-    mask_BCS = (j * rows + offsets_C[None, :] <= i * rows + offsets_C[:, None])[None]
-    if segments_BT is not None:
-        mask_BCS = mask_BCS & (_tile(segments_BT, 1, i, rows)[:, :, None] == _tile(segments_BT, 1, j, rows)[:, None])
-    return scores_BKGCS, mask_BCS[:, None, None]
+    return _masked_scores(q_BKGCH, k_BKCH, i * rows + offsets_C, j * rows + offsets_C, *segments)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
