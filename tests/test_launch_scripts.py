@@ -123,6 +123,7 @@ def test_versus_builds_a_second_step_under_its_overrides_times_both_and_restores
     assert blocks_at_build == [before, before // 4] and transformer.CPU_CAUSAL_BLOCK == before
     assert row["versus_step_s"] > 0 and row["versus_speedup"] > 0 and row["versus_loss_finite"]
     assert row["kernel_s_per_step"] >= 0 and row["page_faults_per_step"] >= 0
+    assert row["mfu_dense_attention_vs_measured_ceiling"] >= row["mfu_vs_measured_ceiling"] > 0
     assert row["versus_kernel_s_per_step"] >= 0 and row["versus_page_faults_per_step"] >= 0
     assert row["versus"] == [f"orchestra_jax.models.transformer.CPU_CAUSAL_BLOCK={before // 4}"]
 
@@ -139,6 +140,7 @@ def test_bench_rows_hold_the_asked_number_of_packed_samples():
     assert [sorted(set(row.tolist())) for row in batch["segment_ids"][0]] == [[1, 2, 3, 4]] * 2
     assert bench.trained_tokens(args) == int(batch["mask"].sum()) == 2 * 4 * 15
     assert bench.model_flops_per_step(model, args) == model.train_flops_per_token(16) * 120
+    assert bench.model_flops_per_step(model, args, causal=False) == model.train_flops_per_token(16, causal=False) * 120
 
 
 def test_compare_code_times_two_codes_in_turn_and_names_a_bad_base(tmp_path):

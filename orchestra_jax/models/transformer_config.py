@@ -67,14 +67,17 @@ class TransformerConfig:
         head = 0 if self.tie_word_embeddings else d * self.vocab_size
         return self.vocab_size * d + self.num_layers * per_layer + d + head
 
-    def train_flops_per_token(self, seq_len: int) -> float:
+    def train_flops_per_token(self, seq_len: int, *, causal: bool = True) -> float:
         """Model FLOPs of one trained token (forward + backward) at this sequence length: 6 x the matmul weights
         (Q, K, V, O, gate, up, down and the LM head, tied or not; not the embedding lookup, norms or biases) +
-        causal attention's 6 x layers x seq_len x heads x head_dim (PaLM's accounting, half the dense scores)."""
+        attention's scores and weighted values, 12 x layers x seq_len x heads x head_dim over every key (PaLM's
+        6N + 12LHQT), halved for the keys a causal mask leaves out (as MaxText and NeMo count). causal=False gives
+        the dense count that PaLM, nanoGPT and torchtitan report MFU with, for comparing with them."""
         d, h = self.hidden_size, self.head_dim
         per_layer = d * h * (2 * self.num_heads + 2 * self.num_kv_heads) + 3 * d * self.intermediate_size
         matmul = self.num_layers * per_layer + d * self.vocab_size
-        return 6 * matmul + 6 * self.num_layers * seq_len * self.num_heads * h
+        attention = 12 * self.num_layers * seq_len * self.num_heads * h
+        return 6 * matmul + (attention // 2 if causal else attention)
 
     def to_hf_config(self) -> dict[str, Any]:
         """A config.json dict that transformers (4.x and 5.x) reads as this model."""

@@ -504,7 +504,8 @@ def test_hf_config_round_trip_and_hub_style_fields():
 @pytest.mark.parametrize("name", ["qwen3-tiny", "qwen2-tiny"])
 @pytest.mark.parametrize("tied", [True, False])
 def test_train_flops_count_every_matmul_weight_once(name, tied):
-    """6 FLOPs per weight of each matmul (not the embedding lookup, not norms or biases), plus causal attention."""
+    """6 FLOPs per weight of each matmul (not the embedding lookup, not norms or biases), plus causal attention;
+    the dense count has attention over every key, twice the causal term."""
     config = dataclasses.replace(get_preset(name), tie_word_embeddings=tied)
     layers = T.param_shapes(config)["layers"]
     matmul = sum(int(np.prod(shape)) for key, shape in layers.items() if "norm" not in key and "bias" not in key)
@@ -512,3 +513,4 @@ def test_train_flops_count_every_matmul_weight_once(name, tied):
     seq_len = int(np.random.randint(16, 4096))
     attention = 6 * config.num_layers * seq_len * config.num_heads * config.head_dim
     assert config.train_flops_per_token(seq_len) == 6 * matmul + attention
+    assert config.train_flops_per_token(seq_len, causal=False) == 6 * matmul + 2 * attention
